@@ -1,0 +1,50 @@
+# The front door: `make run` (embedded default), `make test`, `make lint`, `make bench`, `make migrate`.
+# Idempotent: the venv is (re)installed only when pyproject.toml is newer than its stamp.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+LIVERSCAN_DATA_DIR ?= ./var
+PYTEST_ARGS ?=
+export PORT LIVERSCAN_DATA_DIR
+
+.PHONY: run test lint bench migrate services
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+# Worker/runtime install: the package with TensorFlow (the embedded runner starts a worker too).
+$(VENV)/.stamp-ml: pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[ml]'
+	touch $@
+
+# Everything the test suite, linters and benchmarks need.
+$(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-ml
+	$(PY) -m pip install -e '.[ml,test,dev]'
+	touch $@
+
+migrate: $(VENV)/.stamp-ml
+	mkdir -p $(LIVERSCAN_DATA_DIR)
+	$(VENV)/bin/alembic upgrade head
+
+run: migrate
+	exec $(PY) -m worker.embedded --port $(PORT)
+
+services:
+	bash scripts/ensure_services.sh
+
+# pytest exit 5 ("no tests collected") is a failure, not a pass.
+test: $(VENV)/.stamp-test services
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+bench: $(VENV)/.stamp-test services
+	$(PY) bench/service.py
+	@for f in bench/ml_*.py; do [ -e "$$f" ] || continue; $(PY) "$$f" || exit $$?; done
