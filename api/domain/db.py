@@ -1,0 +1,77 @@
+"""Engines and sessions; the caller (request or task) owns the transaction and commits once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.domain.errors import DatabaseUnavailable
+from api.domain.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the API read while a worker process writes; foreign keys are off by default in SQLite.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def make_engine(settings: Settings, **kwargs: Any) -> Engine:
+    """Create the engine for `settings.database_url` (SQLite file folders are created)."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("connect_args", {"check_same_thread": False, "timeout": 10})
+        engine = create_engine(url, **kwargs)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("connect_args", {"connect_timeout": 5})
+    return create_engine(url, **kwargs)
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """A session factory whose objects stay readable after commit."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on error, close always."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except (OperationalError, DBAPIError) as exc:
+        session.rollback()
+        if getattr(exc, "connection_invalidated", False) or isinstance(exc, OperationalError):
+            raise DatabaseUnavailable(details={"reason": type(exc.orig).__name__}) from exc
+        raise
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def ping(engine: Engine) -> None:
+    """Raise DatabaseUnavailable unless a trivial query succeeds."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # any driver error means "not ready"
+        log.warning("database ping failed: %s", exc)
+        raise DatabaseUnavailable(details={"reason": type(exc).__name__}) from exc

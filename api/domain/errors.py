@@ -1,0 +1,106 @@
+"""Error types of the domain: each has a stable machine-readable `code` and an HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LiverscanError(Exception):
+    """Root of every liverscan domain error; the API renders it as the error envelope."""
+
+    code: str = "internal_error"
+    http_status: int = 500
+    message: str = "Internal error."
+
+    def __init__(
+        self, message: str | None = None, *, details: dict[str, Any] | None = None
+    ) -> None:
+        self.message = message or type(self).message
+        self.details: dict[str, Any] = details or {}
+        super().__init__(self.message)
+
+
+class BadRequest(LiverscanError):
+    code, http_status, message = "bad_request", 400, "The request is invalid."
+
+
+class MalformedJson(LiverscanError):
+    code, http_status, message = "malformed_json", 400, "The request body is not valid JSON."
+
+
+class InvalidInput(LiverscanError):
+    code, http_status, message = "invalid_input", 422, "The request fields are invalid."
+
+
+class WeakPassword(LiverscanError):
+    code, http_status = "weak_password", 422
+    message = "The password needs at least 10 characters with both letters and digits."
+
+
+class EmailTaken(LiverscanError):
+    code, http_status, message = "email_taken", 409, "An account with this email already exists."
+
+
+class InvalidCredentials(LiverscanError):
+    code, http_status, message = "invalid_credentials", 401, "Email or password is wrong."
+
+
+class Forbidden(LiverscanError):
+    code, http_status, message = "forbidden", 403, "Your role does not allow this."
+
+
+class NotFound(LiverscanError):
+    code, http_status, message = "not_found", 404, "Not found."
+
+
+class JobNotFound(NotFound):
+    code, message = "job_not_found", "No such job."
+
+
+class ArtifactNotFound(NotFound):
+    code, message = "artifact_not_found", "No such artifact for this job."
+
+
+class ObjectNotFound(NotFound):
+    code, message = "object_not_found", "No such object in the store."
+
+
+class InvalidKey(LiverscanError):
+    code, http_status, message = "invalid_key", 400, "The storage key is not allowed."
+
+
+class MissingFile(LiverscanError):
+    code, http_status, message = (
+        "missing_file",
+        422,
+        "The multipart field 'file' is missing or empty.",
+    )
+
+
+class PayloadTooLarge(LiverscanError):
+    code, http_status, message = "payload_too_large", 413, "The upload exceeds the size limit."
+
+
+class IdempotencyConflict(LiverscanError):
+    code, http_status = "idempotency_conflict", 409
+    message = "This Idempotency-Key was already used with different content."
+
+
+class CallbackUrlRefused(LiverscanError):
+    code, http_status, message = "callback_url_refused", 422, "The callback URL is not allowed."
+
+
+class InvalidTransition(LiverscanError):
+    code, http_status, message = "invalid_transition", 409, "The job cannot move to that state."
+
+
+class DatabaseUnavailable(LiverscanError):
+    code, http_status, message = "database_unavailable", 503, "The database is unavailable."
+
+
+class BrokerUnavailable(LiverscanError):
+    code, http_status, message = "broker_unavailable", 503, "The job queue is unavailable."
+
+
+class StorageUnavailable(LiverscanError):
+    code, http_status, message = "storage_unavailable", 503, "The object store is unavailable."

@@ -1,0 +1,112 @@
+"""The one typed settings object; nothing else in the codebase reads the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values shipped in .env.example: a production process refuses to start with any of them.
+EXAMPLE_SECRETS = frozenset(
+    {
+        "",
+        "change-me",
+        "change-me-to-a-long-random-string",
+        "dev-insecure-jwt-secret-change-me",
+        "minioadmin",
+        "example",
+    }
+)
+
+
+class ConfigError(RuntimeError):
+    """Raised at startup when the settings are unusable (e.g. a production secret is missing)."""
+
+
+class Settings(BaseSettings):
+    """Every tunable of liverscan, read from `LIVERSCAN_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="LIVERSCAN_", extra="ignore", env_file=None)
+
+    env: Literal["development", "test", "production"] = "development"
+    data_dir: Path = Path("./var")
+
+    database_url: str = ""  # default: sqlite:///<data_dir>/liverscan.db
+    broker_url: str = ""  # default: sqla+sqlite:///<data_dir>/broker.sqlite (no server needed)
+    result_backend: str | None = None  # the job row is the result; Celery results are not used
+
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = None  # default: <data_dir>/store
+    s3_bucket: str = "liverscan"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    presign_expires_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+
+    jwt_secret_key: str = "dev-insecure-jwt-secret-change-me"
+    jwt_cookie_secure: bool = False
+    access_token_minutes: int = Field(default=15, ge=1)
+    refresh_token_days: int = Field(default=30, ge=1)
+
+    max_upload_mb: int = Field(default=50, ge=1)
+
+    webhook_allow_private: bool = False
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_backoff_base_s: float = Field(default=30.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+
+    sweep_deadline_s: int = Field(default=900, ge=1)
+    sweep_interval_s: int = Field(default=60, ge=1)
+    visibility_timeout_s: int = Field(default=3600, ge=60)
+
+    model_path: Path | None = None  # default: ml_core's shipped model
+
+    cors_origins: list[str] = Field(default_factory=list)  # empty = CORS off
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _fill_defaults_and_check(self) -> Settings:
+        data_dir = self.data_dir
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(data_dir / 'liverscan.db').as_posix()}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{(data_dir / 'broker.sqlite').as_posix()}"
+        if self.storage_dir is None:
+            self.storage_dir = data_dir / "store"
+        if self.env == "production":
+            self._check_production_secrets()
+        return self
+
+    def _check_production_secrets(self) -> None:
+        missing: list[str] = []
+        if self.jwt_secret_key in EXAMPLE_SECRETS or len(self.jwt_secret_key) < 32:
+            missing.append("LIVERSCAN_JWT_SECRET_KEY (at least 32 characters, not the example)")
+        if self.storage_backend == "s3":
+            for name in ("aws_access_key_id", "aws_secret_access_key"):
+                value = getattr(self, name)
+                if value is None or value in EXAMPLE_SECRETS:
+                    missing.append(f"LIVERSCAN_{name.upper()}")
+        if missing:
+            raise ConfigError("production settings are missing secrets: " + ", ".join(missing))
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """The upload size limit in bytes."""
+        return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def is_sqlite(self) -> bool:
+        """Whether the database is a SQLite file."""
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,235 @@
+"""The object-store port: a local folder or S3 (MinIO, moto) behind one small protocol."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from uuid import UUID
+
+import boto3
+from botocore.client import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from api.domain.errors import InvalidKey, ObjectNotFound, StorageUnavailable
+from api.domain.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Keys are "/"-separated segments of safe characters; no segment may start with a dot, so
+# "..", hidden files and absolute paths are impossible by construction.
+_KEY_RE = re.compile(
+    r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}){0,7}$"
+)
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What the store holds under a key."""
+
+    key: str
+    size: int
+    sha256: str
+    content_type: str
+
+
+def check_key(key: str) -> str:
+    """Return `key` if it is a safe storage key, else raise InvalidKey."""
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise InvalidKey(details={"key": str(key)[:200]})
+    return key
+
+
+def job_key(org_id: UUID, job_id: UUID, name: str) -> str:
+    """The key of one object of a job, e.g. "<org>/<job>/input" or "<org>/<job>/overlay.png"."""
+    return check_key(f"{org_id}/{job_id}/{name}")
+
+
+class Storage(Protocol):
+    """Where uploads and artifacts live."""
+
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def url_for(self, key: str, expires_s: int = 900) -> str | None: ...
+
+    def ping(self) -> None: ...
+
+
+def _stored(key: str, data: bytes, content_type: str) -> StoredObject:
+    return StoredObject(
+        key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(), content_type=content_type
+    )
+
+
+class LocalStorage:
+    """A folder on disk; `url_for` is None, so the API serves objects through an authenticated route."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / check_key(key)).resolve()
+        if not path.is_relative_to(self.root):  # defence in depth against symlinks
+            raise InvalidKey(details={"key": key})
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Write `data` atomically under `key`."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return _stored(key, data, content_type)
+
+    def get(self, key: str) -> bytes:
+        """Read the bytes under `key` (ObjectNotFound if absent)."""
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError) as exc:
+            raise ObjectNotFound(details={"key": key}) from exc
+
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored under `key`."""
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        """Remove the object under `key`; absent keys are fine."""
+        self._path(key).unlink(missing_ok=True)
+
+    def url_for(self, key: str, expires_s: int = 900) -> str | None:
+        """No direct URL for a local folder: the API serves it with authentication."""
+        check_key(key)
+        return None
+
+    def ping(self) -> None:
+        """Raise StorageUnavailable unless the folder is writable."""
+        if not (self.root.is_dir() and os.access(self.root, os.W_OK)):
+            raise StorageUnavailable(details={"root": str(self.root)})
+
+
+class S3Storage:
+    """An S3 bucket through boto3; `endpoint_url` points at MinIO or moto when set."""
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+    ) -> None:
+        self.bucket = bucket
+        self.client: Any = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            config=Config(
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                connect_timeout=5,
+                read_timeout=30,
+                retries={"max_attempts": 3, "mode": "standard"},
+            ),
+        )
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (development and tests)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+    def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        """Upload `data` under `key`."""
+        check_key(key)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+        return _stored(key, data, content_type)
+
+    def get(self, key: str) -> bytes:
+        """Download the bytes under `key` (ObjectNotFound if absent)."""
+        check_key(key)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
+                raise ObjectNotFound(details={"key": key}) from exc
+            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+        body: bytes = response["Body"].read()
+        return body
+
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored under `key`."""
+        check_key(key)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
+                return False
+            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+        return True
+
+    def delete(self, key: str) -> None:
+        """Remove the object under `key`; absent keys are fine."""
+        check_key(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+
+    def url_for(self, key: str, expires_s: int = 900) -> str | None:
+        """A presigned GET URL valid for `expires_s` seconds."""
+        check_key(key)
+        url: str = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
+        )
+        return url
+
+    def ping(self) -> None:
+        """Raise StorageUnavailable unless the bucket answers."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+
+
+def make_storage(settings: Settings) -> Storage:
+    """The store selected by `settings.storage_backend`."""
+    if settings.storage_backend == "s3":
+        return S3Storage(
+            settings.s3_bucket,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            access_key_id=settings.aws_access_key_id,
+            secret_access_key=settings.aws_secret_access_key,
+        )
+    assert settings.storage_dir is not None  # filled by Settings
+    return LocalStorage(settings.storage_dir)
