@@ -77,7 +77,7 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     """The life of a job: queued → processing → succeeded | rejected | failed."""
 
     QUEUED = "queued"
@@ -95,7 +95,7 @@ class JobStatus(str, enum.Enum):
 TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.REJECTED, JobStatus.FAILED})
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     """What a user may do: clinicians submit and read, admins also manage the organization."""
 
     CLINICIAN = "clinician"
