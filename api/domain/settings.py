@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     access_token_minutes: int = Field(default=15, ge=1)
     refresh_token_days: int = Field(default=30, ge=1)
 
+    # argon2id cost; lower only in tests (hashing dominates their runtime).
+    password_hash_time_cost: int = Field(default=3, ge=1)
+    password_hash_memory_kib: int = Field(default=65536, ge=1024)
+
     max_upload_mb: int = Field(default=50, ge=1)
 
     webhook_allow_private: bool = False

@@ -1,0 +1,64 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, request
+
+from api import auth, jobs, openapi, ops, org
+from api.domain.settings import Settings, get_settings
+from api.errors import register_error_handlers
+from api.resources import EXTENSION_KEY, Resources, build_resources, close_db
+
+log = logging.getLogger(__name__)
+
+# Multipart framing and form fields on top of the file itself.
+MULTIPART_SLACK_BYTES = 1024 * 1024
+
+
+def create_app(settings: Settings | None = None, *, resources: Resources | None = None) -> Flask:
+    """Build the app for `settings` (default: from the environment); tests may inject resources."""
+    settings = settings or (resources.settings if resources else get_settings())
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.jwt_secret_key,
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes + MULTIPART_SLACK_BYTES,
+        JSON_SORT_KEYS=False,
+        TESTING=settings.env == "test",
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions[EXTENSION_KEY] = resources or build_resources(settings)
+
+    auth.configure_jwt(app)
+    register_error_handlers(app)
+    app.teardown_appcontext(close_db)
+
+    from api.web import bp as web_bp  # registered unconditionally; the web UI fills it
+
+    for blueprint in (auth.bp, jobs.bp, org.bp, ops.bp, openapi.bp, web_bp):
+        app.register_blueprint(blueprint)
+    ops.init_metrics(app)
+
+    if settings.cors_origins:
+        allowed = set(settings.cors_origins)
+
+        @app.after_request
+        def _cors(response: Response) -> Response:
+            origin = request.headers.get("Origin")
+            if origin in allowed:
+                response.headers["Access-Control-Allow-Origin"] = origin
+                response.headers["Vary"] = "Origin"
+                response.headers["Access-Control-Allow-Headers"] = (
+                    "Authorization, Content-Type, Idempotency-Key"
+                )
+                response.headers["Access-Control-Allow-Methods"] = "GET, POST"
+            return response
+
+    @app.after_request
+    def _security_headers(response: Response) -> Response:
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
+
+    return app

@@ -1,0 +1,151 @@
+"""Accounts: signup, password checks, login and token revocation (session first, flush only)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from datetime import datetime
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.domain import audit
+from api.domain.errors import EmailTaken, InvalidCredentials, InvalidInput, WeakPassword
+from api.domain.models import Organization, RevokedToken, Role, User, utcnow
+from api.domain.settings import Settings
+from api.domain.webhooks import new_secret
+
+log = logging.getLogger(__name__)
+
+_EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+MIN_PASSWORD_LENGTH = 10
+MAX_PASSWORD_LENGTH = 256
+
+
+def make_hasher(settings: Settings) -> PasswordHasher:
+    """The argon2id hasher with the configured cost."""
+    return PasswordHasher(
+        time_cost=settings.password_hash_time_cost,
+        memory_cost=settings.password_hash_memory_kib,
+        parallelism=1,
+    )
+
+
+def check_password_strength(password: str) -> None:
+    """Raise WeakPassword unless the password has ≥10 characters, a letter and a digit."""
+    if (
+        len(password) < MIN_PASSWORD_LENGTH
+        or len(password) > MAX_PASSWORD_LENGTH
+        or not re.search(r"[A-Za-z]", password)
+        or not re.search(r"\d", password)
+    ):
+        raise WeakPassword(
+            details={"min_length": MIN_PASSWORD_LENGTH, "requires": ["letter", "digit"]}
+        )
+
+
+def normalise_email(email: str) -> str:
+    """Lower-cased, trimmed email, or InvalidInput if it does not look like one."""
+    email = email.strip().lower()
+    if not _EMAIL_RE.match(email) or len(email) > 320:
+        raise InvalidInput("The email address is invalid.", details={"field": "email"})
+    return email
+
+
+def signup(
+    session: Session,
+    hasher: PasswordHasher,
+    *,
+    email: str,
+    password: str,
+    name: str,
+    organization: str,
+) -> User:
+    """Create a new organization and its first user, who is its admin."""
+    email = normalise_email(email)
+    check_password_strength(password)
+    name, organization = name.strip(), organization.strip()
+    if not name or len(name) > 200:
+        raise InvalidInput("A name (1-200 characters) is required.", details={"field": "name"})
+    if not organization or len(organization) > 200:
+        raise InvalidInput(
+            "An organization name (1-200 characters) is required.",
+            details={"field": "organization"},
+        )
+    if session.scalars(select(User.id).where(User.email == email)).first() is not None:
+        raise EmailTaken(details={"field": "email"})
+    org = Organization(name=organization, webhook_secret=new_secret())
+    session.add(org)
+    session.flush()
+    user = User(
+        org_id=org.id, email=email, name=name, password_hash=hasher.hash(password), role=Role.ADMIN
+    )
+    session.add(user)
+    try:
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError as exc:  # a concurrent signup won the race for this email
+        raise EmailTaken(details={"field": "email"}) from exc
+    audit.record(session, "signup", org_id=org.id, user_id=user.id)
+    return user
+
+
+def authenticate(session: Session, hasher: PasswordHasher, *, email: str, password: str) -> User:
+    """The user with these credentials, else InvalidCredentials (same answer for unknown emails)."""
+    user = session.scalars(select(User).where(User.email == email.strip().lower())).one_or_none()
+    if user is None:
+        # Spend the same time as a real check so response times do not reveal which emails exist.
+        try:
+            hasher.verify(_dummy_hash(hasher), password + "x")
+        except (VerificationError, InvalidHashError):
+            pass
+        raise InvalidCredentials()
+    try:
+        hasher.verify(user.password_hash, password)
+    except (VerificationError, InvalidHashError) as exc:
+        raise InvalidCredentials() from exc
+    if hasher.check_needs_rehash(user.password_hash):
+        user.password_hash = hasher.hash(password)
+    audit.record(session, "login", org_id=user.org_id, user_id=user.id)
+    return user
+
+
+_DUMMY: dict[tuple[int, int], str] = {}
+
+
+def _dummy_hash(hasher: PasswordHasher) -> str:
+    key = (hasher.time_cost, hasher.memory_cost)
+    if key not in _DUMMY:
+        _DUMMY[key] = hasher.hash("not-a-real-password-0")
+    return _DUMMY[key]
+
+
+def get_user(session: Session, user_id: uuid.UUID) -> User | None:
+    """The user with this id, or None."""
+    return session.get(User, user_id)
+
+
+def revoke_token(
+    session: Session, *, jti: str, token_type: str, user_id: uuid.UUID | None, expires_at: datetime
+) -> None:
+    """Record a token id as revoked until it would have expired anyway (idempotent)."""
+    if session.get(RevokedToken, jti) is None:
+        session.add(
+            RevokedToken(jti=jti, token_type=token_type, user_id=user_id, expires_at=expires_at)
+        )
+        session.flush()
+
+
+def is_token_revoked(session: Session, jti: str) -> bool:
+    """Whether this token id was revoked."""
+    return session.get(RevokedToken, jti) is not None
+
+
+def purge_expired_revocations(session: Session) -> int:
+    """Delete revocations of tokens that have expired anyway; returns how many."""
+    result = session.execute(delete(RevokedToken).where(RevokedToken.expires_at < utcnow()))
+    return int(getattr(result, "rowcount", 0) or 0)

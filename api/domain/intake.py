@@ -1,0 +1,160 @@
+"""Submitting an upload: the one use case that owns its transaction, because order matters.
+
+1. check everything that can be checked cheaply (size, callback URL, idempotency key, broker up);
+2. put the bytes in the store;
+3. insert the job row and COMMIT (on failure: delete the bytes, answer database_unavailable);
+4. enqueue the id. If this last publish fails the row stays `queued` and the periodic sweep
+   re-drives it, so the request still answers 202: nothing is lost, and the client holds an id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from api.domain import audit, jobs
+from api.domain.errors import (
+    BrokerUnavailable,
+    DatabaseUnavailable,
+    IdempotencyConflict,
+    InvalidInput,
+    MissingFile,
+    PayloadTooLarge,
+)
+from api.domain.models import Job
+from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB, Queue
+from api.domain.settings import Settings
+from api.domain.storage import Storage, job_key
+from api.domain.webhooks import check_callback_url
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY = 255
+MAX_CLIENT_REF = 200
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file as received."""
+
+    data: bytes
+    filename: str | None
+    content_type: str | None
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The job a submit produced, and whether it is new (202) or an idempotent replay (200)."""
+
+    job: Job
+    created: bool
+    enqueued: bool
+
+
+def _check_idempotent(session: Session, org_id: uuid.UUID, key: str, sha256: str) -> Job | None:
+    existing = jobs.find_by_idempotency_key(session, org_id=org_id, key=key)
+    if existing is None:
+        return None
+    if existing.input_sha256 != sha256:
+        raise IdempotencyConflict(details={"job_id": str(existing.id)})
+    return existing
+
+
+def submit(
+    session: Session,
+    *,
+    settings: Settings,
+    storage: Storage,
+    queue: Queue,
+    org_id: uuid.UUID,
+    user_id: uuid.UUID | None,
+    upload: Upload,
+    callback_url: str | None = None,
+    client_ref: str | None = None,
+    idempotency_key: str | None = None,
+    batch_id: uuid.UUID | None = None,
+    check_broker: bool = True,
+) -> Submission:
+    """Store the upload, commit a queued job for it, then enqueue it (see the module docstring)."""
+    if not upload.data:
+        raise MissingFile()
+    if len(upload.data) > settings.max_upload_bytes:
+        raise PayloadTooLarge(details={"max_bytes": settings.max_upload_bytes})
+    if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
+        raise InvalidInput(
+            "Idempotency-Key must be 1-255 characters.", details={"field": "Idempotency-Key"}
+        )
+    if client_ref is not None and len(client_ref) > MAX_CLIENT_REF:
+        raise InvalidInput("client_ref is at most 200 characters.", details={"field": "client_ref"})
+    if callback_url:
+        check_callback_url(callback_url, settings.webhook_allow_private)
+    sha256 = hashlib.sha256(upload.data).hexdigest()
+
+    try:
+        if idempotency_key is not None:
+            existing = _check_idempotent(session, org_id, idempotency_key, sha256)
+            if existing is not None:
+                return Submission(job=existing, created=False, enqueued=False)
+    except OperationalError as exc:
+        session.rollback()
+        raise DatabaseUnavailable() from exc
+
+    if check_broker:
+        queue.ping()  # BrokerUnavailable before anything is written
+
+    job_id = uuid.uuid4()
+    key = job_key(org_id, job_id, "input")
+    stored = storage.put(key, upload.data, upload.content_type or "application/octet-stream")
+    try:
+        job = jobs.create_job(
+            session,
+            org_id=org_id,
+            user_id=user_id,
+            job_id=job_id,
+            upload=stored,
+            filename=(upload.filename or None) and upload.filename[:255],
+            callback_url=callback_url or None,
+            client_ref=client_ref or None,
+            idempotency_key=idempotency_key,
+            batch_id=batch_id,
+        )
+        audit.record(session, "job.submit", org_id=org_id, user_id=user_id, job_id=job.id)
+        session.commit()
+    except IntegrityError:
+        # Another request with the same Idempotency-Key committed first.
+        session.rollback()
+        storage.delete(key)
+        if idempotency_key is None:
+            raise
+        existing = _check_idempotent(session, org_id, idempotency_key, sha256)
+        if existing is None:
+            raise
+        return Submission(job=existing, created=False, enqueued=False)
+    except OperationalError as exc:
+        session.rollback()
+        _delete_quietly(storage, key)
+        raise DatabaseUnavailable() from exc
+    except BaseException:
+        session.rollback()
+        _delete_quietly(storage, key)
+        raise
+
+    try:
+        queue.enqueue(PROCESS_JOB, str(job.id), queue=INFERENCE_QUEUE)
+        enqueued = True
+    except BrokerUnavailable:
+        log.warning("job %s committed but not enqueued; the sweep will re-drive it", job.id)
+        enqueued = False
+    return Submission(job=job, created=True, enqueued=enqueued)
+
+
+def _delete_quietly(storage: Storage, key: str) -> None:
+    try:
+        storage.delete(key)
+    except Exception:  # the bytes are orphaned; log loudly so an operator can clean up
+        log.exception("could not delete %s after a failed insert", key)

@@ -1,0 +1,400 @@
+"""The OpenAPI 3.1 document of the HTTP API, hand-written, and a dependency-free docs page."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
+
+_ERR = {"$ref": "#/components/responses/Error"}
+_AUTH = [{"bearer": []}, {"cookie": []}]
+
+
+def _op(
+    summary: str, responses: dict[str, Any], *, auth: bool = True, **extra: Any
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": responses, **extra}
+    if auth:
+        op["security"] = _AUTH
+    return op
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+_JOB_ID = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+}
+_JOB = {"$ref": "#/components/schemas/Job"}
+_STR = {"type": "string"}
+_NULL_STR = {"type": ["string", "null"]}
+
+SPEC: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "liverscan",
+        "version": "1",
+        "description": "Asynchronous liver CT/MR tumor screening. Decision support, never a diagnosis.",
+    },
+    "paths": {
+        "/api/v1/auth/signup": {
+            "post": _op(
+                "Create an organization and its first (admin) user",
+                {
+                    "201": _json(
+                        {
+                            "type": "object",
+                            "properties": {"user": {"$ref": "#/components/schemas/User"}},
+                        }
+                    ),
+                    "409": _ERR,
+                    "422": _ERR,
+                    "400": _ERR,
+                },
+                auth=False,
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "required": ["email", "password", "name", "organization"],
+                        "properties": {
+                            "email": _STR,
+                            "password": {"type": "string", "minLength": 10},
+                            "name": _STR,
+                            "organization": _STR,
+                        },
+                    }
+                ),
+            )
+        },
+        "/api/v1/auth/login": {
+            "post": _op(
+                "Exchange email and password for tokens",
+                {"200": _json({"$ref": "#/components/schemas/Tokens"}), "401": _ERR, "400": _ERR},
+                auth=False,
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "required": ["email", "password"],
+                        "properties": {"email": _STR, "password": _STR},
+                    }
+                ),
+            )
+        },
+        "/api/v1/auth/refresh": {
+            "post": _op(
+                "A new access token (send the refresh token as Bearer)",
+                {"200": _json({"$ref": "#/components/schemas/Tokens"}), "401": _ERR},
+            )
+        },
+        "/api/v1/auth/logout": {
+            "post": _op(
+                "Revoke the presented token (and `refresh_token` from the body)",
+                {"200": _json({"type": "object"}), "401": _ERR},
+            )
+        },
+        "/api/v1/jobs": {
+            "post": _op(
+                "Submit one image (PNG, JPEG, DICOM) for screening",
+                {
+                    "202": _json({"$ref": "#/components/schemas/JobCreated"}, "Accepted"),
+                    "200": _json({"$ref": "#/components/schemas/JobCreated"}, "Idempotent replay"),
+                    "401": _ERR,
+                    "409": _ERR,
+                    "413": _ERR,
+                    "422": _ERR,
+                    "503": _ERR,
+                },
+                parameters=[
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "maxLength": 255},
+                    }
+                ],
+                requestBody={
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["file"],
+                                "properties": {
+                                    "file": {"type": "string", "format": "binary"},
+                                    "callback_url": {"type": "string", "format": "uri"},
+                                    "client_ref": {"type": "string", "maxLength": 200},
+                                },
+                            }
+                        }
+                    },
+                },
+            ),
+            "get": _op(
+                "List the organization's jobs, newest first",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "items": {"type": "array", "items": _JOB},
+                                "next_cursor": _NULL_STR,
+                            },
+                        }
+                    ),
+                    "401": _ERR,
+                    "422": _ERR,
+                },
+                parameters=[
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {
+                            "type": "string",
+                            "enum": ["queued", "processing", "succeeded", "rejected", "failed"],
+                        },
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+                    },
+                    {"name": "cursor", "in": "query", "schema": _STR},
+                ],
+            ),
+        },
+        "/api/v1/jobs/{job_id}": {
+            "get": _op(
+                "One job", {"200": _json(_JOB), "401": _ERR, "404": _ERR}, parameters=[_JOB_ID]
+            )
+        },
+        "/api/v1/jobs/{job_id}/artifacts/{name}": {
+            "get": _op(
+                "An artifact of a job (local store; S3 answers with a redirect to a presigned URL)",
+                {
+                    "200": {
+                        "description": "The bytes",
+                        "content": {
+                            "image/png": {},
+                            "application/pdf": {},
+                            "application/octet-stream": {},
+                        },
+                    },
+                    "302": {"description": "Presigned URL"},
+                    "401": _ERR,
+                    "404": _ERR,
+                },
+                parameters=[
+                    _JOB_ID,
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "schema": {
+                            "type": "string",
+                            "enum": ["heatmap", "overlay", "report", "input"],
+                        },
+                    },
+                ],
+            )
+        },
+        "/api/v1/org/webhook-secret": {
+            "get": _op(
+                "The webhook signing secret (admin)",
+                {
+                    "200": _json({"type": "object", "properties": {"webhook_secret": _STR}}),
+                    "401": _ERR,
+                    "403": _ERR,
+                },
+            ),
+            "post": _op(
+                "Rotate the webhook signing secret (admin)",
+                {
+                    "200": _json({"type": "object", "properties": {"webhook_secret": _STR}}),
+                    "401": _ERR,
+                    "403": _ERR,
+                },
+            ),
+        },
+        "/healthz": {"get": _op("Liveness", {"200": _json({"type": "object"})}, auth=False)},
+        "/readyz": {
+            "get": _op(
+                "Readiness of database, broker and store",
+                {"200": _json({"type": "object"}), "503": _ERR},
+                auth=False,
+            )
+        },
+        "/metrics": {
+            "get": _op(
+                "Prometheus metrics",
+                {"200": {"description": "text exposition", "content": {"text/plain": {}}}},
+                auth=False,
+            )
+        },
+        "/api/v1/openapi.json": {
+            "get": _op("This document", {"200": _json({"type": "object"})}, auth=False)
+        },
+        "/api/v1/docs": {
+            "get": _op(
+                "Human-readable list of operations",
+                {"200": {"description": "HTML", "content": {"text/html": {}}}},
+                auth=False,
+            )
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            "cookie": {"type": "apiKey", "in": "cookie", "name": "access_token_cookie"},
+        },
+        "responses": {"Error": _json({"$ref": "#/components/schemas/Error"}, "Error envelope")},
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["code", "message", "details"],
+                        "properties": {
+                            "code": _STR,
+                            "message": _STR,
+                            "details": {"type": "object"},
+                        },
+                    }
+                },
+            },
+            "Tokens": {
+                "type": "object",
+                "properties": {
+                    "access_token": _STR,
+                    "refresh_token": _STR,
+                    "token_type": {"const": "Bearer"},
+                    "expires_in": {"type": "integer"},
+                },
+            },
+            "User": {
+                "type": "object",
+                "properties": {
+                    "id": _STR,
+                    "email": _STR,
+                    "name": _STR,
+                    "role": {"enum": ["clinician", "admin", "operator"]},
+                    "organization": {"type": "object"},
+                    "created_at": _STR,
+                },
+            },
+            "JobCreated": {
+                "type": "object",
+                "properties": {
+                    "id": _STR,
+                    "status": {"const": "queued"},
+                    "status_url": _STR,
+                    "created_at": _STR,
+                },
+            },
+            "Job": {
+                "type": "object",
+                "properties": {
+                    "id": _STR,
+                    "status": {"enum": ["queued", "processing", "succeeded", "rejected", "failed"]},
+                    "created_at": _STR,
+                    "started_at": _NULL_STR,
+                    "finished_at": _NULL_STR,
+                    "client_ref": _NULL_STR,
+                    "input": {
+                        "type": "object",
+                        "properties": {
+                            "filename": _NULL_STR,
+                            "sha256": _STR,
+                            "content_type": _NULL_STR,
+                            "format": {"enum": ["png", "jpeg", "dicom", None]},
+                            "width": {"type": ["integer", "null"]},
+                            "height": {"type": ["integer", "null"]},
+                            "modality": {"enum": ["CT", "MR", None]},
+                        },
+                    },
+                    "validation": {
+                        "type": ["object", "null"],
+                        "properties": {
+                            "passed": {"type": "boolean"},
+                            "reason_code": _NULL_STR,
+                            "checks": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "name": _STR,
+                                        "passed": {"type": "boolean"},
+                                        "detail": _STR,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                    "result": {
+                        "type": ["object", "null"],
+                        "properties": {
+                            "label": {"enum": ["tumor", "normal"]},
+                            "probability": {"type": "number"},
+                            "threshold": {"type": "number"},
+                            "model": {"type": "object"},
+                            "heatmap_url": _NULL_STR,
+                            "overlay_url": _NULL_STR,
+                            "report_url": _NULL_STR,
+                        },
+                    },
+                    "error": {
+                        "type": ["object", "null"],
+                        "properties": {"code": _STR, "message": _STR},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def register_path(path: str, operations: dict[str, Any]) -> None:
+    """Let another blueprint (batches, reports) add its operations to the document."""
+    SPEC["paths"].setdefault(path, {}).update(operations)
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> tuple[Response, int]:
+    """The OpenAPI 3.1 document."""
+    return jsonify(SPEC), 200
+
+
+@bp.get("/docs")
+def docs() -> Response:
+    """A plain HTML list of every operation (no CDN, no JavaScript)."""
+    rows = []
+    for path, ops in sorted(SPEC["paths"].items()):
+        for method, op in ops.items():
+            codes = ", ".join(sorted(op.get("responses", {})))
+            rows.append(
+                f"<tr><td><code>{escape(method.upper())}</code></td><td><code>{escape(path)}</code></td>"
+                f"<td>{escape(op.get('summary', ''))}</td><td>{escape(codes)}</td></tr>"
+            )
+    html = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>liverscan API</title>"
+        "<style>body{font-family:sans-serif;margin:2rem}td,th{padding:.3rem .6rem;border-bottom:1px solid #ddd}</style>"
+        "</head><body><h1>liverscan API v1</h1><p>Decision support, never a diagnosis. "
+        'Machine-readable: <a href="openapi.json">openapi.json</a>. Errors: '
+        '<code>{"error": {"code", "message", "details"}}</code>.</p>'
+        "<table><tr><th>method</th><th>path</th><th>what</th><th>responses</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>"
+    )
+    return Response(html, mimetype="text/html")
