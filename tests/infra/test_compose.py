@@ -83,7 +83,10 @@ def test_api_image_has_no_tensorflow_and_workers_do() -> None:
     worker = (ROOT / "infra" / "Dockerfile.worker").read_text()
     gpu = (ROOT / "infra" / "Dockerfile.worker-gpu").read_text()
     assert "RUN pip install . " in api or "RUN pip install .\n" in api
-    assert "[ml]" not in api and "tensorflow" not in api.split("RUN pip install")[1].split("find_spec")[0]
+    assert (
+        "[ml]" not in api
+        and "tensorflow" not in api.split("RUN pip install")[1].split("find_spec")[0]
+    )
     assert 'pip install ".[ml]"' in worker
     assert gpu.startswith("#") and "FROM tensorflow/tensorflow:" in gpu and "-gpu" in gpu
 
@@ -95,8 +98,14 @@ def test_api_image_has_no_tensorflow_and_workers_do() -> None:
 )
 def test_docker_compose_config_accepts_the_file() -> None:
     """`docker compose config` validates the file where the plugin exists."""
-    env = {"POSTGRES_PASSWORD": "x", "MINIO_ROOT_USER": "x", "MINIO_ROOT_PASSWORD": "xxxxxxxx",
-           "LIVERSCAN_JWT_SECRET_KEY": "x", "PATH": "/usr/bin:/bin:/usr/local/bin"}
-    result = subprocess.run(["docker", "compose", "config", "-q"], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+    env = {
+        "POSTGRES_PASSWORD": "x",
+        "MINIO_ROOT_USER": "x",
+        "MINIO_ROOT_PASSWORD": "xxxxxxxx",
+        "LIVERSCAN_JWT_SECRET_KEY": "x",
+        "PATH": "/usr/bin:/bin:/usr/local/bin",
+    }
+    result = subprocess.run(
+        ["docker", "compose", "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr

@@ -44,7 +44,8 @@ def test_ci_script_is_strict_and_runs_make_test() -> None:
 
 def test_ensure_services_is_idempotent_when_services_run() -> None:
     """With PostgreSQL and Redis already up the service script succeeds and starts nothing."""
-    result = subprocess.run(["bash", "scripts/ensure_services.sh"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "scripts/ensure_services.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert "starting" not in result.stderr

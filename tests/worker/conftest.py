@@ -1,0 +1,131 @@
+"""Worker fixtures: a migrated PostgreSQL database of its own, a local store, a real Redis queue."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, text
+
+from api.domain import jobs
+from api.domain.models import Job, Organization
+from api.domain.settings import Settings
+from api.domain.storage import StoredObject, job_key
+from worker.context import WorkerContext, set_context
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+DB_NAME = "liverscan_worker_tests"
+REDIS_DB = 13  # a Redis database of these tests' own; flushed per test
+BROKER_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    """A freshly created PostgreSQL database upgraded to the Alembic head."""
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{DB_NAME}"'))
+    admin.dispose()
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{DB_NAME}"
+    engine = create_engine(url)
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["configure_logger"] = False
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def broker() -> Iterator[redis.Redis]:
+    """The Redis database the worker's queue publishes to, empty at the start of each test."""
+    client = redis.Redis.from_url(BROKER_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    """Test settings: PostgreSQL, Redis, a local store, loopback callbacks allowed, fast backoff."""
+    return Settings(
+        env="test",
+        data_dir=tmp_path,
+        database_url=database_url,
+        broker_url=BROKER_URL,
+        storage_backend="local",
+        storage_dir=tmp_path / "store",
+        webhook_allow_private=True,
+        webhook_max_attempts=3,
+        webhook_backoff_base_s=1.0,
+        webhook_timeout_s=2.0,
+        sweep_deadline_s=60,
+    )
+
+
+@pytest.fixture
+def ctx(settings: Settings, broker: redis.Redis) -> Iterator[WorkerContext]:
+    """The worker context the pipeline, webhooks and sweep use in this process."""
+    context = WorkerContext.from_settings(settings)
+    set_context(context)
+    yield context
+    set_context(None)
+    context.engine.dispose()
+
+
+def queued_tasks(client: redis.Redis, queue: str) -> list[tuple[str, list[str]]]:
+    """(task name, args) of the Celery messages waiting in a Redis queue, oldest first."""
+    out = []
+    for raw in reversed(client.lrange(queue, 0, -1)):
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        out.append((message["headers"]["task"], body[0]))
+    return out
+
+
+def make_job(
+    ctx: WorkerContext, data: bytes | None, *, callback_url: str | None = None
+) -> uuid.UUID:
+    """Create an organization and a queued job whose upload is `data` (None: bytes never stored)."""
+    with ctx.sessions.begin() as session:
+        org = Organization(
+            name=f"clinic-{uuid.uuid4().hex[:6]}", webhook_secret="whsec_test_" + uuid.uuid4().hex
+        )
+        session.add(org)
+        session.flush()
+        job_id = uuid.uuid4()
+        key = job_key(org.id, job_id, "input")
+        if data is not None:
+            upload = ctx.storage.put(key, data, "image/png")
+        else:
+            upload = StoredObject(
+                key=key, size=0, sha256=hashlib.sha256(b"").hexdigest(), content_type="image/png"
+            )
+        jobs.create_job(
+            session,
+            org_id=org.id,
+            upload=upload,
+            job_id=job_id,
+            filename="slice.png",
+            callback_url=callback_url,
+        )
+    return job_id
+
+
+def load_job(ctx: WorkerContext, job_id: uuid.UUID) -> Job:
+    """The job row as it is now in the database."""
+    with ctx.sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job

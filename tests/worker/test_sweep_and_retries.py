@@ -1,0 +1,114 @@
+"""Nothing is lost: the sweep re-drives jobs whose message vanished; bounded retries; idempotency."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from conftest import load_job, make_job, queued_tasks
+from sqlalchemy import update
+
+from api.domain import jobs
+from api.domain.models import Job, JobStatus, WebhookDelivery, utcnow
+from worker import pipeline, sweep, webhooks
+from worker.context import WorkerContext
+
+
+def _age(ctx: WorkerContext, model: type, row_id: object, column: str, seconds: float) -> None:
+    with ctx.sessions.begin() as session:
+        session.execute(
+            update(model)
+            .where(model.id == row_id)
+            .values({column: utcnow() - timedelta(seconds=seconds)})
+        )
+
+
+def test_sweep_re_enqueues_a_queued_job_whose_message_was_lost(ctx: WorkerContext, broker) -> None:
+    """A job queued past SWEEP_DEADLINE_S goes back on the inference queue exactly once."""
+    stuck = make_job(ctx, b"bytes")
+    fresh = make_job(ctx, b"bytes")
+    _age(ctx, Job, stuck, "updated_at", ctx.settings.sweep_deadline_s + 5)
+
+    assert sweep.run(context=ctx) == {"jobs": 1, "webhooks": 0}
+    assert queued_tasks(broker, "inference") == [("liverscan.process_job", [str(stuck)])]
+    assert sweep.run(context=ctx) == {"jobs": 0, "webhooks": 0}  # not again before another deadline
+    assert load_job(ctx, fresh).status is JobStatus.QUEUED
+
+
+def test_sweep_requeues_a_job_whose_worker_died(ctx: WorkerContext, broker) -> None:
+    """A job left processing past the deadline is put back to queued and re-enqueued."""
+    job_id = make_job(ctx, b"bytes")
+    with ctx.sessions.begin() as session:
+        jobs.mark_processing(session, job_id)
+    _age(ctx, Job, job_id, "updated_at", ctx.settings.sweep_deadline_s + 5)
+
+    assert sweep.run(context=ctx)["jobs"] == 1
+    assert load_job(ctx, job_id).status is JobStatus.QUEUED
+    assert queued_tasks(broker, "inference") == [("liverscan.process_job", [str(job_id)])]
+
+
+def test_sweep_re_drives_an_overdue_webhook_attempt(ctx: WorkerContext, broker) -> None:
+    """A pending attempt whose message was lost is re-enqueued on the webhooks queue."""
+    job_id = make_job(ctx, b"bytes", callback_url="http://127.0.0.1:9/hook")
+    with ctx.sessions.begin() as session:
+        jobs.mark_processing(session, job_id)
+        job = jobs.mark_failed(session, job_id, error_code="undecodable", error_message="x")
+        row_id = webhooks.schedule(session, job, ctx)
+    _age(ctx, WebhookDelivery, row_id, "next_attempt_at", ctx.settings.sweep_deadline_s + 5)
+
+    assert sweep.run(context=ctx) == {"jobs": 0, "webhooks": 1}
+    assert queued_tasks(broker, "webhooks") == [("liverscan.deliver_webhook", [str(row_id)])]
+
+
+def test_terminal_job_is_left_alone(ctx: WorkerContext, broker) -> None:
+    """process_job on a finished job changes nothing and schedules no webhook."""
+    job_id = make_job(ctx, b"bytes", callback_url="http://127.0.0.1:9/hook")
+    with ctx.sessions.begin() as session:
+        jobs.mark_processing(session, job_id)
+        jobs.mark_failed(session, job_id, error_code="undecodable", error_message="x")
+    before = load_job(ctx, job_id)
+
+    assert pipeline.run(job_id, context=ctx) is JobStatus.FAILED
+    after = load_job(ctx, job_id)
+    assert (after.status, after.attempts, after.finished_at) == (
+        before.status,
+        before.attempts,
+        before.finished_at,
+    )
+    assert queued_tasks(broker, "webhooks") == []
+
+
+def test_unexpected_errors_are_retried_then_fail_without_a_stack_trace(
+    ctx: WorkerContext, broker
+) -> None:
+    """Bytes missing from the store: two bounded retries, then failed with internal_error."""
+    job_id = make_job(ctx, None, callback_url="http://127.0.0.1:9/hook")
+
+    assert pipeline.run(job_id, context=ctx) is JobStatus.QUEUED
+    assert queued_tasks(broker, "inference") == [("liverscan.process_job", [str(job_id)])]
+    assert pipeline.run(job_id, context=ctx) is JobStatus.QUEUED
+    assert pipeline.run(job_id, context=ctx) is JobStatus.FAILED
+
+    job = load_job(ctx, job_id)
+    assert job.attempts == pipeline.MAX_ATTEMPTS
+    assert job.error_code == "internal_error"
+    assert "Traceback" not in (job.error_message or "") and "ObjectNotFound" not in (
+        job.error_message or ""
+    )
+    assert [t for t, _ in queued_tasks(broker, "webhooks")] == ["liverscan.deliver_webhook"]
+
+
+def test_a_job_that_keeps_killing_workers_is_failed(ctx: WorkerContext) -> None:
+    """After MAX_ATTEMPTS deliveries that never finished, the next one fails the job at once."""
+    job_id = make_job(ctx, b"bytes")
+    for _ in range(pipeline.MAX_ATTEMPTS):
+        with ctx.sessions.begin() as session:
+            jobs.mark_processing(session, job_id)  # the worker died right after this
+    assert pipeline.run(job_id, context=ctx) is JobStatus.FAILED
+    assert load_job(ctx, job_id).error_code == "internal_error"
+
+
+def test_unknown_job_id_is_dropped(ctx: WorkerContext) -> None:
+    """A message for a job that does not exist does nothing."""
+    import uuid
+
+    assert pipeline.run(uuid.uuid4(), context=ctx) is None

@@ -1,0 +1,65 @@
+"""The Celery app: two queues (inference, webhooks), late acks, prefetch 1, broker from Settings."""
+
+from __future__ import annotations
+
+import logging
+
+import kombu.transport.sqlalchemy
+from celery import Celery
+from celery.signals import worker_process_init
+from kombu import Queue
+
+from api.domain.queue import DELIVER_WEBHOOK, INFERENCE_QUEUE, PROCESS_JOB, SWEEP, WEBHOOKS_QUEUE
+from api.domain.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# The kombu SQLAlchemy transport reads its polling interval from the class; options put in
+# broker_transport_options go to create_engine and fail. 0.1 s keeps the embedded runner snappy.
+kombu.transport.sqlalchemy.Transport.polling_interval = 0.1
+
+TASK_ROUTES = {
+    PROCESS_JOB: {"queue": INFERENCE_QUEUE},
+    DELIVER_WEBHOOK: {"queue": WEBHOOKS_QUEUE},
+    # The sweep is a short query + enqueue: keep it off the queue where slow model jobs wait.
+    SWEEP: {"queue": WEBHOOKS_QUEUE},
+}
+
+
+def make_celery(settings: Settings) -> Celery:
+    """Build the Celery app for these settings (broker, queues, routes, reliability options)."""
+    app = Celery("liverscan", broker=settings.broker_url, include=["worker.tasks"])
+    transport_options: dict[str, object] = {}
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # A message not acked within this many seconds is redelivered: longer than any job.
+        transport_options["visibility_timeout"] = settings.visibility_timeout_s
+    app.conf.update(
+        task_queues=(Queue(INFERENCE_QUEUE), Queue(WEBHOOKS_QUEUE)),
+        task_default_queue=INFERENCE_QUEUE,
+        task_routes=TASK_ROUTES,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,  # the job row is the result
+        result_backend=None,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "liverscan-sweep": {"task": SWEEP, "schedule": float(settings.sweep_interval_s)},
+        },
+    )
+    return app
+
+
+celery_app = make_celery(get_settings())
+
+
+@worker_process_init.connect
+def _load_model_after_fork(**_: object) -> None:
+    """Load the model in each prefork child, after fork (TensorFlow state must not cross a fork)."""
+    from worker import model_cache
+
+    model_cache.preload()

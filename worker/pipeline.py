@@ -1,0 +1,191 @@
+"""Drive one job: bytes from the store → validate → classify + heatmap → artifacts → terminal state.
+
+Safe to run twice: a terminal job is left alone, so a redelivered message changes nothing and
+schedules no second webhook. ml_core errors become the job's `error.code`; anything unexpected
+(store or database hiccup, a bug) is retried a bounded number of times, then the job fails with
+`internal_error` and a message without a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api.domain import jobs
+from api.domain.db import session_scope
+from api.domain.models import Job, JobStatus
+from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB
+from api.domain.storage import job_key
+from ml_core.errors import MLCoreError
+from ml_core.overlay import heatmap_png, overlay_png
+from ml_core.validation import validate
+from worker import model_cache, webhooks
+from worker.context import WorkerContext, get_context
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # deliveries of one job that may end in an unexpected error (or a killed worker)
+RETRY_BASE_S = 5.0
+
+
+def run(job_id: str | uuid.UUID, *, context: WorkerContext | None = None) -> JobStatus | None:
+    """Process one job to a terminal state (or schedule a bounded retry); returns its status."""
+    ctx = context or get_context()
+    jid = uuid.UUID(str(job_id))
+    with session_scope(ctx.sessions) as session:
+        job = jobs.get(session, jid)
+        if job is None:
+            log.warning("job %s does not exist; dropping the message", jid)
+            return None
+        if job.status.is_terminal:
+            log.info("job %s is already %s; nothing to do", jid, job.status.value)
+            return job.status
+        gave_up = job.attempts >= MAX_ATTEMPTS
+        if not gave_up:
+            job = jobs.mark_processing(session, jid)
+        org_id, input_key, attempts = job.org_id, job.input_key, job.attempts
+    if gave_up:
+        # Earlier deliveries died without finishing (e.g. the worker was killed): stop here.
+        return _finish(
+            ctx,
+            jid,
+            lambda s: jobs.mark_failed(
+                s,
+                jid,
+                error_code="internal_error",
+                error_message=f"The job could not be processed after {attempts} attempts.",
+            ),
+        )
+    try:
+        return _process(ctx, jid, org_id, input_key)
+    except MLCoreError as exc:
+        code, message = exc.code, exc.message
+        log.info("job %s failed in ml_core: %s", jid, code)
+        return _finish(
+            ctx, jid, lambda s: jobs.mark_failed(s, jid, error_code=code, error_message=message)
+        )
+    except Exception:
+        log.exception("job %s: unexpected error on attempt %d", jid, attempts)
+        if attempts < MAX_ATTEMPTS:
+            return _retry_later(ctx, jid, attempts)
+        return _finish(
+            ctx,
+            jid,
+            lambda s: jobs.mark_failed(
+                s,
+                jid,
+                error_code="internal_error",
+                error_message="An internal error stopped the processing of this job.",
+            ),
+        )
+
+
+def _process(ctx: WorkerContext, jid: uuid.UUID, org_id: uuid.UUID, input_key: str) -> JobStatus:
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    data = ctx.storage.get(input_key)
+    timings["load_s"] = time.perf_counter() - start
+
+    classifier = model_cache.get_classifier()
+    start = time.perf_counter()
+    report = validate(data, gate=classifier.gate())
+    timings["validate_s"] = time.perf_counter() - start
+    validation = report.to_dict()
+    input_meta = _input_meta(report.image)
+
+    if not report.passed or report.slice_u8 is None:
+        reason = report.reason_code or "validation_failed"
+        log.info("job %s rejected: %s", jid, reason)
+        return _finish(
+            ctx,
+            jid,
+            lambda s: jobs.mark_rejected(
+                s,
+                jid,
+                reason_code=reason,
+                validation=validation,
+                input_meta=input_meta,
+                timings=timings,
+            ),
+        )
+
+    start = time.perf_counter()
+    (prediction,) = classifier.predict([report.slice_u8])
+    timings["predict_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    heatmap_key = job_key(org_id, jid, "heatmap.png")
+    overlay_key = job_key(org_id, jid, "overlay.png")
+    ctx.storage.put(heatmap_key, heatmap_png(prediction.heatmap), "image/png")
+    ctx.storage.put(overlay_key, overlay_png(report.slice_u8, prediction.heatmap), "image/png")
+    timings["artifacts_s"] = time.perf_counter() - start
+
+    info = classifier.info
+    log.info("job %s succeeded: %s p=%.3f", jid, prediction.label, prediction.probability)
+    return _finish(
+        ctx,
+        jid,
+        lambda s: jobs.mark_succeeded(
+            s,
+            jid,
+            label=prediction.label,
+            probability=prediction.probability,
+            threshold=prediction.threshold,
+            model_name=info.name,
+            model_version=info.version,
+            model_sha256=info.sha256,
+            heatmap_key=heatmap_key,
+            overlay_key=overlay_key,
+            validation=validation,
+            input_meta=input_meta,
+            timings=timings,
+        ),
+    )
+
+
+def _input_meta(image: Any) -> dict[str, Any] | None:
+    if image is None:
+        return None
+    return {
+        "format": image.format,
+        "width": image.width,
+        "height": image.height,
+        "modality": image.modality if image.modality in ("CT", "MR") else None,
+    }
+
+
+def _finish(ctx: WorkerContext, jid: uuid.UUID, mark: Callable[[Session], Job]) -> JobStatus:
+    """Apply a terminal mark and schedule its webhook in one transaction, then enqueue delivery."""
+    with session_scope(ctx.sessions) as session:
+        current = session.get(Job, jid, with_for_update=True, populate_existing=True)
+        if current is not None and current.status.is_terminal:
+            # A concurrent delivery of the same job finished first: it owns the webhook.
+            return current.status
+        job = mark(session)
+        delivery_id = webhooks.schedule(session, job, ctx)
+        status = job.status
+    if delivery_id is not None:
+        webhooks.enqueue(ctx, delivery_id)
+    return status
+
+
+def _retry_later(ctx: WorkerContext, jid: uuid.UUID, attempts: int) -> JobStatus:
+    """Put the job back to queued and re-enqueue it with backoff (the sweep covers a lost enqueue)."""
+    with session_scope(ctx.sessions) as session:
+        status = jobs.requeue(session, jid).status
+    try:
+        ctx.queue.enqueue(
+            PROCESS_JOB,
+            str(jid),
+            queue=INFERENCE_QUEUE,
+            countdown=RETRY_BASE_S * 2 ** (attempts - 1),
+        )
+    except Exception:
+        log.warning("job %s: re-enqueue failed; the sweep will pick it up", jid)
+    return status

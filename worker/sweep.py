@@ -1,0 +1,60 @@
+"""The sweep: re-drive jobs and webhook attempts whose queue message was lost or whose worker died."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from api.domain import jobs
+from api.domain.db import session_scope
+from api.domain.models import JobStatus, WebhookDelivery, utcnow
+from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB
+from worker import webhooks
+from worker.context import WorkerContext, get_context
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+
+
+def run(*, context: WorkerContext | None = None) -> dict[str, int]:
+    """Re-enqueue jobs queued/processing past SWEEP_DEADLINE_S and overdue webhook attempts."""
+    ctx = context or get_context()
+    deadline = timedelta(seconds=ctx.settings.sweep_deadline_s)
+    now = utcnow()
+    with session_scope(ctx.sessions) as session:
+        job_ids = []
+        for job in jobs.stuck_jobs(session, deadline, limit=BATCH):
+            # Back to queued with a fresh updated_at: not swept again before another deadline.
+            # The attempts counter (bumped by each processing) bounds a job that kills workers.
+            if job.status is JobStatus.PROCESSING:
+                jobs.requeue(session, job.id)
+            else:
+                jobs.touch(session, job.id)
+            job_ids.append(job.id)
+        overdue = session.scalars(
+            select(WebhookDelivery)
+            .where(
+                WebhookDelivery.status.in_([webhooks.PENDING, webhooks.SENDING]),
+                WebhookDelivery.next_attempt_at < now - deadline,
+            )
+            .limit(BATCH)
+        ).all()
+        delivery_ids = []
+        for row in overdue:
+            # "sending" this long means the worker died mid-attempt: the receiver may see the
+            # delivery twice and must dedupe on X-Liverscan-Delivery (the contract allows it).
+            row.status, row.next_attempt_at = webhooks.PENDING, now
+            delivery_ids.append(row.id)
+    for job_id in job_ids:
+        try:
+            ctx.queue.enqueue(PROCESS_JOB, str(job_id), queue=INFERENCE_QUEUE)
+        except Exception:
+            log.warning("sweep: could not re-enqueue job %s; next sweep retries", job_id)
+    for row_id in delivery_ids:
+        webhooks.enqueue(ctx, row_id)
+    if job_ids or delivery_ids:
+        log.info("sweep re-drove %d jobs and %d webhook attempts", len(job_ids), len(delivery_ids))
+    return {"jobs": len(job_ids), "webhooks": len(delivery_ids)}

@@ -1,0 +1,243 @@
+"""Webhook delivery: signed POSTs of job events, every attempt recorded, retried with backoff.
+
+One event of one job is one `delivery_id` (sent as X-Liverscan-Delivery, stable across retries);
+each attempt is its own `WebhookDelivery` row with its status code and latency. The SSRF guard is
+re-checked at delivery time because DNS may have changed since submit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import requests
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.domain.db import session_scope
+from api.domain.errors import CallbackUrlRefused
+from api.domain.models import Job, JobStatus, Organization, WebhookDelivery, utcnow
+from api.domain.queue import DELIVER_WEBHOOK, WEBHOOKS_QUEUE
+from api.domain.settings import Settings
+from api.domain.webhooks import (
+    DELIVERY_HEADER,
+    EVENT_HEADER,
+    SIGNATURE_HEADER,
+    check_callback_url,
+    sign,
+)
+from worker.context import WorkerContext, get_context
+
+log = logging.getLogger(__name__)
+
+EVENTS = {
+    JobStatus.SUCCEEDED: "job.succeeded",
+    JobStatus.REJECTED: "job.rejected",
+    JobStatus.FAILED: "job.failed",
+}
+PENDING, SENDING, SUCCEEDED, FAILED, EXHAUSTED = (
+    "pending",
+    "sending",
+    "succeeded",
+    "failed",
+    "exhausted",
+)
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def job_payload(job: Job, ctx: WorkerContext) -> dict[str, Any]:
+    """The job JSON of the HTTP contract, as sent in a webhook event.
+
+    Mirrors `api.schemas.job_read`, which needs Flask's `url_for` and so cannot run in a worker.
+    """
+
+    def url(name: str, key: str | None) -> str | None:
+        if key is None:
+            return None
+        # S3: a presigned URL; local store: the authenticated API route (relative: a worker does
+        # not know the public host name).
+        presigned = ctx.storage.url_for(key, ctx.settings.presign_expires_s)
+        return presigned or f"/api/v1/jobs/{job.id}/artifacts/{name}"
+
+    validation: dict[str, Any] | None = None
+    if job.validation is not None or job.status is JobStatus.REJECTED:
+        stored = dict(job.validation or {})
+        validation = {
+            "passed": bool(stored.get("passed", job.status is not JobStatus.REJECTED)),
+            "reason_code": stored.get("reason_code", job.reason_code),
+            "checks": list(stored.get("checks", [])),
+        }
+        if "gate" in stored:
+            validation["gate"] = stored["gate"]
+    result = None
+    if job.status is JobStatus.SUCCEEDED:
+        result = {
+            "label": job.label,
+            "probability": job.probability,
+            "threshold": job.threshold,
+            "model": {
+                "name": job.model_name,
+                "version": job.model_version,
+                "sha256": job.model_sha256,
+            },
+            "heatmap_url": url("heatmap", job.heatmap_key),
+            "overlay_url": url("overlay", job.overlay_key),
+            "report_url": url("report", job.report_key),
+        }
+    error = None
+    if job.status is JobStatus.FAILED:
+        error = {"code": job.error_code, "message": job.error_message}
+    return {
+        "id": str(job.id),
+        "status": job.status.value,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "client_ref": job.client_ref,
+        "batch_id": str(job.batch_id) if job.batch_id else None,
+        "status_url": f"/api/v1/jobs/{job.id}",
+        "input": {
+            "filename": job.input_filename,
+            "sha256": job.input_sha256,
+            "size": job.input_size,
+            "content_type": job.input_content_type,
+            "format": job.input_format,
+            "width": job.input_width,
+            "height": job.input_height,
+            "modality": job.input_modality,
+        },
+        "validation": validation,
+        "result": result,
+        "error": error,
+    }
+
+
+def schedule(session: Session, job: Job, ctx: WorkerContext) -> uuid.UUID | None:
+    """Record the first attempt of this job's terminal event (once per event); returns its row id."""
+    if not job.callback_url or job.status not in EVENTS:
+        return None
+    event = EVENTS[job.status]
+    already = session.scalar(
+        select(WebhookDelivery.id)
+        .where(WebhookDelivery.job_id == job.id, WebhookDelivery.event == event)
+        .limit(1)
+    )
+    if already is not None:
+        return None
+    row = WebhookDelivery(
+        job_id=job.id,
+        event=event,
+        delivery_id=uuid.uuid4(),
+        attempt=1,
+        status=PENDING,
+        next_attempt_at=utcnow(),
+        payload={"event": event, "job": job_payload(job, ctx)},
+    )
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def enqueue(ctx: WorkerContext, row_id: uuid.UUID, countdown: float | None = None) -> None:
+    """Hand an attempt to the webhooks queue; a lost enqueue is re-driven by the sweep."""
+    try:
+        ctx.queue.enqueue(DELIVER_WEBHOOK, str(row_id), queue=WEBHOOKS_QUEUE, countdown=countdown)
+    except Exception:
+        log.warning("webhook attempt %s not enqueued; the sweep will re-drive it", row_id)
+
+
+def backoff_s(settings: Settings, attempt: int) -> float:
+    """Delay before the attempt after `attempt`: base · 2^(attempt-1) (30 s … 32 min by default)."""
+    return settings.webhook_backoff_base_s * 2 ** (attempt - 1)
+
+
+def deliver(row_id: str | uuid.UUID, *, context: WorkerContext | None = None) -> str | None:
+    """Make one attempt; record it; schedule the next attempt on failure. Returns the row status."""
+    ctx = context or get_context()
+    rid = uuid.UUID(str(row_id))
+    with session_scope(ctx.sessions) as session:
+        row = session.get(WebhookDelivery, rid, with_for_update=True, populate_existing=True)
+        if row is None or row.status != PENDING:
+            return row.status if row is not None else None  # already attempted: a duplicate message
+        job = session.get(Job, row.job_id)
+        assert job is not None  # foreign key
+        org = session.get(Organization, job.org_id)
+        assert org is not None
+        url, secret = job.callback_url or "", org.webhook_secret
+        payload, attempt, delivery_id, event = row.payload, row.attempt, row.delivery_id, row.event
+        row.status = SENDING
+        row.next_attempt_at = utcnow()  # while sending: when the attempt started (for the sweep)
+
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    status_code: int | None = None
+    error: str | None = None
+    refused = False
+    start = time.perf_counter()
+    try:
+        check_callback_url(url, ctx.settings.webhook_allow_private)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "liverscan-webhooks/1",
+            EVENT_HEADER: event,
+            DELIVERY_HEADER: str(delivery_id),
+            SIGNATURE_HEADER: sign(secret, body, int(time.time())),
+        }
+        response = requests.post(
+            url,
+            data=body,
+            headers=headers,
+            timeout=ctx.settings.webhook_timeout_s,
+            allow_redirects=False,
+        )
+        status_code = response.status_code
+    except CallbackUrlRefused as exc:
+        refused, error = True, f"callback_url_refused: {exc.details.get('reason', exc.message)}"
+    except requests.RequestException as exc:
+        error = type(exc).__name__
+    latency_ms = (time.perf_counter() - start) * 1000.0
+    ok = status_code is not None and 200 <= status_code < 300
+
+    next_id: uuid.UUID | None = None
+    delay = 0.0
+    with session_scope(ctx.sessions) as session:
+        row = session.get(WebhookDelivery, rid, with_for_update=True, populate_existing=True)
+        assert row is not None
+        row.status_code, row.latency_ms, row.error = status_code, latency_ms, error
+        if ok:
+            row.status, row.delivered_at = SUCCEEDED, utcnow()
+        elif refused or attempt >= ctx.settings.webhook_max_attempts:
+            row.status = EXHAUSTED
+        else:
+            row.status = FAILED
+            delay = backoff_s(ctx.settings, attempt)
+            following = WebhookDelivery(
+                job_id=row.job_id,
+                event=event,
+                delivery_id=delivery_id,
+                attempt=attempt + 1,
+                status=PENDING,
+                next_attempt_at=utcnow() + timedelta(seconds=delay),
+                payload=payload,
+            )
+            session.add(following)
+            session.flush()
+            next_id = following.id
+        status = row.status
+    log.info(
+        "webhook %s attempt %d for job %s: %s (%s)",
+        delivery_id,
+        attempt,
+        payload["job"]["id"],
+        status,
+        status_code or error,
+    )
+    if next_id is not None:
+        enqueue(ctx, next_id, countdown=delay)
+    return status
