@@ -29,8 +29,8 @@ migrate: $(VENV)/.stamp-ml
 	mkdir -p $(LIVERSCAN_DATA_DIR)
 	$(VENV)/bin/alembic upgrade head
 
-run: migrate
-	exec $(PY) -m worker.embedded --port $(PORT)
+run: $(VENV)/.stamp-ml
+	exec $(PY) -m worker.embedded --port $(PORT)  # migrates, then API + worker + sweep
 
 services:
 	bash scripts/ensure_services.sh

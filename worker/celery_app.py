@@ -7,7 +7,7 @@ import logging
 import kombu.transport.sqlalchemy
 from celery import Celery
 from celery.signals import worker_process_init
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from api.domain.queue import DELIVER_WEBHOOK, INFERENCE_QUEUE, PROCESS_JOB, SWEEP, WEBHOOKS_QUEUE
 from api.domain.settings import Settings, get_settings
@@ -34,7 +34,9 @@ def make_celery(settings: Settings) -> Celery:
         # A message not acked within this many seconds is redelivered: longer than any job.
         transport_options["visibility_timeout"] = settings.visibility_timeout_s
     app.conf.update(
-        task_queues=(Queue(INFERENCE_QUEUE), Queue(WEBHOOKS_QUEUE)),
+        task_queues=tuple(
+            Queue(q, Exchange(q), routing_key=q) for q in (INFERENCE_QUEUE, WEBHOOKS_QUEUE)
+        ),
         task_default_queue=INFERENCE_QUEUE,
         task_routes=TASK_ROUTES,
         task_acks_late=True,
