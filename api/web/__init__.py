@@ -63,6 +63,16 @@ def _status_words(status: str) -> str:
     return STATUS_WORDS.get(status, status)
 
 
+@bp.app_template_filter("columns")
+def _columns(rows: list[Any]) -> list[str]:
+    """The union of the keys of a list of dicts, in first-seen order (a table's columns)."""
+    cols: dict[str, None] = {}
+    for row in rows:
+        if isinstance(row, dict):
+            cols.update(dict.fromkeys(row))
+    return list(cols)
+
+
 def _error_page(exc: HTTPException) -> Response:
     from api.web.views import page
 

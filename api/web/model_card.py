@@ -286,6 +286,14 @@ def summarise(path: Path, raw: dict[str, Any]) -> CardView:
         view.localisation = loc[1] if isinstance(loc[1], dict) else {"value": loc[1]}
     data = _first(everything, ("training_data", "data", "datasets"))
     view.data = data[1] if data is not None else None
-    lic = _first(everything, ("licences", "licenses", "licence", "license"))
-    view.licences = lic[1] if lic is not None else None
+    # One licence string inside a data entry is that entry's, not the model's list of licences.
+    lic = next(
+        (
+            v
+            for k, v, _ in everything
+            if k in ("licences", "licenses") and isinstance(v, list | dict)
+        ),
+        None,
+    )
+    view.licences = lic
     return view

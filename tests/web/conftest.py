@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from flask import Flask
 from PIL import Image
 from werkzeug.serving import make_server
 
@@ -54,10 +55,13 @@ class LiveServer:
     settings: Settings
     env: dict[str, str]
     data_dir: Path
+    app: Flask
 
     def api_login(self, email: str, password: str = PASSWORD) -> str:
         """An access token through the JSON API."""
-        r = requests.post(f"{self.url}/api/v1/auth/login", json={"email": email, "password": password}, timeout=30)
+        r = requests.post(
+            f"{self.url}/api/v1/auth/login", json={"email": email, "password": password}, timeout=30
+        )
         r.raise_for_status()
         return str(r.json()["access_token"])
 
@@ -65,7 +69,12 @@ class LiveServer:
         """Create an account through the JSON API (faster than the form where the form is not under test)."""
         r = requests.post(
             f"{self.url}/api/v1/auth/signup",
-            json={"email": email, "password": password, "name": "Dr Test", "organization": organization},
+            json={
+                "email": email,
+                "password": password,
+                "name": "Dr Test",
+                "organization": organization,
+            },
             timeout=30,
         )
         assert r.status_code == 201, r.text
@@ -105,7 +114,11 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     }
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LIVERSCAN_")} | env
     subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=full_env, check=True, capture_output=True
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=ROOT,
+        env=full_env,
+        check=True,
+        capture_output=True,
     )
     settings = Settings(
         env="test",
@@ -121,15 +134,24 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     thread = threading.Thread(target=server.serve_forever, name="web-test-server", daemon=True)
     thread.start()
     try:
-        yield LiveServer(url=f"http://127.0.0.1:{server.server_port}", settings=settings, env=full_env, data_dir=data_dir)
+        yield LiveServer(
+            url=f"http://127.0.0.1:{server.server_port}",
+            settings=settings,
+            env=full_env,
+            data_dir=data_dir,
+            app=app,
+        )
     finally:
         server.shutdown()
         thread.join(timeout=10)
 
 
 def shipped_model_present() -> bool:
-    """Whether a model with a model card is shipped under ml_core/models/."""
-    return any((ROOT / "ml_core" / "models").glob("*/model_card.json"))
+    """Whether ml_core/models/CURRENT names a model folder with a model card."""
+    current = ROOT / "ml_core" / "models" / "CURRENT"
+    if not current.is_file():
+        return False
+    return (current.parent / current.read_text().strip() / "model_card.json").is_file()
 
 
 @pytest.fixture(scope="session")
@@ -154,7 +176,9 @@ def worker(live_server: LiveServer) -> Iterator[subprocess.Popen[bytes]]:
         time.sleep(0.5)
     else:
         proc.terminate()
-        pytest.fail("the worker did not become ready:\n" + log_path.read_text(errors="replace")[-4000:])
+        pytest.fail(
+            "the worker did not become ready:\n" + log_path.read_text(errors="replace")[-4000:]
+        )
     yield proc
     proc.terminate()
     try:

@@ -18,7 +18,27 @@
     return "";
   }
 
-  function mb(n) { return (n / (1024 * 1024)).toFixed(1) + " MB"; }
+  function mb(n) {
+    if (n < 1024 * 1024) { return Math.max(1, Math.round(n / 1024)) + " KB"; }
+    return (n / (1024 * 1024)).toFixed(1) + " MB";
+  }
+
+  // A summary under the file field, so a refusal is announced where the user is looking.
+  var refused = [];
+  function fieldError(text) {
+    var box = document.getElementById("e-files");
+    if (!box) {
+      box = document.createElement("p");
+      box.id = "e-files";
+      box.className = "field-error";
+      box.setAttribute("role", "alert");
+      input.parentNode.appendChild(box);
+      input.setAttribute("aria-describedby", "files-hint e-files");
+    }
+    refused.push(text);
+    box.textContent = refused.length === 1 ? refused[0] : refused.length + " files were not sent: " + refused.join(" ");
+    input.setAttribute("aria-invalid", "true");
+  }
 
   // Magic bytes only, like the server: the extension and the browser's type are not trusted.
   function sniff(file) {
@@ -47,7 +67,8 @@
     return { li: li, state: state, bar: bar };
   }
 
-  function fail(r, message) {
+  function fail(r, message, file) {
+    if (file) { fieldError(file.name + ": " + message); }
     r.state.className = "state error";
     r.state.textContent = message;
     r.li.classList.add("error");
@@ -80,7 +101,7 @@
         } else if (xhr.status === 401) {
           fail(r, "Your session has expired. Log in again, then retry.");
         } else if (xhr.status === 413) {
-          fail(r, "File too large: the limit is " + mb(maxBytes) + ".");
+          fail(r, "File too large: the limit is " + mb(maxBytes) + ".", file);
         } else {
           fail(r, (body && body.error && body.error.message) || ("Upload failed (HTTP " + xhr.status + ")."));
         }
@@ -105,14 +126,14 @@
       if (!file) { busy = false; input.value = ""; return; }
       var r = row(file);
       if (file.size > maxBytes) {
-        fail(r, "File too large: " + mb(file.size) + " is over the " + mb(maxBytes) + " limit.");
+        fail(r, "File too large: " + mb(file.size) + " is over the " + mb(maxBytes) + " limit.", file);
         next();
         return;
       }
-      if (file.size === 0) { fail(r, "The file is empty."); next(); return; }
+      if (file.size === 0) { fail(r, "The file is empty.", file); next(); return; }
       sniff(file).then(function (kind) {
         if (!kind) {
-          fail(r, "Not an image: only PNG, JPEG and DICOM files are accepted.");
+          fail(r, "Not an image: only PNG, JPEG and DICOM files are accepted.", file);
           return null;
         }
         r.state.textContent = "uploading";
