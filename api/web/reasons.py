@@ -10,6 +10,7 @@ REASONS: dict[str, str] = {
     "pixel_limit": "The image has more pixels than the service accepts.",
     "too_small": "The image is too small to be a CT or MR slice.",
     "too_big": "The image dimensions are larger than a CT or MR slice.",
+    "too_large_dims": "The image dimensions are larger than a CT or MR slice.",
     "bad_aspect": "The image proportions do not match an axial CT or MR slice.",
     "blank_image": "The image is blank or almost uniform: there is nothing to screen.",
     "not_grayscale": "The image is in colour; CT and MR slices are grayscale. "
@@ -21,6 +22,12 @@ REASONS: dict[str, str] = {
     "(for example head, neck, chest or a limb).",
     "no_pixel_data": "The DICOM file contains no image.",
     "unsupported_transfer_syntax": "The DICOM file uses a compression this service cannot read.",
+    "unsupported_image_type": "The DICOM image type is not an original axial acquisition "
+    "(for example a localizer, a secondary capture or a reformatted image).",
+    "not_axial": "The DICOM slice is not axial; upload axial (transverse) slices.",
+    "burned_in_annotation": "The DICOM image has text burned into its pixels, which may identify "
+    "the patient and hides part of the image.",
+    "validation_failed": "The upload did not pass validation.",
     "multi_frame": "The DICOM file holds several frames; upload one axial slice at a time.",
     "implausible_hu": "The DICOM pixel values are not plausible CT values.",
     "not_liver_ct": "This does not look like an axial abdominal CT or MR slice showing the "
