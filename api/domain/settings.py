@@ -29,7 +29,9 @@ class ConfigError(RuntimeError):
 class Settings(BaseSettings):
     """Every tunable of liverscan, read from `LIVERSCAN_*` environment variables."""
 
-    model_config = SettingsConfigDict(env_prefix="LIVERSCAN_", extra="ignore", env_file=None)
+    model_config = SettingsConfigDict(
+        env_prefix="LIVERSCAN_", extra="ignore", env_file=None, env_ignore_empty=True
+    )
 
     env: Literal["development", "test", "production"] = "development"
     data_dir: Path = Path("./var")

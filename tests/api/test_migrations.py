@@ -1,0 +1,62 @@
+"""Alembic is the only source of the schema: one head, no drift from the models, reversible."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, inspect
+
+from api.domain.db import make_engine
+from api.domain.models import Base
+from api.domain.settings import Settings
+from tests.api.conftest import ROOT, alembic_config, create_pg_database, drop_pg_database, migrate
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def empty_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An engine on a brand-new, empty database."""
+    if request.param == "sqlite":
+        engine = make_engine(
+            Settings(env="test", data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/m.db")
+        )
+        yield engine
+        engine.dispose()
+        return
+    name = f"liverscan_migrations_{os.getpid()}"
+    engine = create_engine(create_pg_database(name))
+    yield engine
+    engine.dispose()
+    drop_pg_database(name)
+
+
+def test_there_is_exactly_one_head() -> None:
+    from alembic.config import Config
+
+    script = ScriptDirectory.from_config(Config(str(ROOT / "alembic.ini")))
+    assert len(script.get_heads()) == 1
+
+
+def test_upgrade_head_matches_the_models(empty_engine: Engine) -> None:
+    migrate(empty_engine)
+    with empty_engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(context, Base.metadata)
+    assert diff == []
+    tables = set(inspect(empty_engine).get_table_names())
+    assert set(Base.metadata.tables) <= tables
+
+
+def test_downgrade_base_removes_everything(empty_engine: Engine) -> None:
+    migrate(empty_engine)
+    with empty_engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "base")
+    assert set(inspect(empty_engine).get_table_names()) <= {"alembic_version"}
+    migrate(empty_engine)  # and back up again
+    assert set(Base.metadata.tables) <= set(inspect(empty_engine).get_table_names())

@@ -1,0 +1,145 @@
+"""Health, readiness, metrics and the API description; dependencies down refuse cleanly."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import redis
+from flask.testing import FlaskClient
+from flask_jwt_extended import create_access_token
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.domain import jobs
+from api.domain.db import make_engine
+from api.domain.models import Job
+from api.domain.queue import CeleryQueue
+from api.domain.settings import Settings
+from api.domain.storage import LocalStorage, Storage
+from tests.api.conftest import bearer, make_app, signup, submit
+
+DEAD_BROKER = "redis://127.0.0.1:1/0"
+OWN_BLUEPRINTS = ("auth.", "jobs.", "org.", "ops.", "openapi.")
+DEAD_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:1/nowhere"
+
+
+def test_healthz(client: FlaskClient) -> None:
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    assert r.get_json() == {"status": "ok"}
+
+
+def test_readyz_when_everything_answers(client: FlaskClient) -> None:
+    r = client.get("/readyz")
+    assert r.status_code == 200
+    assert r.get_json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+
+
+def test_readyz_names_a_dead_broker(
+    settings: Settings, session_factory: sessionmaker[Session], storage: Storage, engine: object
+) -> None:
+    app = make_app(settings, session_factory, storage, CeleryQueue(DEAD_BROKER), engine=engine)  # type: ignore[arg-type]
+    r = app.test_client().get("/readyz")
+    assert r.status_code == 503
+    error = r.get_json()["error"]
+    assert error["code"] == "not_ready"
+    assert error["details"]["checks"]["broker"] == "broker_unavailable"
+    assert error["details"]["checks"]["database"] == "ok"
+    assert "broker" in error["message"]
+
+
+def test_readyz_names_a_dead_database(tmp_path: Path, storage: Storage) -> None:
+    settings = Settings(
+        env="test",
+        data_dir=tmp_path,
+        database_url=DEAD_DATABASE,
+        broker_url="redis://127.0.0.1:6379/14",
+    )
+    engine = make_engine(settings)
+    app = make_app(settings, sessionmaker(bind=engine), storage, engine=engine)
+    r = app.test_client().get("/readyz")
+    assert r.status_code == 503
+    checks = r.get_json()["error"]["details"]["checks"]
+    assert checks == {"database": "database_unavailable", "broker": "ok", "storage": "ok"}
+
+
+def test_submit_with_broker_down_is_503_and_writes_nothing(
+    settings: Settings, session_factory: sessionmaker[Session], session: Session, tmp_path: Path
+) -> None:
+    storage = LocalStorage(tmp_path / "store-broker-down")
+    app = make_app(settings, session_factory, storage, CeleryQueue(DEAD_BROKER))
+    client = app.test_client()
+    user = signup(client)
+    with app.app_context():
+        token = create_access_token(identity=user["id"])
+    r = submit(client, bearer(token))
+    assert r.status_code == 503
+    assert r.get_json()["error"]["code"] == "broker_unavailable"
+    assert session.scalars(select(Job)).all() == []
+    assert [p for p in (tmp_path / "store-broker-down").rglob("*") if p.is_file()] == []
+
+
+def test_submit_with_database_down_is_503_and_writes_nothing(tmp_path: Path) -> None:
+    settings = Settings(
+        env="test",
+        data_dir=tmp_path,
+        database_url=DEAD_DATABASE,
+        broker_url="redis://127.0.0.1:6379/14",
+        jwt_secret_key="k" * 40,
+    )
+    engine = make_engine(settings)
+    storage = LocalStorage(tmp_path / "store-db-down")
+    app = make_app(settings, sessionmaker(bind=engine), storage, engine=engine)
+    with app.app_context():
+        token = create_access_token(identity="00000000-0000-0000-0000-000000000001")
+    r = submit(app.test_client(), bearer(token))
+    assert r.status_code == 503
+    assert r.get_json()["error"]["code"] == "database_unavailable"
+    assert [p for p in (tmp_path / "store-db-down").rglob("*") if p.is_file()] == []
+
+
+def test_metrics_count_jobs_by_status_and_queue_depth(
+    client: FlaskClient, user_headers: dict[str, str], session: Session, broker: redis.Redis
+) -> None:
+    ids = [
+        submit(client, user_headers, data).get_json()["id"] for data in (b"\x89PNG-a", b"\x89PNG-b")
+    ]
+    job_id = uuid.UUID(ids[0])
+    jobs.mark_processing(session, job_id)
+    jobs.mark_succeeded(
+        session, job_id, label="normal", probability=0.1, threshold=0.5,
+        model_name="liverscan-b0", model_version="v3", model_sha256="cd" * 32,
+        timings={"validate": 0.05, "predict": 0.2},
+    )  # fmt: skip
+    session.commit()
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'liverscan_jobs{status="queued"} 1.0' in text
+    assert 'liverscan_jobs{status="succeeded"} 1.0' in text
+    assert 'liverscan_queue_depth{queue="inference"} 2.0' in text
+    assert (
+        'liverscan_model_info{name="liverscan-b0",sha256="' + "cd" * 32 + '",version="v3"} 1.0'
+        in text
+    )
+    assert 'liverscan_stage_duration_seconds{quantile="0.5",stage="predict"} 0.2' in text
+
+
+def test_openapi_document_covers_every_api_route(client: FlaskClient) -> None:
+    spec = client.get("/api/v1/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.1")
+    documented = {(path, method) for path, ops in spec["paths"].items() for method in ops}
+    app = client.application
+    for rule in app.url_map.iter_rules():
+        if not rule.endpoint.startswith(OWN_BLUEPRINTS):
+            continue  # other blueprints add themselves with api.openapi.register_path
+        path = rule.rule.replace("<", "{").replace(">", "}")
+        for method in rule.methods - {"HEAD", "OPTIONS"}:  # type: ignore[operator]
+            assert (path, method.lower()) in documented, (path, method)
+
+
+def test_docs_page_lists_operations_without_external_assets(client: FlaskClient) -> None:
+    r = client.get("/api/v1/docs")
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    assert "/api/v1/jobs" in html and "POST" in html
+    assert "http://" not in html and "https://" not in html

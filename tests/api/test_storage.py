@@ -1,0 +1,139 @@
+"""The storage port: one suite, run against the local folder and S3 over HTTP (moto's server)."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from api.domain.errors import InvalidKey, ObjectNotFound, StorageUnavailable
+from api.domain.settings import Settings
+from api.domain.storage import LocalStorage, S3Storage, Storage, job_key, make_storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    """A fresh, empty store of each kind."""
+    if request.param == "local":
+        yield LocalStorage(tmp_path / "store")
+        return
+    endpoint = request.getfixturevalue("s3_endpoint")
+    s3 = S3Storage(
+        f"test-{uuid.uuid4().hex[:12]}",
+        endpoint_url=endpoint,
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+    s3.ensure_bucket()
+    yield s3
+
+
+def test_put_get_roundtrip_with_sha256(store: Storage) -> None:
+    data = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 100
+    key = job_key(uuid.uuid4(), uuid.uuid4(), "input")
+    stored = store.put(key, data, "image/png")
+    assert stored.key == key
+    assert stored.size == len(data)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert store.get(key) == data
+    assert store.exists(key)
+
+
+def test_overwrite_replaces_content(store: Storage) -> None:
+    store.put("org/job/overlay.png", b"one", "image/png")
+    store.put("org/job/overlay.png", b"two", "image/png")
+    assert store.get("org/job/overlay.png") == b"two"
+
+
+def test_missing_key_is_object_not_found(store: Storage) -> None:
+    assert not store.exists("org/job/nothing")
+    with pytest.raises(ObjectNotFound) as info:
+        store.get("org/job/nothing")
+    assert info.value.code == "object_not_found"
+
+
+def test_delete_is_idempotent(store: Storage) -> None:
+    store.put("org/job/input", b"x", "application/octet-stream")
+    store.delete("org/job/input")
+    store.delete("org/job/input")
+    assert not store.exists("org/job/input")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../etc/passwd",
+        "/abs/path",
+        "org/../../x",
+        "org//job",
+        ".hidden/x",
+        "org/job/",
+        "",
+        "a\\b",
+        "org/job/\x00",
+    ],
+)
+def test_unsafe_keys_are_refused(store: Storage, key: str) -> None:
+    with pytest.raises(InvalidKey) as info:
+        store.put(key, b"x", "text/plain")
+    assert info.value.code == "invalid_key"
+    with pytest.raises(InvalidKey):
+        store.get(key)
+
+
+def test_ping_answers(store: Storage) -> None:
+    store.ping()
+
+
+def test_url_for_is_presigned_on_s3_and_none_locally(store: Storage) -> None:
+    store.put("org/job/heatmap.png", b"\x89PNG-heat", "image/png")
+    url = store.url_for("org/job/heatmap.png", 60)
+    if isinstance(store, LocalStorage):
+        assert url is None
+        return
+    assert url is not None and "X-Amz-Signature=" in url and "X-Amz-Expires=60" in url
+    r = requests.get(url, timeout=10)
+    assert r.status_code == 200
+    assert r.content == b"\x89PNG-heat"
+    assert r.headers["Content-Type"] == "image/png"
+
+
+def test_local_store_stays_inside_its_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    store = LocalStorage(root)
+    (tmp_path / "outside").mkdir()
+    (root / "org").mkdir(parents=True)
+    (root / "org" / "link").symlink_to(tmp_path / "outside")
+    with pytest.raises(InvalidKey):
+        store.put("org/link/evil", b"x", "text/plain")
+    assert not (tmp_path / "outside" / "evil").exists()
+
+
+def test_s3_unreachable_is_storage_unavailable() -> None:
+    store = S3Storage(
+        "nope", endpoint_url="http://127.0.0.1:1", access_key_id="a", secret_access_key="b"
+    )
+    with pytest.raises(StorageUnavailable) as info:
+        store.ping()
+    assert info.value.code == "storage_unavailable"
+
+
+def test_make_storage_follows_settings(tmp_path: Path, s3_endpoint: str) -> None:
+    local = make_storage(Settings(env="test", data_dir=tmp_path))
+    assert isinstance(local, LocalStorage) and local.root == (tmp_path / "store").resolve()
+    s3 = make_storage(
+        Settings(
+            env="test",
+            data_dir=tmp_path,
+            storage_backend="s3",
+            s3_bucket="b1",
+            s3_endpoint_url=s3_endpoint,
+            aws_access_key_id="a",
+            aws_secret_access_key="b",
+        )
+    )
+    assert isinstance(s3, S3Storage) and s3.bucket == "b1"
