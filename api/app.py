@@ -59,6 +59,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     def _security_headers(response: Response) -> Response:
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        if settings.jwt_cookie_secure:  # served behind TLS
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
         return response
 
     return app

@@ -42,6 +42,8 @@ def configure_jwt(app: Flask) -> JWTManager:
     settings = app.extensions["liverscan"].settings
     app.config.update(
         JWT_SECRET_KEY=settings.jwt_secret_key,
+        JWT_ALGORITHM="HS256",
+        JWT_DECODE_ALGORITHMS=["HS256"],  # pinned: no "none", no algorithm confusion
         JWT_TOKEN_LOCATION=["headers", "cookies"],
         JWT_ACCESS_TOKEN_EXPIRES=timedelta(minutes=settings.access_token_minutes),
         JWT_REFRESH_TOKEN_EXPIRES=timedelta(days=settings.refresh_token_days),

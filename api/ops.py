@@ -134,7 +134,7 @@ def _stage_samples(rows: list[Any]) -> dict[str, list[float]]:
             samples.setdefault("end_to_end", []).append((finished - created).total_seconds())
         for name, value in (timings or {}).items():
             if isinstance(value, int | float):
-                samples.setdefault(str(name), []).append(float(value))
+                samples.setdefault(str(name).removesuffix("_s"), []).append(float(value))
     return samples
 
 

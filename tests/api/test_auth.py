@@ -168,3 +168,18 @@ def test_signup_and_login_are_audited(client: FlaskClient, session: Session) -> 
         select(AuditEvent.action).where(AuditEvent.user_id == uuid.UUID(user["id"]))
     ).all()
     assert sorted(actions) == ["login", "signup"]
+
+
+def test_unsigned_token_is_refused(client: FlaskClient) -> None:
+    import base64
+    import json
+
+    user = signup(client)
+
+    def b64(obj: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    forged = f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64({'sub': user['id'], 'type': 'access', 'jti': 'x', 'exp': 4102444800})}."
+    r = client.get("/api/v1/jobs", headers=bearer(forged))
+    assert r.status_code == 401
+    assert r.get_json()["error"]["code"] == "invalid_token"

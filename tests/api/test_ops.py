@@ -110,7 +110,7 @@ def test_metrics_count_jobs_by_status_and_queue_depth(
     jobs.mark_succeeded(
         session, job_id, label="normal", probability=0.1, threshold=0.5,
         model_name="liverscan-b0", model_version="v3", model_sha256="cd" * 32,
-        timings={"validate": 0.05, "predict": 0.2},
+        timings={"validate_s": 0.05, "predict_s": 0.2},
     )  # fmt: skip
     session.commit()
     text = client.get("/metrics").get_data(as_text=True)
