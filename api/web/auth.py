@@ -127,7 +127,8 @@ def session_claims() -> dict[str, Any]:
     return cast(dict[str, Any], g.get("jwt_claims") or {})
 
 
-def _csrf_ok() -> bool:
+def csrf_ok() -> bool:
+    """Whether this post carries the session's CSRF value (form field or header)."""
     expected = str(g.get("jwt_csrf", ""))
     header = current_app.config.get("JWT_ACCESS_CSRF_HEADER_NAME", "X-CSRF-TOKEN")
     sent = request.form.get("csrf_token") or request.headers.get(header, "")
@@ -149,7 +150,7 @@ def login_required(view: F) -> F:
             if problem in ("expired", "revoked"):
                 unset_jwt_cookies(resp)
             return resp
-        if request.method in UNSAFE and not _csrf_ok():
+        if request.method in UNSAFE and not csrf_ok():
             abort(403, description="csrf_failed")
         return view(*args, **kwargs)
 

@@ -101,9 +101,9 @@ def renew_access(session: Session, refresh_token: str) -> tuple[User, str] | Non
     return user, create_access_token(identity=str(user.id), additional_claims=extra, fresh=False)
 
 
-def revoke(session: Session, claims: dict[str, Any], refresh_token: str | None) -> None:
-    """Revoke the session's access token (and its refresh token when the cookie holds one)."""
-    todo = [claims]
+def revoke(session: Session, claims: dict[str, Any] | None, refresh_token: str | None) -> None:
+    """Revoke the session's access token and its refresh token (whichever are given)."""
+    todo = [claims] if claims else []
     if refresh_token:
         try:
             todo.append(decode_token(refresh_token))

@@ -32,7 +32,7 @@ from api.domain.errors import (
 )
 from api.domain.models import TERMINAL_STATUSES, JobStatus
 from api.web import backend, csrf
-from api.web.auth import current_user, login_required, session_claims
+from api.web.auth import csrf_ok, current_user, login_required, session_claims
 from api.web.charts import bar_svg, reliability_svg, roc_svg
 from api.web.model_card import load_card
 from api.web.stats import live_figures
@@ -186,15 +186,16 @@ def login() -> Response:
 
 
 @bp.post("/logout")
-@login_required
 def logout() -> Response:
     """End the session: revoke the tokens and clear the cookies."""
+    user = current_user()
+    if g.get("web_session_problem") == "csrf" or (user is not None and not csrf_ok()):
+        abort(403, description="csrf_failed")
+    # With an expired access token there is no CSRF value to check; revoking the refresh
+    # token and clearing cookies is all a forged logout could do, which is harmless.
+    refresh = request.cookies.get(current_app.config["JWT_REFRESH_COOKIE_NAME"])
     with backend.unit_of_work() as session:
-        backend.revoke(
-            session,
-            session_claims(),
-            request.cookies.get(current_app.config["JWT_REFRESH_COOKIE_NAME"]),
-        )
+        backend.revoke(session, session_claims() if user is not None else None, refresh)
     resp = redirect(url_for("web.home", m="logged_out"))
     unset_jwt_cookies(resp)
     return resp
