@@ -226,6 +226,38 @@ SPEC: dict[str, Any] = {
                 },
             ),
         },
+        "/api/v1/org/users": {
+            "post": _op(
+                "Add a user to the caller's organization (admin)",
+                {
+                    "201": _json(
+                        {
+                            "type": "object",
+                            "properties": {"user": {"$ref": "#/components/schemas/User"}},
+                        }
+                    ),
+                    "401": _ERR,
+                    "403": _ERR,
+                    "409": _ERR,
+                    "422": _ERR,
+                },
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "required": ["email", "password", "name"],
+                        "properties": {
+                            "email": _STR,
+                            "password": {"type": "string", "minLength": 10},
+                            "name": _STR,
+                            "role": {
+                                "enum": ["clinician", "admin", "operator"],
+                                "default": "clinician",
+                            },
+                        },
+                    }
+                ),
+            )
+        },
         "/healthz": {"get": _op("Liveness", {"200": _json({"type": "object"})}, auth=False)},
         "/readyz": {
             "get": _op(

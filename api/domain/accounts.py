@@ -94,6 +94,44 @@ def signup(
     return user
 
 
+def add_member(
+    session: Session,
+    hasher: PasswordHasher,
+    *,
+    org_id: uuid.UUID,
+    email: str,
+    password: str,
+    name: str,
+    role: Role,
+    added_by: uuid.UUID | None,
+) -> User:
+    """Add a user to an existing organization (an admin's invitation; signup always creates an org)."""
+    email = normalise_email(email)
+    check_password_strength(password)
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise InvalidInput("A name (1-200 characters) is required.", details={"field": "name"})
+    if session.scalars(select(User.id).where(User.email == email)).first() is not None:
+        raise EmailTaken(details={"field": "email"})
+    user = User(
+        org_id=org_id, email=email, name=name, password_hash=hasher.hash(password), role=role
+    )
+    session.add(user)
+    try:
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError as exc:
+        raise EmailTaken(details={"field": "email"}) from exc
+    audit.record(
+        session,
+        "org.add_member",
+        org_id=org_id,
+        user_id=added_by,
+        detail={"member": str(user.id), "role": role.value},
+    )
+    return user
+
+
 def authenticate(session: Session, hasher: PasswordHasher, *, email: str, password: str) -> User:
     """The user with these credentials, else InvalidCredentials (same answer for unknown emails)."""
     user = session.scalars(select(User).where(User.email == email.strip().lower())).one_or_none()

@@ -60,3 +60,23 @@ def test_downgrade_base_removes_everything(empty_engine: Engine) -> None:
     assert set(inspect(empty_engine).get_table_names()) <= {"alembic_version"}
     migrate(empty_engine)  # and back up again
     assert set(Base.metadata.tables) <= set(inspect(empty_engine).get_table_names())
+
+
+def test_alembic_command_line_reads_the_liverscan_settings(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVERSCAN_")}
+    env["LIVERSCAN_DATA_DIR"] = str(tmp_path)  # the embedded default: <data_dir>/liverscan.db
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    engine = create_engine(f"sqlite:///{tmp_path}/liverscan.db")
+    assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
+    engine.dispose()

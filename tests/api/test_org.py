@@ -8,9 +8,9 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.domain.models import AuditEvent, Role, User
+from api.domain.models import AuditEvent
 from api.domain.webhooks import sign, verify
-from tests.api.conftest import PASSWORD, bearer, login, signup
+from tests.api.conftest import PASSWORD, bearer, login, signup, submit
 
 
 def test_admin_reads_and_rotates_the_secret(client: FlaskClient, session: Session) -> None:
@@ -35,24 +35,48 @@ def test_admin_reads_and_rotates_the_secret(client: FlaskClient, session: Sessio
     ).one()
 
 
-def test_clinician_cannot_read_or_rotate(client: FlaskClient, session: Session) -> None:
-    admin = signup(client)
-    admin_row = session.get(User, uuid.UUID(admin["id"]))
-    assert admin_row is not None
-    clinician = User(
-        org_id=admin_row.org_id,
-        email=f"nurse-{uuid.uuid4().hex[:6]}@clinic.test",
-        name="Nurse",
-        password_hash=admin_row.password_hash,  # same password, for the test's convenience
-        role=Role.CLINICIAN,
+def test_admin_adds_a_clinician_who_sees_the_org_jobs_but_not_the_secret(
+    client: FlaskClient, session: Session
+) -> None:
+    admin = bearer(login(client, signup(client)["email"])["access_token"])
+    r = client.post(
+        "/api/v1/org/users",
+        headers=admin,
+        json={"email": "Nurse@Clinic.test", "password": PASSWORD, "name": "Nurse"},
     )
-    session.add(clinician)
-    session.commit()
-    headers = bearer(login(client, clinician.email, PASSWORD)["access_token"])
+    assert r.status_code == 201
+    member = r.get_json()["user"]
+    assert member["role"] == "clinician" and member["email"] == "nurse@clinic.test"
+    nurse = bearer(login(client, "nurse@clinic.test")["access_token"])
+    job_id = submit(client, admin).get_json()["id"]
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=nurse).status_code == 200
     for method in (client.get, client.post):
-        r = method("/api/v1/org/webhook-secret", headers=headers)
+        r = method("/api/v1/org/webhook-secret", headers=nurse)
         assert r.status_code == 403
         assert r.get_json()["error"]["code"] == "forbidden"
+    r = client.post(
+        "/api/v1/org/users",
+        headers=nurse,
+        json={"email": "x@clinic.test", "password": PASSWORD, "name": "X"},
+    )
+    assert r.status_code == 403
+    assert session.scalars(select(AuditEvent).where(AuditEvent.action == "org.add_member")).one()
+
+
+def test_add_member_bad_input(client: FlaskClient) -> None:
+    admin = bearer(login(client, signup(client, "boss@clinic.test")["email"])["access_token"])
+    cases = [
+        ({"email": "boss@clinic.test", "password": PASSWORD, "name": "B"}, 409, "email_taken"),
+        ({"email": "n@clinic.test", "password": "short", "name": "N"}, 422, "weak_password"),
+        (
+            {"email": "n@clinic.test", "password": PASSWORD, "name": "N", "role": "root"},
+            422,
+            "invalid_input",
+        ),
+    ]
+    for body, status, code in cases:
+        r = client.post("/api/v1/org/users", headers=admin, json=body)
+        assert (r.status_code, r.get_json()["error"]["code"]) == (status, code)
 
 
 def test_organizations_have_distinct_secrets(client: FlaskClient) -> None:
