@@ -1,0 +1,319 @@
+"""DICOM de-identification after the PS3.15 Annex E basic application level confidentiality profile.
+
+What happens to a dataset (recursively, sequences included):
+- every attribute of the basic profile table that identifies a person, a place or a visit is
+  removed, or emptied where the attribute is type 2 (patient name and id, accession number,
+  referring physician, study date and time, birth date, sex);
+- every person name (VR PN) and every date, time and datetime (VR DA, TM, DT) is removed;
+- every UID that is not a standard DICOM class or transfer syntax UID is replaced by a
+  deterministic hash-based ``2.25.<int>`` UID, so the same study or series UID always maps to
+  the same new UID and references between instances stay consistent;
+- private tags, overlays (60xx), curves (50xx) and the file meta's source AE title are removed;
+- ``PatientIdentityRemoved`` is set to YES and ``DeidentificationMethod`` says how.
+``BurnedInAnnotation`` is kept: the validator rejects YES (pixels may show PHI) because overlays
+derived from such pixels would carry it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pydicom
+
+DEFAULT_UID_SALT = "liverscan-deid-v1"
+METHOD = "DICOM PS3.15 basic profile (liverscan ml_core.deid v1): removed, emptied, UIDs hashed"
+
+#: Type 2 attributes that stay present but empty (action Z of the basic profile).
+EMPTIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+    "StudyDate",
+    "StudyTime",
+)
+
+#: Attributes removed (actions X, and D/Z where this service needs no dummy value).
+REMOVED = (
+    "AcquisitionDeviceProcessingDescription",
+    "AcquisitionComments",
+    "AdditionalPatientHistory",
+    "AdmissionID",
+    "AdmittingDiagnosesDescription",
+    "Allergies",
+    "AuthorObserverSequence",
+    "BranchOfService",
+    "CassetteID",
+    "ConsultingPhysicianName",
+    "ContentCreatorName",
+    "CountryOfResidence",
+    "CurrentPatientLocation",
+    "CustodialOrganizationSequence",
+    "DataSetTrailingPadding",
+    "DerivationDescription",
+    "DetectorID",
+    "DeviceSerialNumber",
+    "DigitalSignaturesSequence",
+    "DischargeDiagnosisDescription",
+    "DistributionAddress",
+    "DistributionName",
+    "EthnicGroup",
+    "FrameComments",
+    "GantryID",
+    "GeneratorID",
+    "HumanPerformerName",
+    "HumanPerformerOrganization",
+    "IconImageSequence",
+    "IdentifyingComments",
+    "ImageComments",
+    "ImagePresentationComments",
+    "ImagingServiceRequestComments",
+    "Impressions",
+    "InstitutionAddress",
+    "InstitutionCodeSequence",
+    "InstitutionName",
+    "InstitutionalDepartmentName",
+    "InsurancePlanIdentification",
+    "IntendedRecipientsOfResultsIdentificationSequence",
+    "InterpretationApproverSequence",
+    "InterpretationAuthor",
+    "InterpretationDiagnosisDescription",
+    "InterpretationIDIssuer",
+    "InterpretationRecorder",
+    "InterpretationText",
+    "InterpretationTranscriber",
+    "IssuerOfAdmissionID",
+    "IssuerOfPatientID",
+    "MedicalAlerts",
+    "MedicalRecordLocator",
+    "MilitaryRank",
+    "ModifiedAttributesSequence",
+    "ModifiedImageDescription",
+    "ModifyingDeviceID",
+    "NameOfPhysiciansReadingStudy",
+    "NamesOfIntendedRecipientsOfResults",
+    "Occupation",
+    "OperatorsName",
+    "OperatorIdentificationSequence",
+    "OriginalAttributesSequence",
+    "OrderCallbackPhoneNumber",
+    "OrderEnteredBy",
+    "OrderEntererLocation",
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "ParticipantSequence",
+    "PatientAddress",
+    "PatientAge",
+    "PatientBirthName",
+    "PatientBirthTime",
+    "PatientComments",
+    "PatientInsurancePlanCodeSequence",
+    "PatientMotherBirthName",
+    "PatientPrimaryLanguageCodeSequence",
+    "PatientReligiousPreference",
+    "PatientSexNeutered",
+    "PatientSize",
+    "PatientState",
+    "PatientTelephoneNumbers",
+    "PatientTransportArrangements",
+    "PatientWeight",
+    "PerformedLocation",
+    "PerformedProcedureStepDescription",
+    "PerformedProcedureStepID",
+    "PerformedStationAETitle",
+    "PerformedStationName",
+    "PerformingPhysicianIdentificationSequence",
+    "PerformingPhysicianName",
+    "PersonAddress",
+    "PersonName",
+    "PersonTelephoneNumbers",
+    "PhysicianApprovingInterpretation",
+    "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence",
+    "PhysiciansReadingStudyIdentificationSequence",
+    "PlateID",
+    "PreMedication",
+    "PregnancyStatus",
+    "ProtocolName",
+    "ReasonForTheImagingServiceRequest",
+    "ReasonForStudy",
+    "ReferencedPatientAliasSequence",
+    "ReferencedPatientSequence",
+    "ReferringPhysicianAddress",
+    "ReferringPhysicianIdentificationSequence",
+    "ReferringPhysicianTelephoneNumbers",
+    "RegionOfResidence",
+    "RequestAttributesSequence",
+    "RequestedContrastAgent",
+    "RequestedProcedureComments",
+    "RequestedProcedureDescription",
+    "RequestedProcedureID",
+    "RequestedProcedureLocation",
+    "RequestingPhysician",
+    "RequestingService",
+    "ResponsibleOrganization",
+    "ResponsiblePerson",
+    "ResultsComments",
+    "ResultsDistributionListSequence",
+    "ResultsIDIssuer",
+    "ReviewerName",
+    "ScheduledHumanPerformersSequence",
+    "ScheduledPatientInstitutionResidence",
+    "ScheduledPerformingPhysicianIdentificationSequence",
+    "ScheduledPerformingPhysicianName",
+    "ScheduledProcedureStepLocation",
+    "ScheduledStationAETitle",
+    "ScheduledStationName",
+    "SeriesDescription",
+    "ServiceEpisodeDescription",
+    "ServiceEpisodeID",
+    "SmokingStatus",
+    "SpecialNeeds",
+    "StationName",
+    "StudyComments",
+    "StudyDescription",
+    "StudyIDIssuer",
+    "TextComments",
+    "TextString",
+    "TimezoneOffsetFromUTC",
+    "TopicAuthor",
+    "TopicKeywords",
+    "TopicSubject",
+    "TopicTitle",
+    "VerifyingObserverIdentificationCodeSequence",
+    "VerifyingObserverName",
+    "VerifyingObserverSequence",
+    "VerifyingOrganization",
+    "VisitComments",
+)
+
+_SAFE_CS = re.compile(r"^[A-Z0-9_ ]{1,16}$")
+
+
+def remap_uid(uid: str, *, salt: str = DEFAULT_UID_SALT) -> str:
+    """Return a deterministic ``2.25.<int>`` UID for ``uid`` (same input → same output)."""
+    digest = hashlib.sha256(f"{salt}\x00{uid.strip()}".encode()).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+
+def _is_standard_uid(value: str) -> bool:
+    from pydicom.uid import UID_dictionary
+
+    return value.strip() in UID_dictionary
+
+
+def _remap_value(value: Any, salt: str) -> Any:
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [_remap_value(v, salt) for v in value]
+    text = str(value)
+    if not text or _is_standard_uid(text):
+        return value
+    return remap_uid(text, salt=salt)
+
+
+def deidentify(ds: pydicom.Dataset, *, uid_salt: str = DEFAULT_UID_SALT) -> pydicom.Dataset:
+    """Return a de-identified copy of ``ds`` (PS3.15 basic profile); the input is left unchanged."""
+    from pydicom.datadict import tag_for_keyword
+
+    out = copy.deepcopy(ds)
+    out.remove_private_tags()
+    removed = {tag_for_keyword(k) for k in REMOVED} - {None}
+    emptied = {tag_for_keyword(k) for k in EMPTIED} - {None}
+
+    def scrub(dataset: pydicom.Dataset, elem: Any) -> None:
+        tag = elem.tag
+        if tag in emptied and dataset is out:
+            return
+        if (
+            tag in removed
+            or tag in emptied
+            or elem.VR in ("PN", "DA", "TM", "DT")
+            or tag.group & 0xFF00 in (0x5000, 0x6000)
+        ):
+            del dataset[tag]
+        elif elem.VR == "UI" and elem.value:
+            elem.value = _remap_value(elem.value, uid_salt)
+
+    out.walk(scrub)
+    for keyword in EMPTIED:
+        setattr(out, keyword, "")
+    out.PatientIdentityRemoved = "YES"
+    out.DeidentificationMethod = METHOD
+    meta = getattr(out, "file_meta", None)
+    if meta is not None:
+        if "MediaStorageSOPInstanceUID" in meta:
+            meta.MediaStorageSOPInstanceUID = _remap_value(
+                meta.MediaStorageSOPInstanceUID, uid_salt
+            )
+        if "SourceApplicationEntityTitle" in meta:
+            del meta.SourceApplicationEntityTitle
+    return out
+
+
+def _get(ds: pydicom.Dataset, keyword: str) -> Any:
+    """Return an attribute value, or None when absent or not parseable (corrupt headers)."""
+    try:
+        return ds.get(keyword)
+    except Exception:
+        return None
+
+
+def _safe_cs(value: Any) -> str | None:
+    """Return a code string value only when it is a plain short code (never free text)."""
+    text = str(value or "").strip().upper()
+    return text if _SAFE_CS.match(text) else None
+
+
+def header_summary(ds: pydicom.Dataset, *, uid_salt: str = DEFAULT_UID_SALT) -> dict[str, Any]:
+    """Return the few de-identified header fields the service keeps (no PHI; UIDs remapped)."""
+    meta = getattr(ds, "file_meta", None)
+    ts = _get(meta, "TransferSyntaxUID") if meta is not None else None
+
+    def uid(keyword: str) -> str | None:
+        value = _get(ds, keyword)
+        return _remap_value(str(value), uid_salt) if value else None
+
+    def number(keyword: str) -> int | None:
+        try:
+            value = _get(ds, keyword)
+            return int(value) if value is not None and value != "" else None
+        except Exception:
+            return None
+
+    spacing = None
+    try:
+        sp = _get(ds, "PixelSpacing")
+        if sp is not None and len(sp) == 2:
+            spacing = [float(sp[0]), float(sp[1])]
+    except Exception:
+        spacing = None
+    image_type = _get(ds, "ImageType")
+    sop_class = str(_get(ds, "SOPClassUID") or "")
+    values = (
+        list(image_type)
+        if image_type is not None and not isinstance(image_type, str)
+        else ([image_type] if image_type else [])
+    )
+    return {
+        "modality": _safe_cs(_get(ds, "Modality")),
+        "body_part": _safe_cs(_get(ds, "BodyPartExamined")),
+        "image_type": [v for v in (_safe_cs(x) for x in values) if v],
+        "photometric_interpretation": _safe_cs(_get(ds, "PhotometricInterpretation")),
+        "rows": number("Rows"),
+        "columns": number("Columns"),
+        "frames": number("NumberOfFrames") or 1,
+        "pixel_spacing_mm": spacing,
+        "transfer_syntax": str(ts) if ts and _is_standard_uid(str(ts)) else None,
+        "sop_class_uid": sop_class if sop_class and _is_standard_uid(sop_class) else None,
+        "study_uid": uid("StudyInstanceUID"),
+        "series_uid": uid("SeriesInstanceUID"),
+        "burned_in_annotation": _safe_cs(_get(ds, "BurnedInAnnotation")),
+    }

@@ -1,0 +1,76 @@
+"""Render heatmaps and overlays as PNG bytes (pure functions, no state, legend-free)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ml_core.errors import MLCoreError
+
+
+class RenderError(MLCoreError):
+    """An image could not be encoded (wrong shape or an encoder failure)."""
+
+    code = "render_error"
+
+
+def _as_slice(slice_u8: np.ndarray) -> np.ndarray:
+    s = np.asarray(slice_u8)
+    if s.ndim != 2 or s.size == 0:
+        raise RenderError(f"expected a (H, W) slice, got shape {s.shape}")
+    return s if s.dtype == np.uint8 else np.clip(np.nan_to_num(s), 0, 255).astype(np.uint8)
+
+
+def _as_heatmap(heatmap: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+    import cv2
+
+    h: np.ndarray = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    if h.ndim != 2 or h.size == 0:
+        raise RenderError(f"expected a (H, W) heatmap, got shape {h.shape}")
+    h = np.clip(h, 0.0, 1.0)
+    if shape is not None and h.shape != shape:
+        h = cv2.resize(h, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    return h
+
+
+def _colorize(heatmap: np.ndarray) -> np.ndarray:
+    """Return a BGR uint8 (H, W, 3) turbo colour map of a [0, 1] heatmap."""
+    import cv2
+
+    return cv2.applyColorMap(np.rint(heatmap * 255.0).astype(np.uint8), cv2.COLORMAP_TURBO)
+
+
+def _png(image: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise RenderError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def encode_png(slice_u8: np.ndarray) -> bytes:
+    """Encode a uint8 (H, W) grey slice as PNG bytes."""
+    return _png(_as_slice(slice_u8))
+
+
+def heatmap_png(heatmap: np.ndarray) -> bytes:
+    """Colour-map a float (H, W) heatmap in [0, 1] (NaN → 0) as RGB PNG bytes."""
+    return _png(_colorize(_as_heatmap(heatmap)))
+
+
+def overlay_png(slice_u8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> bytes:
+    """Blend the colour-mapped heatmap over the grey slice (uint8 (H, W)) as RGB PNG bytes.
+
+    The heatmap is resized to the slice when shapes differ; ``alpha`` in [0, 1] is the
+    heatmap's weight, scaled per pixel by the heatmap so cold regions show the plain slice.
+    """
+    import cv2
+
+    s = _as_slice(slice_u8)
+    h = _as_heatmap(heatmap, s.shape)
+    a = float(np.clip(alpha, 0.0, 1.0))
+    grey = cv2.cvtColor(s, cv2.COLOR_GRAY2BGR).astype(np.float32)
+    colour = _colorize(h).astype(np.float32)
+    weight = (a * h)[..., None]
+    blended = grey * (1.0 - weight) + colour * weight
+    return _png(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
