@@ -15,7 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from flask import Response, abort, after_this_request, current_app, g, redirect, request, url_for
+from flask import (
+    Response,
+    abort,
+    after_this_request,
+    current_app,
+    g,
+    make_response,
+    redirect,
+    request,
+    url_for,
+)
 from flask_jwt_extended import (
     decode_token,
     get_jwt,
@@ -146,7 +156,9 @@ def login_required(view: F) -> F:
             abort(403, description="csrf_failed")
         if user is None:
             nxt = request.full_path.rstrip("?") if request.method == "GET" else None
-            resp = redirect(url_for("web.login", m=problem or "login_required", next=nxt))
+            resp = make_response(
+                redirect(url_for("web.login", m=problem or "login_required", next=nxt))
+            )
             if problem in ("expired", "revoked"):
                 unset_jwt_cookies(resp)
             return resp

@@ -76,6 +76,11 @@ def page(template: str, status: int = 200, **context: Any) -> Response:
     return make_response(render_template(template, **context), status)
 
 
+def _redirect(location: str) -> Response:
+    """A 302 as a Flask response (so cookies can be set on it)."""
+    return make_response(redirect(location))
+
+
 def _safe_next(target: str | None) -> str:
     """Only same-site relative paths are followed after login (no open redirect)."""
     if not target:
@@ -134,7 +139,7 @@ def signup() -> Response:
                 ] = exc.message
             else:
                 log.info("web signup for a new user")
-                return redirect(url_for("web.login", m="welcome", email=form["email"]))
+                return _redirect(url_for("web.login", m="welcome", email=form["email"]))
         status = 409 if "already exists" in errors.get("email", "") else 422
     return page(
         "web/signup.html",
@@ -168,7 +173,7 @@ def login() -> Response:
             except InvalidCredentials:
                 errors["password"] = "Email or password is wrong."
             else:
-                resp = redirect(_safe_next(next_url))
+                resp = _redirect(_safe_next(next_url))
                 set_access_cookies(resp, access)
                 set_refresh_cookies(resp, refresh)
                 return resp
@@ -196,7 +201,7 @@ def logout() -> Response:
     refresh = request.cookies.get(current_app.config["JWT_REFRESH_COOKIE_NAME"])
     with backend.unit_of_work() as session:
         backend.revoke(session, session_claims() if user is not None else None, refresh)
-    resp = redirect(url_for("web.home", m="logged_out"))
+    resp = _redirect(url_for("web.home", m="logged_out"))
     unset_jwt_cookies(resp)
     return resp
 
@@ -267,13 +272,13 @@ def jobs() -> Response:
     except LiverscanError as exc:
         if exc.code != "bad_request":
             raise
-        return redirect(url_for("web.jobs", status=raw_status))
+        return _redirect(url_for("web.jobs", status=raw_status))
     return page(
         "web/jobs.html",
         items=items,
         next_cursor=next_cursor,
         cursor=cursor,
-        status=raw_status,
+        status_filter=raw_status,
         statuses=[s.value for s in JobStatus],
         active="jobs",
     )

@@ -15,86 +15,28 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
-from flask import Flask
 from PIL import Image
+from playwright.sync_api import Browser, Page
 from werkzeug.serving import make_server
 
 from api.domain.settings import Settings
+from tests.web.live import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    DATA,
+    MAX_UPLOAD_MB,
+    ROOT,
+    LiveServer,
+    shipped_model_present,
+)
 
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
-ARTIFACTS = ROOT / "test-artifacts" / "web"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-PASSWORD = "liver-scan-2024"
-MAX_UPLOAD_MB = 2
-
-
-@dataclass
-class LiveServer:
-    """The app under test, reachable at `url`, and what a worker needs to join it."""
-
-    url: str
-    settings: Settings
-    env: dict[str, str]
-    data_dir: Path
-    app: Flask
-
-    def api_login(self, email: str, password: str = PASSWORD) -> str:
-        """An access token through the JSON API."""
-        r = requests.post(
-            f"{self.url}/api/v1/auth/login", json={"email": email, "password": password}, timeout=30
-        )
-        r.raise_for_status()
-        return str(r.json()["access_token"])
-
-    def api_signup(self, email: str, organization: str, password: str = PASSWORD) -> None:
-        """Create an account through the JSON API (faster than the form where the form is not under test)."""
-        r = requests.post(
-            f"{self.url}/api/v1/auth/signup",
-            json={
-                "email": email,
-                "password": password,
-                "name": "Dr Test",
-                "organization": organization,
-            },
-            timeout=30,
-        )
-        assert r.status_code == 201, r.text
-
-    def api_submit(self, token: str, path: Path) -> str:
-        """Submit one file as a job through the JSON API; returns its id."""
-        with path.open("rb") as fh:
-            r = requests.post(
-                f"{self.url}/api/v1/jobs",
-                headers={"Authorization": f"Bearer {token}"},
-                files={"file": (path.name, fh)},
-                timeout=60,
-            )
-        assert r.status_code == 202, r.text
-        return str(r.json()["id"])
-
-
-def unique_email(tag: str) -> str:
-    """A fresh address so tests sharing one database never collide."""
-    return f"{tag}-{uuid.uuid4().hex[:8]}@clinic.test"
 
 
 @pytest.fixture(scope="session")
@@ -146,14 +88,6 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         thread.join(timeout=10)
 
 
-def shipped_model_present() -> bool:
-    """Whether ml_core/models/CURRENT names a model folder with a model card."""
-    current = ROOT / "ml_core" / "models" / "CURRENT"
-    if not current.is_file():
-        return False
-    return (current.parent / current.read_text().strip() / "model_card.json").is_file()
-
-
 @pytest.fixture(scope="session")
 def worker(live_server: LiveServer) -> Iterator[subprocess.Popen[bytes]]:
     """A real Celery worker process consuming the same broker, database and store."""
@@ -191,7 +125,7 @@ def worker(live_server: LiveServer) -> Iterator[subprocess.Popen[bytes]]:
 
 
 @pytest.fixture(scope="session")
-def browser() -> Iterator[object]:
+def browser() -> Iterator[Browser]:
     """Debian's Chromium driven by Playwright (never a downloaded browser)."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
@@ -204,9 +138,9 @@ def browser() -> Iterator[object]:
 
 
 @pytest.fixture
-def page(browser: object, live_server: LiveServer) -> Iterator[object]:
+def page(browser: Browser, live_server: LiveServer) -> Iterator[Page]:
     """A fresh browser context (no cookies) with its base URL on the live server."""
-    context = browser.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
+    context = browser.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 900})
     context.set_default_timeout(20_000)
     pg = context.new_page()
     errors: list[str] = []
@@ -214,30 +148,6 @@ def page(browser: object, live_server: LiveServer) -> Iterator[object]:
     yield pg
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
-
-
-def shot(pg: object, name: str) -> None:
-    """Save a full-page screenshot under test-artifacts/web/ (not committed)."""
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    pg.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)  # type: ignore[attr-defined]
-
-
-def sign_up_in_browser(pg: object, email: str, organization: str, password: str = PASSWORD) -> None:
-    """Fill and send the sign-up form."""
-    pg.goto("/signup")  # type: ignore[attr-defined]
-    pg.get_by_label("Your name").fill("Dr Test")  # type: ignore[attr-defined]
-    pg.get_by_label("Email").fill(email)  # type: ignore[attr-defined]
-    pg.get_by_label("Organization (clinic or programme)").fill(organization)  # type: ignore[attr-defined]
-    pg.get_by_label("Password").fill(password)  # type: ignore[attr-defined]
-    pg.get_by_role("button", name="Sign up").click()  # type: ignore[attr-defined]
-
-
-def log_in_in_browser(pg: object, email: str, password: str = PASSWORD) -> None:
-    """Fill and send the login form."""
-    pg.goto("/login")  # type: ignore[attr-defined]
-    pg.get_by_label("Email").fill(email)  # type: ignore[attr-defined]
-    pg.get_by_label("Password").fill(password)  # type: ignore[attr-defined]
-    pg.get_by_role("button", name="Log in").click()  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 from flask_jwt_extended import create_access_token, decode_token
 from playwright.sync_api import Page, expect
 
-from tests.web.conftest import (
+from tests.web.live import (
     MAX_UPLOAD_MB,
     PASSWORD,
     LiveServer,

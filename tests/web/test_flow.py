@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.web.conftest import LiveServer, log_in_in_browser, shot, sign_up_in_browser, unique_email
+from tests.web.live import LiveServer, log_in_in_browser, shot, sign_up_in_browser, unique_email
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
 
@@ -105,10 +105,10 @@ def test_sign_up_upload_read_results_and_log_out(
     expect(page.get_by_role("status")).to_have_text("You have been logged out.")
     page.goto("/jobs")
     expect(page).to_have_url(re.compile(r"/login\?"))
-    page.context.add_cookies(stolen)
+    page.context.add_cookies(stolen)  # type: ignore[arg-type]
     page.goto("/jobs")
     expect(page).to_have_url(re.compile(r"/login\?m=revoked"))
-    page.context.add_cookies(stolen)
+    page.context.add_cookies(stolen)  # type: ignore[arg-type]
     api = page.request.get(liver_url.replace("/jobs/", "/api/v1/jobs/"))
     assert api.status == 401
     assert api.json()["error"]["code"] == "token_revoked"

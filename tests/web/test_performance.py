@@ -15,7 +15,7 @@ from api.app import create_app
 from api.domain.db import make_engine, make_session_factory
 from api.domain.models import Job, JobStatus, Organization, utcnow
 from api.domain.settings import Settings
-from tests.web.conftest import PASSWORD, LiveServer, unique_email
+from tests.web.live import PASSWORD, LiveServer, unique_email
 
 CARD = {
     "name": "liverscan-b0",

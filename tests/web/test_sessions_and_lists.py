@@ -11,7 +11,7 @@ from playwright.sync_api import Page, expect
 
 from api.domain.db import make_engine, make_session_factory
 from api.domain.models import Job, JobStatus, User, utcnow
-from tests.web.conftest import LiveServer, log_in_in_browser, shot, unique_email
+from tests.web.live import LiveServer, log_in_in_browser, shot, unique_email
 
 pytestmark = pytest.mark.browser
 
@@ -53,7 +53,7 @@ def test_after_logout_a_copied_refresh_cookie_renews_nothing(
     stolen = page.context.cookies()
     page.get_by_role("button", name="Log out").click()
     expect(page.get_by_role("status")).to_have_text("You have been logged out.")
-    page.context.add_cookies(stolen)
+    page.context.add_cookies(stolen)  # type: ignore[arg-type]
     _expire_access_cookie(page, live_server)  # force the renewal path
     page.goto("/jobs")
     expect(page).to_have_url(f"{live_server.url}/login?m=expired&next=/jobs")
@@ -99,3 +99,7 @@ def test_jobs_are_listed_newest_first_in_pages_and_filtered(
     expect(rows).to_have_count(3)
     expect(rows.first).to_contain_text("slice_20.png")
     expect(rows.first).to_contain_text("does not look like an axial abdominal CT or MR slice")
+    assert page.request.get("/jobs?status=rejected").status == 200
+    # An unknown status or a damaged cursor falls back to the plain list, not an error.
+    assert page.request.get("/jobs?status=bogus").status == 200
+    assert page.request.get("/jobs?cursor=%%%", max_redirects=0).status == 302
