@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from api.domain.settings import get_settings
+from api.domain.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from ml_core.classifier import Classifier
@@ -18,9 +18,9 @@ _lock = threading.Lock()
 _classifier: Classifier | None = None
 
 
-def model_path() -> Path:
-    """The artifact folder this process serves: the configured path or ml_core's shipped model."""
-    configured = get_settings().model_path
+def model_path(settings: Settings) -> Path:
+    """The artifact folder to serve: LIVERSCAN_MODEL_PATH or ml_core's shipped model."""
+    configured = settings.model_path
     if configured is not None:
         return configured
     from ml_core.classifier import default_model_path
@@ -28,7 +28,7 @@ def model_path() -> Path:
     return default_model_path()
 
 
-def get_classifier() -> Classifier:
+def get_classifier(settings: Settings | None = None) -> Classifier:
     """Return this process's classifier, loading it on first use (raises ml_core ModelLoadError)."""
     global _classifier
     if _classifier is None:
@@ -36,7 +36,7 @@ def get_classifier() -> Classifier:
             if _classifier is None:
                 from ml_core.classifier import Classifier
 
-                path = model_path()
+                path = model_path(settings or get_settings())
                 log.info("loading model from %s", path)
                 _classifier = Classifier.load(path)
                 log.info("model %s loaded", _classifier.info)
@@ -51,8 +51,8 @@ def preload() -> None:
         log.exception("model preload failed")
 
 
-def reset() -> None:
-    """Forget the loaded model (tests and hot reload)."""
+def set_classifier(classifier: Classifier | None) -> None:
+    """Serve this classifier from now on (tests; None forgets it so the next job loads again)."""
     global _classifier
     with _lock:
-        _classifier = None
+        _classifier = classifier

@@ -92,7 +92,7 @@ def _process(ctx: WorkerContext, jid: uuid.UUID, org_id: uuid.UUID, input_key: s
     data = ctx.storage.get(input_key)
     timings["load_s"] = time.perf_counter() - start
 
-    classifier = model_cache.get_classifier()
+    classifier = model_cache.get_classifier(ctx.settings)
     start = time.perf_counter()
     report = validate(data, gate=classifier.gate())
     timings["validate_s"] = time.perf_counter() - start

@@ -234,7 +234,7 @@ def deliver(row_id: str | uuid.UUID, *, context: WorkerContext | None = None) ->
         "webhook %s attempt %d for job %s: %s (%s)",
         delivery_id,
         attempt,
-        payload["job"]["id"],
+        job.id,
         status,
         status_code or error,
     )

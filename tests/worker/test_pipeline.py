@@ -1,0 +1,148 @@
+"""The job pipeline on a real (tiny, untrained) ml_core classifier: outcomes a clinic would see.
+
+The shipped model and its learned content gate are exercised by tests/e2e; here the classifier is
+`Classifier.build_untrained` (real forward pass and CAM, random weights) without a gate, so the
+content layer is reported as not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from conftest import load_job, make_job, queued_tasks
+
+from api.domain.models import JobStatus
+from ml_core.classifier import Classifier
+from worker import model_cache, pipeline
+from worker.context import WorkerContext
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class UngatedClassifier(Classifier):
+    """The untrained classifier has no artifact folder, hence no learned gate."""
+
+    def gate(self) -> None:  # type: ignore[override]
+        """No content gate: validation reports the content layer as not run."""
+        return None
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Iterator[Classifier]:
+    """One tiny classifier for the module, served by the worker's model cache."""
+    untrained = Classifier.build_untrained(input_size=32)
+    tiny = UngatedClassifier(untrained._network, untrained._spec, untrained.info, None, None)
+    model_cache.set_classifier(tiny)
+    yield tiny
+    model_cache.set_classifier(None)
+
+
+@pytest.fixture(scope="module")
+def slice_png() -> bytes:
+    """A 512x512 liver CT slice, windowed W400/L50, as PNG."""
+    from pathlib import Path
+
+    from ml_core.overlay import encode_png
+    from ml_core.preprocessing import window
+
+    data = Path(__file__).resolve().parents[3] / "shared" / "data" / "ircadb" / "3Dircadb1.7.npz"
+    volume = np.load(data)
+    z = int(volume["liver"].sum(axis=(1, 2)).argmax())
+    return encode_png(window(volume["ct_hu"][z].astype(np.float32)))
+
+
+def test_slice_is_classified_with_heatmap_and_overlay(
+    ctx: WorkerContext, broker, classifier: Classifier, slice_png: bytes
+) -> None:
+    """succeeded: label/probability from the model, its identity, two PNGs in the store, one event."""
+    job_id = make_job(ctx, slice_png, callback_url="http://127.0.0.1:9/hook")
+    assert pipeline.run(job_id, context=ctx) is JobStatus.SUCCEEDED
+
+    job = load_job(ctx, job_id)
+    (expected,) = classifier.predict([np.asarray(_decode(slice_png))])
+    assert job.label == expected.label and job.probability == pytest.approx(expected.probability)
+    assert (job.model_name, job.model_version, job.model_sha256) == (
+        classifier.info.name,
+        classifier.info.version,
+        classifier.info.sha256,
+    )
+    assert (job.input_format, job.input_width, job.input_height) == ("png", 512, 512)
+    assert job.validation is not None and job.validation["passed"] is True
+    for key in (job.heatmap_key, job.overlay_key):
+        assert key is not None and ctx.storage.get(key).startswith(PNG_MAGIC)
+    assert [t for t, _ in queued_tasks(broker, "webhooks")] == ["liverscan.deliver_webhook"]
+
+
+def test_running_twice_gives_one_result_and_one_event(
+    ctx: WorkerContext, broker, classifier: Classifier, slice_png: bytes
+) -> None:
+    """A redelivered message after success changes nothing and schedules no second webhook."""
+    job_id = make_job(ctx, slice_png, callback_url="http://127.0.0.1:9/hook")
+    pipeline.run(job_id, context=ctx)
+    first = load_job(ctx, job_id)
+    assert pipeline.run(job_id, context=ctx) is JobStatus.SUCCEEDED
+    second = load_job(ctx, job_id)
+    assert (second.finished_at, second.probability, second.attempts) == (
+        first.finished_at,
+        first.probability,
+        first.attempts,
+    )
+    assert len(queued_tasks(broker, "webhooks")) == 1
+
+
+def test_truncated_png_is_rejected_and_never_classified(
+    ctx: WorkerContext, classifier: Classifier, slice_png: bytes
+) -> None:
+    """Bad bytes end `rejected` with the validator's reason code; no result, the upload is kept."""
+    broken = slice_png[: len(slice_png) // 3]
+    job_id = make_job(ctx, broken)
+    assert pipeline.run(job_id, context=ctx) is JobStatus.REJECTED
+
+    job = load_job(ctx, job_id)
+    assert job.reason_code == "undecodable"
+    assert job.validation is not None and job.validation["reason_code"] == "undecodable"
+    checks = job.validation["checks"]
+    assert checks[0]["name"] == "file_size" and checks[0]["passed"] is True
+    assert checks[-1]["passed"] is False  # the first failing check ends validation
+    assert job.label is None and job.probability is None and job.overlay_key is None
+    assert ctx.storage.get(job.input_key) == broken
+
+
+def test_photo_is_rejected_before_the_model(ctx: WorkerContext, classifier: Classifier) -> None:
+    """A colour photograph fails the signal layer (grayscale) even without the content gate."""
+    from pathlib import Path
+
+    photo = (
+        Path(__file__).resolve().parents[3]
+        / "shared"
+        / "data"
+        / "negatives"
+        / "skimage"
+        / "astronaut.png"
+    ).read_bytes()
+    job_id = make_job(ctx, photo)
+    assert pipeline.run(job_id, context=ctx) is JobStatus.REJECTED
+    job = load_job(ctx, job_id)
+    assert job.reason_code is not None and job.label is None
+
+
+def test_missing_model_fails_the_job_with_its_code(ctx: WorkerContext, slice_png: bytes) -> None:
+    """No loadable artifact: the job fails with model_load_error, not a stack trace."""
+    model_cache.set_classifier(None)
+    ctx.settings.model_path = ctx.settings.data_dir / "no-such-model"
+    try:
+        job_id = make_job(ctx, slice_png)
+        assert pipeline.run(job_id, context=ctx) is JobStatus.FAILED
+        job = load_job(ctx, job_id)
+        assert job.error_code == "model_load_error"
+    finally:
+        model_cache.set_classifier(None)
+
+
+def _decode(png: bytes) -> np.ndarray:
+    from ml_core.decoding import decode
+    from ml_core.preprocessing import to_slice_u8
+
+    return to_slice_u8(decode(png))
