@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from flask import Blueprint, Response, jsonify, redirect, request
+from flask.typing import ResponseReturnValue
 from flask_jwt_extended import jwt_required
 
 from api.auth import current_user
@@ -119,7 +120,7 @@ def get_job(job_id: str) -> tuple[Response, int]:
 
 @bp.get("/<job_id>/artifacts/<name>")
 @jwt_required()
-def artifact(job_id: str, name: str) -> Response:
+def artifact(job_id: str, name: str) -> ResponseReturnValue:
     """An artifact's bytes (local store) or a redirect to a presigned URL (S3)."""
     user = current_user()
     job = jobs.get_or_raise(db(), parse_job_id(job_id), org_id=user.org_id)

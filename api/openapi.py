@@ -10,7 +10,7 @@ from flask import Blueprint, Response, jsonify
 bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
 
 _ERR = {"$ref": "#/components/responses/Error"}
-_AUTH = [{"bearer": []}, {"cookie": []}]
+_AUTH: list[dict[str, list[str]]] = [{"bearer": []}, {"cookie": []}]
 
 
 def _op(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from statistics import quantiles
 from typing import Any
 
@@ -127,7 +127,7 @@ class LiverscanCollector(Collector):
         yield from (jobs, depth, stage, model, up)
 
 
-def _stage_samples(rows: list[Any]) -> dict[str, list[float]]:
+def _stage_samples(rows: Sequence[Any]) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {}
     for timings, created, finished in rows:
         if created and finished:

@@ -72,7 +72,11 @@ def celery_message(
         "stamped_headers": None,
         "stamps": {},
     }
-    body = (list(args), {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+    body: tuple[list[Any], dict[str, Any], dict[str, Any]] = (
+        list(args),
+        {},
+        {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+    )
     return body, headers
 
 
