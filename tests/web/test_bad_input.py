@@ -136,3 +136,22 @@ def test_form_posts_without_the_csrf_token_are_refused(page: Page, live_server: 
     assert page.request.post("/logout", form={"csrf_token": "forged"}).status == 403
     page.get_by_role("button", name="Log out").click()
     expect(page.get_by_role("status")).to_have_text("You have been logged out.")
+
+
+def test_upload_form_without_javascript_checks_token_and_size(
+    page: Page, live_server: LiveServer, tmp_path: Path
+) -> None:
+    email = unique_email("nojs")
+    live_server.api_signup(email, "Clinic No JS")
+    log_in_in_browser(page, email)
+    page.goto("/upload")
+    token = page.locator('#upload-form input[name="csrf_token"]').input_value()
+    big = {
+        "name": "big.png",
+        "mimeType": "image/png",
+        "buffer": b"\x89PNG\r\n\x1a\n" + b"\0" * (MAX_UPLOAD_MB * 1024 * 1024 + 10),
+    }
+    assert page.request.post("/upload", multipart={"file": big}).status == 403
+    refused = page.request.post("/upload", multipart={"csrf_token": token, "file": big})
+    assert refused.status == 413
+    assert f"File too large: big.png is over the {MAX_UPLOAD_MB} MB limit." in refused.text()

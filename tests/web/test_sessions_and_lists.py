@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from flask_jwt_extended import create_access_token, decode_token
@@ -103,3 +104,15 @@ def test_jobs_are_listed_newest_first_in_pages_and_filtered(
     # An unknown status or a damaged cursor falls back to the plain list, not an error.
     assert page.request.get("/jobs?status=bogus").status == 200
     assert page.request.get("/jobs?cursor=%%%", max_redirects=0).status == 302
+
+
+def test_an_upload_after_the_access_token_expired_renews_and_goes_through(
+    page: Page, live_server: LiveServer, liver_png: Path
+) -> None:
+    email = unique_email("upload-renew")
+    live_server.api_signup(email, "Clinic Upload Renew")
+    log_in_in_browser(page, email)
+    page.goto("/upload")
+    _expire_access_cookie(page, live_server)  # the page has been open for longer than 15 minutes
+    page.get_by_label("Choose files (PNG, JPEG or DICOM)").set_input_files(str(liver_png))
+    expect(page.locator("#upload-list a.job-link")).to_have_text("View job (queued)")

@@ -75,7 +75,14 @@
     r.bar.remove();
   }
 
-  function send(file, r) {
+  // A page view renews an expired access cookie from the refresh cookie (see api/web/auth.py).
+  function renewSession() {
+    return fetch(window.location.href, { credentials: "same-origin" }).then(function (resp) {
+      return resp.ok && !resp.redirected;
+    }).catch(function () { return false; });
+  }
+
+  function send(file, r, retried) {
     return new Promise(function (resolve) {
       var xhr = new XMLHttpRequest();
       var data = new FormData();
@@ -98,16 +105,26 @@
           a.textContent = "View job (" + body.status + ")";
           a.className = "job-link";
           r.state.appendChild(a);
-        } else if (xhr.status === 401) {
-          fail(r, "Your session has expired. Log in again, then retry.");
-        } else if (xhr.status === 413) {
-          fail(r, "File too large: the limit is " + mb(maxBytes) + ".", file);
+          resolve();
+        } else if (xhr.status === 401 && !retried) {
+          r.state.textContent = "renewing session";
+          renewSession().then(function (ok) {
+            if (ok) { send(file, r, true).then(resolve); return; }
+            fail(r, "Your session has expired. Log in again, then retry.", file);
+            resolve();
+          });
         } else {
-          fail(r, (body && body.error && body.error.message) || ("Upload failed (HTTP " + xhr.status + ")."));
+          if (xhr.status === 401) {
+            fail(r, "Your session has expired. Log in again, then retry.", file);
+          } else if (xhr.status === 413) {
+            fail(r, "File too large: the limit is " + mb(maxBytes) + ".", file);
+          } else {
+            fail(r, (body && body.error && body.error.message) || ("Upload failed (HTTP " + xhr.status + ")."), file);
+          }
+          resolve();
         }
-        resolve();
       });
-      xhr.addEventListener("error", function () { fail(r, "Network error: the file was not sent."); resolve(); });
+      xhr.addEventListener("error", function () { fail(r, "Network error: the file was not sent.", file); resolve(); });
       xhr.send(data);
     });
   }
