@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+# Test packages share helpers as `tests.<area>.<module>`; make that importable however pytest is
+# started (`python -m pytest` adds the cwd to sys.path, the `pytest` script does not).
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 logging.getLogger("botocore").setLevel(logging.WARNING)
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
