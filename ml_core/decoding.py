@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,9 +166,16 @@ def _read_dicom(data: bytes) -> pydicom.Dataset:
     import pydicom
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # pydicom raises many types on corrupt input
         raise Undecodable(f"DICOM header could not be parsed ({type(exc).__name__})") from None
+    if any("End of file reached" in str(w.message) for w in caught):
+        raise Undecodable("DICOM is truncated (end of file inside an element)")
+    if len(ds) == 0:
+        raise Undecodable("DICOM holds no readable data elements")
+    return ds
 
 
 def _probe_dicom(data: bytes) -> Probe:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import pydicom
 
 DEFAULT_UID_SALT = "liverscan-deid-v1"
-METHOD = "DICOM PS3.15 basic profile (liverscan ml_core.deid v1): removed, emptied, UIDs hashed"
+METHOD = "PS3.15 basic profile, liverscan ml_core.deid v1"  # LO: at most 64 chars
 
 #: Type 2 attributes that stay present but empty (action Z of the basic profile).
 EMPTIED = (

@@ -338,6 +338,19 @@ def _signal_checks(
         f"{colour_fraction:.2%} of pixels coloured"
         + (" (colour image or colour overlay)" if image.was_color else ""),
     )
+    if image.is_hu:
+        hu = image.pixels[::2, ::2]
+        median = float(np.median(hu))
+        soft = float(np.count_nonzero((hu >= -150) & (hu <= 250))) / float(hu.size)
+        lo, hi = limits.ct_median_hu
+        plausible = lo <= median <= hi and soft >= limits.ct_min_soft_tissue
+        _require(
+            run,
+            "hu_range",
+            plausible,
+            "implausible_hu",
+            f"median {median:.0f} HU, soft tissue {soft:.1%} of pixels",
+        )
     cum = np.cumsum(np.bincount(slice_u8.ravel(), minlength=256))
     total = int(cum[-1])
     spread_blank = _percentile_u8(cum, total, 99.5) - _percentile_u8(cum, total, 0.5)
@@ -356,38 +369,24 @@ def _signal_checks(
         "low_dynamic_range",
         f"grey spread p1..p99 = {spread} (needs >= {limits.min_dynamic_range})",
     )
-    if image.is_hu:
-        hu = image.pixels[::2, ::2]
-        median = float(np.median(hu))
-        soft = float(np.count_nonzero((hu >= -150) & (hu <= 250))) / float(hu.size)
-        lo, hi = limits.ct_median_hu
-        plausible = lo <= median <= hi and soft >= limits.ct_min_soft_tissue
-        _require(
-            run,
-            "hu_range",
-            plausible,
-            "implausible_hu",
-            f"median {median:.0f} HU, soft tissue {soft:.1%} of pixels",
-        )
 
 
 def _content_check(
     run: _Run, slice_u8: np.ndarray, gate: ContentGate | None
-) -> tuple[float | None, float | None]:
+) -> tuple[float | None, float | None, bool]:
+    """Score the slice with the gate; returns (score, threshold, passed) and records the check."""
     if gate is None:
         run.ok("content", _NOT_RUN)
-        return None, None
+        return None, None, True
     threshold = float(gate.threshold)
     score = float(gate.score([slice_u8])[0])
     passed = bool(np.isfinite(score)) and score >= threshold
-    _require(
-        run,
-        "content",
-        passed,
-        "not_liver_ct",
-        f"liver-slice score {score:.3f} (threshold {threshold:.3f})",
-    )
-    return score, threshold
+    detail = f"liver-slice score {score:.3f} (threshold {threshold:.3f})"
+    if passed:
+        run.ok("content", detail)
+    else:
+        run.fail("content", "not_liver_ct", detail)
+    return score, threshold, passed
 
 
 def validate(
@@ -473,10 +472,7 @@ def validate(
         run.fail("decodable", "undecodable", f"input could not be parsed ({type(exc).__name__})")
     if run.reason_code is None and slice_u8 is not None:
         # Outside the guard above: a failing gate is a service fault, not bad input.
-        try:
-            score, threshold = _content_check(run, slice_u8, gate)
-        except _Stop:
-            pass
+        score, threshold, _ = _content_check(run, slice_u8, gate)
     passed = run.reason_code is None
     return ValidationReport(
         passed=passed,

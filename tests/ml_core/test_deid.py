@@ -1,0 +1,104 @@
+"""De-identification: no PHI from a DICOM upload reaches anything the service keeps or logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pydicom
+import pytest
+
+from ml_core.decoding import decode
+from ml_core.deid import deidentify, remap_uid
+from ml_core.overlay import encode_png, heatmap_png, overlay_png
+from ml_core.validation import validate
+
+SECRETS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _secrets(phi: SimpleNamespace) -> None:
+    SECRETS[:] = phi.secrets
+
+
+def _leaks(text: str | bytes) -> list[str]:
+    """Return every PHI value (or its DICOM-encoded form) found in ``text``."""
+    assert SECRETS
+    haystack = text.decode("latin-1") if isinstance(text, bytes) else text
+    found = []
+    for secret in SECRETS:
+        variants = {secret, secret.replace("^", " "), *secret.split("^")} - {"", "Dr", "Q"}
+        found += [v for v in variants if len(v) >= 4 and v in haystack]
+    return found
+
+
+@pytest.fixture()
+def dataset(make: SimpleNamespace, ircadb) -> pydicom.Dataset:  # type: ignore[no-untyped-def]
+    return make.ct_dataset(ircadb.hu)
+
+
+def test_deidentified_dataset_holds_no_phi(
+    dataset: pydicom.Dataset, make: SimpleNamespace, phi: SimpleNamespace
+) -> None:
+    assert _leaks(make.dicom(dataset))  # the upload itself does carry PHI
+    clean = deidentify(dataset)
+    saved = make.dicom(clean)
+    assert _leaks(saved) == []
+    assert _leaks(str(clean)) == []
+    assert clean.PatientIdentityRemoved == "YES"
+    assert clean.PatientName == "" and clean.PatientID == "" and clean.StudyDate == ""
+    assert "InstitutionName" not in clean and "OtherPatientIDs" not in clean
+    assert all(not elem.tag.is_private for elem in clean.iterall())
+    assert dataset.PatientName == phi.values["PatientName"]  # the input is left unchanged
+
+
+def test_uids_are_remapped_consistently(dataset: pydicom.Dataset, phi: SimpleNamespace) -> None:
+    clean = deidentify(dataset)
+    assert clean.StudyInstanceUID == remap_uid(phi.study_uid) != phi.study_uid
+    assert clean.SOPInstanceUID == clean.ReferencedImageSequence[0].ReferencedSOPInstanceUID
+    assert clean.file_meta.MediaStorageSOPInstanceUID == clean.SOPInstanceUID
+    assert clean.SOPClassUID == dataset.SOPClassUID  # standard class UIDs are not PHI
+    again = deidentify(dataset)
+    assert again.SeriesInstanceUID == clean.SeriesInstanceUID  # deterministic across uploads
+    assert len(clean.StudyInstanceUID) <= 64 and pydicom.uid.UID(clean.StudyInstanceUID).is_valid
+
+
+def test_deidentified_file_still_decodes_to_the_same_pixels(
+    dataset: pydicom.Dataset, make: SimpleNamespace
+) -> None:
+    before = decode(make.dicom(dataset))
+    after = decode(make.dicom(deidentify(dataset)))
+    assert np.array_equal(before.pixels, after.pixels)
+
+
+def test_real_file_patient_name_removed(read) -> None:  # type: ignore[no-untyped-def]
+    ds = pydicom.dcmread(io.BytesIO(read("pydicom_abdomen/ct_upper_abdomen__explicit_VR-UN.dcm")))
+    assert "PANCREAS_0001" in str(ds.PatientName)
+    buf = io.BytesIO()
+    deidentify(ds).save_as(buf)
+    assert b"PANCREAS_0001" not in buf.getvalue()
+
+
+def test_no_phi_in_decoded_result_report_overlays_or_logs(
+    dataset: pydicom.Dataset, make: SimpleNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    data = make.dicom(dataset)
+    report = validate(data, gate=None)
+    assert report.passed, report.to_dict()
+    assert report.image is not None and report.slice_u8 is not None
+    assert _leaks(repr(report.image.dicom)) == []
+    assert _leaks(json.dumps(report.image.dicom)) == []
+    assert _leaks(json.dumps(report.to_dict())) == []
+    heat = np.zeros(report.slice_u8.shape, np.float32)
+    for png in (encode_png(report.slice_u8), overlay_png(report.slice_u8, heat), heatmap_png(heat)):
+        assert _leaks(png) == []
+    # a rejected upload's report and logs are clean too
+    rejected = validate(make.dicom(make.ct_dataset(None)), gate=None)
+    assert rejected.reason_code == "no_pixel_data"
+    assert _leaks(json.dumps(rejected.to_dict())) == []
+    assert _leaks(caplog.text) == []
+    assert _leaks(" ".join(str(r.args) for r in caplog.records)) == []
