@@ -63,3 +63,59 @@ def test_enqueue_failure_after_commit_keeps_the_queued_row_for_the_sweep(
     row = session.scalars(select(Job)).one()
     assert row.status.value == "queued"
     assert storage.get(row.input_key) == png_bytes()
+
+
+def test_concurrent_submits_with_one_idempotency_key_make_one_job(
+    pg_url: str, tmp_path: Path, broker: redis.Redis
+) -> None:
+    """Real commits on PostgreSQL from several threads at once (cleaned up afterwards)."""
+    import threading
+
+    from sqlalchemy import delete
+
+    from api.domain.models import AuditEvent
+
+    settings = Settings(env="test", data_dir=tmp_path, database_url=pg_url, broker_url=BROKER_URL)
+    engine = make_engine(settings)
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    storage = LocalStorage(tmp_path / "store")
+    with factory() as s:
+        org = Organization(name="Race clinic", webhook_secret="whsec_race")
+        s.add(org)
+        s.commit()
+    data = png_bytes(seed=42)
+    barrier = threading.Barrier(4)
+    outcomes: list[tuple[str, bool]] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            with factory() as session:
+                barrier.wait(timeout=10)
+                sub = intake.submit(
+                    session, settings=settings, storage=storage, queue=CeleryQueue(BROKER_URL),
+                    org_id=org.id, user_id=None, upload=intake.Upload(data, "a.png", "image/png"),
+                    idempotency_key="race-1",
+                )  # fmt: skip
+                outcomes.append((str(sub.job.id), sub.created))
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert errors == []
+        assert len({job_id for job_id, _ in outcomes}) == 1
+        assert sum(created for _, created in outcomes) == 1
+        assert len(_files(tmp_path / "store")) == 1  # the losers' bytes were deleted
+        assert broker.llen("inference") == 1
+    finally:
+        with factory() as s:
+            s.execute(delete(AuditEvent).where(AuditEvent.org_id == org.id))
+            s.execute(delete(Job).where(Job.org_id == org.id))
+            s.execute(delete(Organization).where(Organization.id == org.id))
+            s.commit()
+        engine.dispose()
