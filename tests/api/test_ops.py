@@ -143,3 +143,21 @@ def test_docs_page_lists_operations_without_external_assets(client: FlaskClient)
     html = r.get_data(as_text=True)
     assert "/api/v1/jobs" in html and "POST" in html
     assert "http://" not in html and "https://" not in html
+
+
+def test_cors_is_closed_by_default_and_opens_only_to_listed_origins(
+    client: FlaskClient,
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    storage: Storage,
+) -> None:
+    r = client.get("/healthz", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert r.headers["X-Frame-Options"] == "DENY"
+    open_settings = settings.model_copy(update={"cors_origins": ["https://pacs.example.org"]})
+    app = make_app(open_settings, session_factory, storage)
+    allowed = app.test_client().get("/healthz", headers={"Origin": "https://pacs.example.org"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://pacs.example.org"
+    other = app.test_client().get("/healthz", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
