@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
+from e2e_support import (
     JOB_TIMEOUT_S,
     ROOT,
     Client,

@@ -6,7 +6,7 @@ import json
 import time
 import uuid
 
-from conftest import E2E_REDIS, JOB_TIMEOUT_S, Client, Receiver, Stack, wait_until
+from e2e_support import E2E_REDIS, JOB_TIMEOUT_S, Client, Receiver, Stack, wait_until
 
 from api.domain import jobs
 from api.domain.db import make_engine, make_session_factory, session_scope

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,10 +11,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, text
 
-from api.domain import jobs
-from api.domain.models import Job, Organization
 from api.domain.settings import Settings
-from api.domain.storage import StoredObject, job_key
 from worker.context import WorkerContext, set_context
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,50 +75,3 @@ def ctx(settings: Settings, broker: redis.Redis) -> Iterator[WorkerContext]:
     yield context
     set_context(None)
     context.engine.dispose()
-
-
-def queued_tasks(client: redis.Redis, queue: str) -> list[tuple[str, list[str]]]:
-    """(task name, args) of the Celery messages waiting in a Redis queue, oldest first."""
-    out = []
-    for raw in reversed(client.lrange(queue, 0, -1)):
-        message = json.loads(raw)
-        body = json.loads(base64.b64decode(message["body"]))
-        out.append((message["headers"]["task"], body[0]))
-    return out
-
-
-def make_job(
-    ctx: WorkerContext, data: bytes | None, *, callback_url: str | None = None
-) -> uuid.UUID:
-    """Create an organization and a queued job whose upload is `data` (None: bytes never stored)."""
-    with ctx.sessions.begin() as session:
-        org = Organization(
-            name=f"clinic-{uuid.uuid4().hex[:6]}", webhook_secret="whsec_test_" + uuid.uuid4().hex
-        )
-        session.add(org)
-        session.flush()
-        job_id = uuid.uuid4()
-        key = job_key(org.id, job_id, "input")
-        if data is not None:
-            upload = ctx.storage.put(key, data, "image/png")
-        else:
-            upload = StoredObject(
-                key=key, size=0, sha256=hashlib.sha256(b"").hexdigest(), content_type="image/png"
-            )
-        jobs.create_job(
-            session,
-            org_id=org.id,
-            upload=upload,
-            job_id=job_id,
-            filename="slice.png",
-            callback_url=callback_url,
-        )
-    return job_id
-
-
-def load_job(ctx: WorkerContext, job_id: uuid.UUID) -> Job:
-    """The job row as it is now in the database."""
-    with ctx.sessions() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job

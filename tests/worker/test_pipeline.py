@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from conftest import load_job, make_job, queued_tasks
+from worker_support import load_job, make_job, queued_tasks
 
 from api.domain.models import JobStatus
 from ml_core.classifier import Classifier

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from conftest import load_job, make_job, queued_tasks
 from sqlalchemy import update
+from worker_support import load_job, make_job, queued_tasks
 
 from api.domain import jobs
 from api.domain.models import Job, JobStatus, WebhookDelivery, utcnow

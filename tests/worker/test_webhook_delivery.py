@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import load_job, make_job, queued_tasks
 from sqlalchemy import select
+from worker_support import load_job, make_job, queued_tasks
 
 from api.domain import jobs
 from api.domain.models import JobStatus, Organization, WebhookDelivery
