@@ -51,6 +51,16 @@ NOTICES: dict[str, tuple[str, str]] = {
 
 
 @dataclass(frozen=True)
+class CamLayer:
+    """The image over the scan on the job page, with its opacity slider's name and start value."""
+
+    url: str
+    name: str
+    opacity: int
+    alt: str
+
+
+@dataclass(frozen=True)
 class Notice:
     """A one-line message shown at the top of a page."""
 
@@ -306,11 +316,30 @@ def job(job_id: str) -> Response:
             scan = backend.has_scan_preview(row)
     except JobNotFound:
         abort(404)
+    scan_url = url_for("web.job_scan", job_id=str(jid)) if scan else None
+    result = data.get("result") or {}
+    layer: CamLayer | None = None
+    base_url = scan_url
+    if scan_url and result.get("overlay_url"):
+        # The stored overlay already weights the heatmap per pixel; fading it in over the
+        # plain scan is the clearest "how much heatmap" control.
+        layer = CamLayer(
+            result["overlay_url"],
+            "Grad-CAM overlay",
+            100,
+            "The slice with the Grad-CAM heatmap blended in",
+        )
+    elif result.get("overlay_url"):
+        base_url = result["overlay_url"]  # DICOM: the browser cannot show the upload itself
+        if result.get("heatmap_url"):
+            layer = CamLayer(result["heatmap_url"], "Raw heatmap", 0, "The Grad-CAM heatmap alone")
     return page(
         "web/job.html",
         job=data,
         terminal=terminal,
-        scan_url=url_for("web.job_scan", job_id=str(jid)) if scan else None,
+        scan_url=scan_url,
+        base_url=base_url,
+        layer=layer,
         api_job_url=backend.api_job_url(str(jid)),
         active="jobs",
     )

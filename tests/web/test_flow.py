@@ -61,14 +61,17 @@ def test_sign_up_upload_read_results_and_log_out(
     expect(page.locator("#model")).not_to_be_empty()
     expect(page.locator("#checks tbody tr").first).to_be_visible()
     assert page.locator("#checks .badge.fail").count() == 0
-    for img in ("#scan-img", "#heatmap-img", "#overlay-img"):
+    for img in ("#scan-img", "#cam-layer"):
         expect(page.locator(img)).to_be_visible()
         loaded = page.locator(img).evaluate("el => el.complete && el.naturalWidth > 0")
         assert loaded, f"{img} did not load"
-    slider = page.get_by_label("Heatmap opacity")
-    slider.fill("80")
-    expect(page.locator("#opacity-value")).to_have_text("80%")
-    assert page.locator("#heatmap-img").evaluate("el => el.style.opacity") == "0.8"
+    assert page.locator("#cam-layer").get_attribute("src") == page.get_by_role(
+        "link", name="overlay PNG"
+    ).get_attribute("href")
+    slider = page.get_by_label("Grad-CAM overlay opacity")
+    slider.fill("30")
+    expect(page.locator("#opacity-value")).to_have_text("30%")
+    assert page.locator("#cam-layer").evaluate("el => getComputedStyle(el).opacity") == "0.3"
     expect(page.locator("#timestamps")).to_contain_text("Finished")
     shot(page, "03-job-succeeded")
 

@@ -2,7 +2,7 @@
 (function () {
   "use strict";
   var slider = document.getElementById("opacity");
-  var heat = document.getElementById("heatmap-img");
+  var heat = document.getElementById("cam-layer");
   var out = document.getElementById("opacity-value");
   if (slider && heat) {
     var apply = function () {
