@@ -24,7 +24,10 @@ METRIC_NAMES: list[tuple[str, tuple[str, ...]]] = [
     ("Liver-area-matched AUC", ("area_matched_auc", "liver_area_matched_auc", "auc_area_matched")),
     ("Tumor-ablation AUC", ("ablation_auc", "tumor_ablation_auc", "auc_ablation")),
     ("Expected calibration error", ("ece", "expected_calibration_error")),
+    ("Baseline: liver area alone, AUC", ("liver_area_auc",)),
+    ("Baseline: slice position alone, AUC", ("slice_position_auc",)),
 ]
+PLOT_NAMES = ("roc", "reliability", "confusion")
 _VALUE_KEYS = ("value", "point", "estimate", "mean", "auc")
 _LOW_KEYS = ("low", "lo", "lower", "ci_low", "ci95_low")
 _HIGH_KEYS = ("high", "hi", "upper", "ci_high", "ci95_high")
@@ -58,6 +61,9 @@ class CardView:
     localisation: dict[str, Any] | None = None
     data: Any = None
     licences: Any = None
+    test_n: dict[str, Any] | None = None
+    stability: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plots: dict[str, Path] = field(default_factory=dict)
 
 
 def find_card(models_dir: Path = DEFAULT_MODELS_DIR) -> Path | None:
@@ -227,8 +233,12 @@ def summarise(path: Path, raw: dict[str, Any]) -> CardView:
     if cm is not None:
         view.confusion = _confusion(cm[1])
     roc = _first(root, ("roc", "roc_curve")) or _first(everything, ("roc", "roc_curve"))
-    if roc is not None and isinstance(roc[1], dict):
-        r = {str(k).lower(): x for k, x in roc[1].items()}
+    if roc is not None and isinstance(roc[1], dict | list):
+        if isinstance(roc[1], list):  # [[fpr, tpr], ...] as ml_core.evaluation.roc_points gives
+            pairs = [p for p in roc[1] if isinstance(p, list | tuple) and len(p) == 2]
+            r: dict[str, Any] = {"fpr": [p[0] for p in pairs], "tpr": [p[1] for p in pairs]}
+        else:
+            r = {str(k).lower(): x for k, x in roc[1].items()}
         fpr, tpr = _floats(r.get("fpr")), _floats(r.get("tpr"))
         if fpr and tpr:
             auc = next((m.value for m in view.metrics if m.label == "AUC"), None)
@@ -238,8 +248,12 @@ def summarise(path: Path, raw: dict[str, Any]) -> CardView:
     ) or _first(
         everything, ("reliability", "reliability_diagram", "calibration_curve", "calibration")
     )
-    if rel is not None and isinstance(rel[1], dict):
-        r = {str(k).lower(): x for k, x in rel[1].items()}
+    if rel is not None and isinstance(rel[1], dict | list):
+        r = (
+            {str(k).lower(): x for k, x in rel[1].items()}
+            if isinstance(rel[1], dict)
+            else {"bins": rel[1]}
+        )
         bins = r.get("bins")
         if isinstance(bins, list) and bins and all(isinstance(b, dict) for b in bins):
             r = {k: [b.get(k) for b in bins] for k in {str(k) for b in bins for k in b}}
@@ -296,4 +310,17 @@ def summarise(path: Path, raw: dict[str, Any]) -> CardView:
         None,
     )
     view.licences = lic
+    n = _first(root, ("n", "test_n", "n_test"))
+    if n is not None and isinstance(n[1], dict):
+        view.test_n = n[1]
+    for key in ("per_format", "per_window"):
+        block = raw.get(key)
+        if isinstance(block, dict) and all(isinstance(v, dict) for v in block.values()):
+            view.stability[key] = block
+    # ml_core's evaluate writes its plots beside the card (<model>/eval/*.svg): shown when the
+    # card itself carries no curve data to draw.
+    for name in PLOT_NAMES:
+        svg = path.parent / "eval" / f"{name}.svg"
+        if svg.is_file():
+            view.plots[name] = svg
     return view

@@ -397,3 +397,20 @@ def performance() -> Response:
         jobs_svg=jobs_svg,
         active="performance",
     )
+
+
+@bp.get("/performance/plots/<name>.svg")
+@login_required
+def performance_plot(name: str) -> Response:
+    """A plot ml_core's evaluation wrote beside the model card (served as an image, never inlined)."""
+    card = load_card(backend.models_dir())
+    if card is None or name not in card.plots:
+        abort(404)
+    resp = make_response(card.plots[name].read_bytes())
+    resp.headers["Content-Type"] = "image/svg+xml"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Content-Security-Policy"] = (
+        "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+    )
+    resp.headers["Cache-Control"] = "private, max-age=300"
+    return resp

@@ -169,3 +169,72 @@ def test_live_figures_count_only_the_callers_organization(
     assert "Rejection rate 50.0% of 4 finished jobs" in text
     assert "The image is in colour; CT and MR slices are grayscale." in text
     assert "unsupported_format" not in text  # another clinic's rejections are not shown
+
+
+# The shape `python -m ml_core evaluate --update-card` writes (ml_core/evaluation.py: update_card).
+EVALUATED_CARD = {
+    "name": "liverscan-lite0",
+    "version": "1.0.0",
+    "sha256": "cd" * 32,
+    "threshold": 0.37,
+    "temperature": 1.4,
+    "calibration": {"threshold": 0.37, "validation": {"n": 400, "auc": 0.99, "accuracy": 0.97}},
+    "metrics": {
+        "accuracy": {"value": 0.83, "ci95": [0.76, 0.9]},
+        "precision": {"value": 0.85, "ci95": [0.77, 0.93]},
+        "recall": {"value": 0.87, "ci95": [0.79, 0.94]},
+        "sensitivity": {"value": 0.87, "ci95": [0.79, 0.94]},
+        "specificity": {"value": 0.75, "ci95": [0.58, 0.9]},
+        "f1": {"value": 0.86, "ci95": [0.8, 0.91]},
+        "auc": {"value": 0.9, "ci95": [0.84, 0.95]},
+        "ece": 0.07,
+        "n": {"tumor": 74, "no_tumor": 24},
+        "confusion": {"tp": 64, "fp": 6, "tn": 18, "fn": 10},
+        "baselines": {"liver_area_auc": 0.89, "slice_position_auc": 0.92},
+        "liver_area_matched_auc": {"value": 0.81, "pairs": 40, "liver_area_on_same_pairs": 0.5},
+        "tumor_ablation_auc": {"value": 0.86, "share_score_drops": 0.86, "pairs": 74},
+    },
+    "localisation": {"pointing_game": 0.71, "energy_in_liver": 0.8, "energy_in_tumor": 0.3},
+    "per_format": {
+        "png": {"auc": 0.9, "sensitivity": 0.87},
+        "jpeg_q90": {"auc": 0.89, "sensitivity": 0.86},
+    },
+    "per_window": {
+        "W350/L40": {"auc": 0.88, "matched_auc": 0.8},
+        "W400/L60": {"auc": 0.9, "matched_auc": 0.81},
+    },
+    "training": {
+        "data": [{"data": "3D-IRCADb-01", "source": "IRCAD France", "licence": "CC BY-NC-ND 4.0"}]
+    },
+}
+PLOT = '<svg xmlns="http://www.w3.org/2000/svg" width="320" height="320"><polyline points="40,290 300,30"/></svg>'
+
+
+def test_card_written_by_ml_core_evaluate_is_drawn_with_its_plots(
+    live_server: LiveServer, signed_in: tuple[str, Path]
+) -> None:
+    email, tmp = signed_in
+    folder = tmp / "models" / "liverscan-lite0-1.0.0"
+    (folder / "eval").mkdir(parents=True)
+    (folder / "model_card.json").write_text(json.dumps(EVALUATED_CARD))
+    (folder / "eval" / "roc.svg").write_text(PLOT)
+    (folder / "eval" / "reliability.svg").write_text(PLOT)
+    (tmp / "models" / "CURRENT").write_text(folder.name + "\n")
+    client = _client(live_server, tmp / "models")
+    _log_in(client, email)
+    html = client.get("/performance").text
+    text = _text(html)
+    assert "Decision threshold 0.370" in text
+    assert "Held-out test slices: 74 tumor, 24 no tumor." in text
+    assert "Accuracy 0.830 0.760 – 0.900" in text  # the test set's, not the validation's 0.97
+    assert "Liver-area-matched AUC 0.810 not reported" in text
+    assert "Tumor-ablation AUC 0.860 not reported" in text
+    assert "Baseline: liver area alone, AUC 0.890" in text
+    assert "Actual normal 18 6 Actual tumor 10 64" in text
+    assert "jpeg_q90 0.890 0.860" in text
+    assert "W350/L40 0.880 0.800" in text
+    assert "pointing game 0.71" in text
+    plot = client.get("/performance/plots/roc.svg")
+    assert plot.status_code == 200 and plot.mimetype == "image/svg+xml"
+    assert 'src="/performance/plots/reliability.svg"' in html
+    assert client.get("/performance/plots/weights.svg").status_code == 404
