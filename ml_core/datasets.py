@@ -68,6 +68,11 @@ class SliceMeta(TypedDict):
 Sample = tuple[np.ndarray, np.ndarray | None, SliceMeta]
 
 
+#: Liver z-extent (first, last slice index) of volumes without a liver mask, checked by eye on a
+#: W400/L50 montage (HCC_006: lower tip near z=36, dome near z=100; 2.5 mm slices).
+LIVER_Z_EXTENT_BY_EYE: dict[str, tuple[int, int]] = {"hcc_tace_seg:HCC_006": (36, 100)}
+
+
 @dataclass(frozen=True)
 class HUVolume:
     """A CT volume in Hounsfield units (Z, H, W) int16 with an optional liver mask (Z, H, W) bool."""
@@ -80,15 +85,19 @@ class HUVolume:
 
     def liver_distance_mm(self) -> np.ndarray | None:
         """Return float (Z,): 0 inside the liver's z-extent, else the distance in mm to it."""
-        if self.liver is None:
+        if self.liver is not None:
+            z_has = self.liver.reshape(self.liver.shape[0], -1).any(axis=1)
+            if not z_has.any():
+                return None
+            idx = np.nonzero(z_has)[0]
+            first, last = int(idx[0]), int(idx[-1])
+        elif patient_key(self.source, self.patient) in LIVER_Z_EXTENT_BY_EYE:
+            first, last = LIVER_Z_EXTENT_BY_EYE[patient_key(self.source, self.patient)]
+        else:
             return None
-        z_has = self.liver.reshape(self.liver.shape[0], -1).any(axis=1)
-        if not z_has.any():
-            return None
-        idx = np.nonzero(z_has)[0]
-        z = np.arange(self.liver.shape[0])
-        below = np.clip(idx[0] - z, 0, None)
-        above = np.clip(z - idx[-1], 0, None)
+        z = np.arange(self.hu.shape[0])
+        below = np.clip(first - z, 0, None)
+        above = np.clip(z - last, 0, None)
         return (below + above).astype(np.float32) * float(self.spacing_mm[0])
 
 
@@ -190,7 +199,7 @@ def build_splits(root: str | Path | None = None, seed: int = SPLIT_SEED) -> dict
     fixed = {
         "ircadb:3Dircadb1.1": "holdout",  # the classifier's real tumor test patient
         "ircadb:3Dircadb1.7": "train",  # the only HU volume with a full liver mask besides TotalSeg
-        "hcc_tace_seg:HCC_006": "test",
+        "hcc_tace_seg:HCC_006": "val",  # far-slice negatives for the gate threshold (liver extent by the localiser)
         "totalseg:ct": "val",
         "totalseg:mr": "train",  # the only MR volume: the gate must see MR
     }

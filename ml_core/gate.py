@@ -1,0 +1,746 @@
+"""Learned content gate: is this an axial abdominal CT/MR slice showing the liver?
+
+``LiverGate`` implements ``ml_core.validation.ContentGate``: ``score(slices_u8)`` returns
+P(liver slice) per slice from one batched compiled call, ``threshold`` comes from validation.
+
+How the evidence is combined: the gate is one small CNN on the grey slice letterboxed to
+128 px; its sigmoid output is P(liver slice). The liver localiser is used as evidence at
+training time, not at serving time: it labels the liver's z-extent of unlabelled volumes
+(HCC_006) so that slices far above or below the liver become negatives, and it pseudo-labels
+unlabelled 8-bit slices (KiTS19, Spleen) as positives only where it finds a large liver. A
+grey-only gate keeps serving cheap (one tiny CNN) and works for MR, where the CT-trained
+localiser is not reliable.
+
+Training data (``python -m ml_core.gate``): positives are liver slices (liver area
+>= ``MIN_LIVER_PX_512`` px at 512 px) of every train source in abdominal windows, MR
+included; negatives are the train files of ``negatives/``, CT slices more than
+``FAR_MM`` from the liver's extent, lung and bone windows of liver slices, coronal and
+sagittal reformats, and generated documents, textures, noise, gradients, montages and
+viewer screenshots. The threshold is chosen on the validation split so that every
+validation negative is rejected and >= 99% of the liver slices are accepted when possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml_core.errors import ModelLoadError
+from ml_core.localiser import MIN_LIVER_PX_512, Localiser, read_card, sha256_file, to_input
+
+log = logging.getLogger(__name__)
+
+INPUT_SIZE = 128
+WEIGHTS_NAME = "gate.weights.h5"
+CARD_NAME = "gate.json"
+STAGING_DIR = Path(__file__).with_name("models") / "_staging" / "gate"
+CHECKPOINT_DIR = Path("/work/checkpoints/gate")
+#: CT slices farther than this from the liver's z-extent are negatives ("below/above the liver").
+FAR_MM = 25.0
+#: Windows the gate must accept (issue 4): W 350-400 / L 40-60; trained a little wider.
+EVAL_WINDOWS = ((350.0, 40.0), (350.0, 60.0), (400.0, 40.0), (400.0, 50.0), (400.0, 60.0))
+LUNG_WINDOWS = ((1500.0, -600.0), (1200.0, -500.0), (1600.0, -700.0))
+BONE_WINDOWS = ((2000.0, 500.0), (1800.0, 400.0), (2500.0, 480.0))
+
+
+def build_gate_cnn(input_size: int = INPUT_SIZE) -> Any:
+    """Build the gate CNN: grey (N, S, S, 1) float32 0..255 → logit (N, 1)."""
+    from tensorflow import keras
+    from tensorflow.keras import layers
+
+    inp = keras.Input((input_size, input_size, 1), name="slice")
+    x = layers.Rescaling(1.0 / 127.5, offset=-1.0)(inp)
+    for f in (16, 24, 32, 48, 64):
+        x = layers.Conv2D(f, 3, strides=2, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)
+        x = layers.Activation("relu")(x)
+        x = layers.Conv2D(f, 3, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization(momentum=0.9)(x)
+        x = layers.Activation("relu")(x)
+    # Flatten (4x4) rather than pool: the layout (liver left, spine bottom) is evidence.
+    x = layers.Flatten()(x)
+    x = layers.Dropout(0.3)(x)
+    x = layers.Dense(32, activation="relu")(x)
+    out = layers.Dense(1, name="liver_slice_logit")(x)
+    return keras.Model(inp, out, name="liver_gate")
+
+
+class LiverGate:
+    """The content gate: ``score`` gives P(liver slice) per slice; accept when >= ``threshold``."""
+
+    def __init__(self, cnn: Any, *, threshold: float, card: dict[str, Any] | None = None) -> None:
+        import tensorflow as tf
+
+        self.cnn = cnn
+        self.threshold = float(threshold)
+        self.card = card or {}
+        self.input_size = int(cnn.input_shape[1])
+        spec = tf.TensorSpec((None, self.input_size, self.input_size, 1), tf.float32)
+        self._forward = tf.function(
+            lambda x: tf.sigmoid(cnn(x, training=False))[:, 0], input_signature=[spec]
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> LiverGate:
+        """Load ``gate.json`` + ``gate.weights.h5`` from a folder, verifying the sha256 first."""
+        folder = Path(path)
+        card = read_card(folder, CARD_NAME, WEIGHTS_NAME)
+        try:
+            cnn = build_gate_cnn(int(card.get("input_size", INPUT_SIZE)))
+            cnn.load_weights(str(folder / str(card.get("weights", WEIGHTS_NAME))))
+            threshold = float(card["threshold"])
+        except Exception as exc:  # keras raises many types for a bad file
+            raise ModelLoadError("gate weights do not load", detail=type(exc).__name__) from exc
+        return cls(cnn, threshold=threshold, card=card)
+
+    def score_batch(self, batch: np.ndarray) -> np.ndarray:
+        """P(liver slice) float32 (N,) for a letterboxed float32 batch (N, S, S, 1) 0..255."""
+        if batch.shape[0] == 0:
+            return np.zeros((0,), np.float32)
+        return self._forward(batch).numpy()
+
+    def score(self, slices_u8: list[np.ndarray]) -> list[float]:
+        """P(liver slice) in [0, 1] for each uint8 (H, W) slice, one batched compiled call."""
+        batch, _ = to_input(slices_u8, self.input_size)
+        return [float(s) for s in self.score_batch(batch)]
+
+    def accepts(self, slices_u8: list[np.ndarray]) -> list[bool]:
+        """True where the slice's score reaches the threshold."""
+        return [s >= self.threshold for s in self.score(slices_u8)]
+
+
+# --------------------------------------------------------------------------- generated negatives
+
+_WORDS = (
+    "patient report liver ct abdomen findings impression normal lesion contrast study series "
+    "image date name hospital radiology phase arterial portal venous slice thickness mm kv mas "
+    "lorem ipsum dolor sit amet invoice total page signature department protocol"
+).split()
+
+
+def _words(rng: np.random.Generator, n: int) -> str:
+    return " ".join(_WORDS[int(i)] for i in rng.integers(0, len(_WORDS), n))
+
+
+def _shrink(img: np.ndarray, side: int = 256) -> np.ndarray:
+    """Downscale (keeping the aspect) so the longer side is at most ``side`` (training speed)."""
+    import cv2
+
+    h, w = img.shape[:2]
+    f = side / max(h, w)
+    if f >= 1:
+        return img
+    return cv2.resize(
+        img, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA
+    )
+
+
+def _text_lines(
+    img: np.ndarray, rng: np.random.Generator, colour: int, scale_range: tuple[float, float]
+) -> None:
+    import cv2
+
+    h, w = img.shape[:2]
+    y = int(rng.integers(8, 30))
+    while y < h - 5:
+        scale = float(rng.uniform(*scale_range))
+        words = _words(rng, int(rng.integers(2, 9)))
+        x = int(rng.integers(2, max(3, w // 6)))
+        cv2.putText(
+            img,
+            words,
+            (x, y),
+            int(rng.integers(0, 8)),
+            scale,
+            colour,
+            1 if scale < 0.8 else 2,
+            cv2.LINE_AA,
+        )
+        y += int(rng.uniform(14, 40) * max(scale, 0.4) + 6)
+
+
+def gen_document(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """A synthetic document page: text lines (and sometimes a table) on a light or dark background."""
+    import cv2
+
+    dark = rng.random() < 0.25
+    bg = int(rng.integers(0, 50)) if dark else int(rng.integers(200, 256))
+    img = np.full((size, int(size * rng.uniform(0.7, 1.4))), bg, np.uint8)
+    _text_lines(img, rng, 255 - bg if rng.random() < 0.8 else int(rng.integers(0, 256)), (0.3, 0.9))
+    if rng.random() < 0.3:
+        for _k in range(int(rng.integers(2, 8))):
+            yy = int(rng.integers(0, img.shape[0]))
+            cv2.line(img, (0, yy), (img.shape[1], yy), 255 - bg, 1)
+    return img
+
+
+def gen_texture(rng: np.random.Generator, size: int = 128) -> np.ndarray:
+    """Random texture: band-passed noise, stripes, checkerboards or blobs."""
+    import cv2
+
+    kind = int(rng.integers(4))
+    if kind == 0:
+        n = rng.normal(0, 1, (size, size)).astype(np.float32)
+        n = cv2.GaussianBlur(n, (0, 0), float(rng.uniform(0.5, 8)))
+    elif kind == 1:
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        a = rng.uniform(0, np.pi)
+        n = np.sin((xx * np.cos(a) + yy * np.sin(a)) * rng.uniform(0.05, 0.8))
+    elif kind == 2:
+        c = int(rng.integers(4, 32))
+        yy, xx = np.mgrid[0:size, 0:size]
+        n = (((yy // c) + (xx // c)) % 2).astype(np.float32)
+    else:
+        n = np.zeros((size, size), np.float32)
+        for _ in range(int(rng.integers(5, 60))):
+            cv2.circle(
+                n,
+                (int(rng.integers(size)), int(rng.integers(size))),
+                int(rng.integers(2, size // 4)),
+                float(rng.uniform(0.2, 1)),
+                -1,
+            )
+        n = cv2.GaussianBlur(n, (0, 0), float(rng.uniform(0.5, 3)))
+    n = (n - n.min()) / max(float(n.max() - n.min()), 1e-6)
+    lo, hi = sorted(rng.uniform(0, 255, 2))
+    return (n * (hi - lo) + lo).astype(np.uint8)
+
+
+def gen_noise_or_gradient(rng: np.random.Generator, size: int = 128) -> np.ndarray:
+    """Uniform or Gaussian noise, a linear or radial gradient, or a near-constant image."""
+    kind = int(rng.integers(4))
+    if kind == 0:
+        return rng.integers(0, 256, (size, size), dtype=np.uint8)
+    if kind == 1:
+        return np.clip(
+            rng.normal(rng.uniform(40, 200), rng.uniform(5, 60), (size, size)), 0, 255
+        ).astype(np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    if kind == 2:
+        a = rng.uniform(0, 2 * np.pi)
+        g = xx * np.cos(a) + yy * np.sin(a)
+    else:
+        cy, cx = rng.uniform(0, 1, 2)
+        g = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+    g = (g - g.min()) / max(float(g.max() - g.min()), 1e-6)
+    if rng.random() < 0.5:
+        g = 1 - g
+    return (g * rng.uniform(60, 255)).astype(np.uint8)
+
+
+def gen_montage(rng: np.random.Generator, ct: Sequence[np.ndarray], size: int = 256) -> np.ndarray:
+    """A grid (2x2 to 4x4) of CT slices, as a viewer's montage or a contact sheet."""
+    import cv2
+
+    n = int(rng.integers(2, 5))
+    cell = size // n
+    out = np.full((cell * n, cell * n), int(rng.integers(0, 40)), np.uint8)
+    gap = int(rng.integers(0, 4))
+    for r in range(n):
+        for c in range(n):
+            s = ct[int(rng.integers(len(ct)))]
+            t = cv2.resize(s, (cell - gap, cell - gap), interpolation=cv2.INTER_AREA)
+            out[r * cell : r * cell + cell - gap, c * cell : c * cell + cell - gap] = t
+    return out
+
+
+def gen_viewer(rng: np.random.Generator, ct: Sequence[np.ndarray], size: int = 256) -> np.ndarray:
+    """A screenshot of a viewer: dark UI frame, toolbars, text, and a CT slice in a panel."""
+    import cv2
+
+    w = int(size * rng.uniform(1.2, 1.8))
+    img = np.full((size, w), int(rng.integers(15, 60)), np.uint8)
+    panels = int(rng.integers(1, 3))
+    frac = rng.uniform(0.35, 0.6)
+    side = int(size * frac)
+    top = int(rng.integers(size // 8, size - side))
+    for p in range(panels):
+        left = (
+            int(rng.integers(w // 6, max(w // 6 + 1, w - side)))
+            if panels == 1
+            else int(w * (0.2 + 0.4 * p))
+        )
+        left = min(left, w - side)
+        s = ct[int(rng.integers(len(ct)))]
+        img[top : top + side, left : left + side] = cv2.resize(
+            s, (side, side), interpolation=cv2.INTER_AREA
+        )
+    # toolbar, side bar, text
+    img[: size // 10, :] = int(rng.integers(40, 110))
+    img[:, : w // 8] = int(rng.integers(30, 90))
+    _text_lines(img[: size // 10, :], rng, 230, (0.3, 0.4))
+    _text_lines(img[:, : w // 8], rng, 220, (0.25, 0.35))
+    for _ in range(int(rng.integers(2, 6))):
+        cv2.putText(
+            img,
+            _words(rng, 2),
+            (int(rng.integers(w // 8, w - 60)), int(rng.integers(size // 8, size - 4))),
+            0,
+            0.3,
+            240,
+            1,
+            cv2.LINE_AA,
+        )
+    return img
+
+
+def gen_photo_crop(rng: np.random.Generator, photos: Sequence[np.ndarray]) -> np.ndarray:
+    """A random crop, rotation or inversion of one of the negative files."""
+    p = photos[int(rng.integers(len(photos)))]
+    h, w = p.shape
+    f = rng.uniform(0.5, 1.0)
+    ch, cw = max(8, int(h * f)), max(8, int(w * f))
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    c = p[y : y + ch, x : x + cw]
+    if rng.random() < 0.3:
+        c = 255 - c
+    if rng.random() < 0.3:
+        c = np.rot90(c, int(rng.integers(1, 4)))
+    return _shrink(np.ascontiguousarray(c))
+
+
+# --------------------------------------------------------------------------- data pools
+
+
+def _liver_px_512(mask: np.ndarray) -> float:
+    return float(mask.sum()) * (512.0 * 512.0) / mask.size
+
+
+def _reformats(
+    hu: np.ndarray, spacing: tuple[float, float, float], rng: np.random.Generator, n: int
+) -> list[np.ndarray]:
+    """Coronal and sagittal HU reformats (not axial: negatives), resampled to square pixels."""
+    import cv2
+
+    out = []
+    z, h, w = hu.shape
+    for _ in range(n):
+        if rng.random() < 0.5:
+            sl = hu[:, int(rng.integers(h // 4, 3 * h // 4)), :]
+        else:
+            sl = hu[:, :, int(rng.integers(w // 4, 3 * w // 4))]
+        sl = sl[::-1].astype(np.float32)
+        new_h = max(8, int(round(z * spacing[0] / spacing[1])))
+        out.append(cv2.resize(sl, (sl.shape[1], new_h), interpolation=cv2.INTER_LINEAR))
+    return out
+
+
+class GatePools:
+    """In-memory sources for one split: HU volumes and 8-bit slices, positives and negatives."""
+
+    def __init__(
+        self, split: str, localiser: Localiser | None, seed: int = 0, shrink: int = 256
+    ) -> None:
+        from ml_core import datasets as D
+
+        self.shrink = shrink
+        rng = np.random.default_rng(seed)
+        self.pos_hu: list[np.ndarray] = []  # HU (H, W) liver slices
+        self.far_hu: list[np.ndarray] = []  # HU slices > FAR_MM from the liver
+        self.reformat_hu: list[np.ndarray] = []
+        self.pos_u8: list[np.ndarray] = []
+        self.pos_u8_src: list[str] = []
+        self.neg_files: list[np.ndarray] = []
+        self.neg_names: list[str] = []
+        splits = D.load_splits()
+        for vol in D.iter_hu_volumes(split):
+            dist = vol.liver_distance_mm()
+            if dist is None:
+                continue
+            if vol.liver is not None:
+                areas = np.array([_liver_px_512(m) for m in vol.liver])
+            else:  # no mask: slices well inside the by-eye extent count as liver slices
+                areas = np.where(dist == 0, MIN_LIVER_PX_512, 0.0)
+                z_in = np.flatnonzero(dist == 0)
+                areas[z_in[:4]] = 0.0
+                areas[z_in[-4:]] = 0.0
+            for zi in range(vol.hu.shape[0]):
+                if areas[zi] >= MIN_LIVER_PX_512:
+                    self.pos_hu.append(_shrink(vol.hu[zi].astype(np.float32), shrink))
+                elif dist[zi] > FAR_MM:
+                    self.far_hu.append(_shrink(vol.hu[zi].astype(np.float32), shrink))
+            self.reformat_hu += [
+                _shrink(r, shrink) for r in _reformats(vol.hu, vol.spacing_mm, rng, 12)
+            ]
+        for img, mask, _meta in D.iter_msd(split):
+            if mask is not None and _liver_px_512(mask) >= MIN_LIVER_PX_512:
+                self._pos(img, "msd_liver")
+        for img, mask, meta in D.iter_slices_8bit(split, sources=("CHAOS-CT", "CURVAS", "AMOS22")):
+            if mask is not None and _liver_px_512(mask) >= MIN_LIVER_PX_512:
+                self._pos(img, meta["source"])
+        for img, _mask, meta in D.iter_small_examples(split):
+            if meta["source"] == "totalseg":
+                continue  # its HU volume is already in pos_hu
+            if meta["has_liver"]:
+                self._pos(img, meta["source"])
+        unlabelled = [
+            (img, meta)
+            for img, _m, meta in D.iter_slices_8bit(split, sources=("KiTS19", "MSD-Task09-Spleen"))
+        ]
+        if unlabelled and localiser is not None:
+            masks = localiser.segment([u[0] for u in unlabelled])
+            for (img, meta), m in zip(unlabelled, masks, strict=True):
+                if (
+                    _liver_px_512(m) >= 3 * MIN_LIVER_PX_512
+                ):  # pseudo-label: a clearly visible liver
+                    self._pos(img, meta["source"])
+        for img, rel in D.iter_negatives(split, splits=splits):
+            self.neg_files.append(_shrink(img, 2 * self.shrink))
+            self.neg_names.append(rel)
+        self.ct_u8 = [_win(h, 400, 50) for h in self.pos_hu[::3] + self.far_hu[::2]] + self.pos_u8[
+            ::4
+        ]
+        log.info(
+            "gate pools %s: %d HU liver, %d HU far, %d reformats, %d 8-bit liver, %d files",
+            split,
+            len(self.pos_hu),
+            len(self.far_hu),
+            len(self.reformat_hu),
+            len(self.pos_u8),
+            len(self.neg_files),
+        )
+
+    def _pos(self, img: np.ndarray, source: str) -> None:
+        self.pos_u8.append(_shrink(img, self.shrink))
+        self.pos_u8_src.append(source)
+
+
+def _win(hu: np.ndarray, width: float, level: float) -> np.ndarray:
+    from ml_core.preprocessing import window
+
+    return window(hu, width=float(width), level=float(level))
+
+
+def _jpeg(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(50, 96))])
+    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else img
+
+
+def _augment_u8(img: np.ndarray, rng: np.random.Generator, *, contrast: bool) -> np.ndarray:
+    import cv2
+
+    x = img
+    if contrast:
+        f = x.astype(np.float32) * rng.uniform(0.9, 1.1) + rng.uniform(-10, 10)
+        x = np.clip(f, 0, 255).astype(np.uint8)
+    if rng.random() < 0.15:
+        x = np.ascontiguousarray(x[:, ::-1])
+    if rng.random() < 0.5:
+        h, w = x.shape
+        m = cv2.getRotationMatrix2D(
+            (w / 2, h / 2), float(rng.uniform(-10, 10)), float(rng.uniform(0.9, 1.12))
+        )
+        x = cv2.warpAffine(x, m, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+    if rng.random() < 0.4:
+        x = _jpeg(x, rng)
+    if rng.random() < 0.2:
+        x = np.clip(x + rng.normal(0, rng.uniform(1, 5), x.shape), 0, 255).astype(np.uint8)
+    return x
+
+
+def _sample_positive(p: GatePools, rng: np.random.Generator) -> np.ndarray:
+    if p.pos_hu and rng.random() < 0.35:
+        hu = p.pos_hu[int(rng.integers(len(p.pos_hu)))]
+        img = _win(hu, rng.uniform(300, 460), rng.uniform(30, 70))
+        return _augment_u8(img, rng, contrast=False)
+    i = int(rng.integers(len(p.pos_u8)))
+    return _augment_u8(p.pos_u8[i], rng, contrast=True)
+
+
+def _sample_negative(p: GatePools, rng: np.random.Generator) -> np.ndarray:
+    r = rng.random()
+    if r < 0.2 and p.far_hu:
+        hu = p.far_hu[int(rng.integers(len(p.far_hu)))]
+        return _augment_u8(
+            _win(hu, rng.uniform(300, 460), rng.uniform(30, 70)), rng, contrast=False
+        )
+    if r < 0.32 and p.pos_hu:
+        hu = p.pos_hu[int(rng.integers(len(p.pos_hu)))]
+        w, lvl = (LUNG_WINDOWS if rng.random() < 0.5 else BONE_WINDOWS)[int(rng.integers(3))]
+        return _augment_u8(
+            _win(hu, w * rng.uniform(0.9, 1.1), lvl + rng.uniform(-50, 50)), rng, contrast=False
+        )
+    if r < 0.37 and p.reformat_hu:
+        hu = p.reformat_hu[int(rng.integers(len(p.reformat_hu)))]
+        return _augment_u8(
+            _win(hu, rng.uniform(300, 460), rng.uniform(30, 70)), rng, contrast=False
+        )
+    if r < 0.55 and p.neg_files:
+        return _augment_u8(gen_photo_crop(rng, p.neg_files), rng, contrast=True)
+    gens: list[Callable[[], np.ndarray]] = [
+        lambda: gen_document(rng),
+        lambda: gen_texture(rng),
+        lambda: gen_noise_or_gradient(rng),
+        lambda: gen_montage(rng, p.ct_u8),
+        lambda: gen_viewer(rng, p.ct_u8),
+        lambda: gen_viewer(rng, p.ct_u8),
+        lambda: gen_montage(rng, p.ct_u8),
+    ]
+    img = gens[int(rng.integers(len(gens)))]()
+    return _jpeg(img, rng) if rng.random() < 0.3 else img
+
+
+def make_batch(p: GatePools, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Half positives, half negatives: float32 (n, S, S, 1) 0..255 and labels float32 (n, 1)."""
+    imgs, labels = [], []
+    for k in range(n):
+        pos = k % 2 == 0
+        imgs.append(_sample_positive(p, rng) if pos else _sample_negative(p, rng))
+        labels.append(1.0 if pos else 0.0)
+    x, _ = to_input(imgs, INPUT_SIZE)
+    return x, np.asarray(labels, np.float32)[:, None]
+
+
+# --------------------------------------------------------------------------- evaluation sets
+
+
+def evaluation_set(p: GatePools, seed: int, n_generated: int = 240) -> dict[str, list[np.ndarray]]:
+    """Fixed labelled groups for threshold choice and reporting (positives per window and format)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[np.ndarray]] = {}
+    for w, lvl in EVAL_WINDOWS:
+        tag = f"W{int(w)}L{int(lvl)}"
+        groups[f"pos/hu/{tag}/png"] = [_win(h, w, lvl) for h in p.pos_hu]
+        groups[f"pos/hu/{tag}/jpeg"] = [
+            cv2.imdecode(
+                cv2.imencode(".jpg", _win(h, w, lvl), [cv2.IMWRITE_JPEG_QUALITY, 85])[1], 0
+            )
+            for h in p.pos_hu[::2]
+        ]
+    groups["pos/u8/png"] = list(p.pos_u8)
+    groups["pos/u8/jpeg"] = [
+        cv2.imdecode(cv2.imencode(".jpg", x, [cv2.IMWRITE_JPEG_QUALITY, 85])[1], 0)
+        for x in p.pos_u8
+    ]
+    groups["neg/files"] = list(p.neg_files)
+    groups["neg/far_slices"] = [_win(h, w, lvl) for h in p.far_hu for (w, lvl) in EVAL_WINDOWS[::2]]
+    groups["neg/lung_bone_window"] = [
+        _win(h, w, lvl) for h in p.pos_hu[::3] for (w, lvl) in (LUNG_WINDOWS[0], BONE_WINDOWS[0])
+    ]
+    groups["neg/reformat"] = [_win(h, 400, 50) for h in p.reformat_hu]
+    k = n_generated // 6
+    groups["neg/document"] = [gen_document(rng) for _ in range(k)]
+    groups["neg/texture_noise"] = [gen_texture(rng) for _ in range(k)] + [
+        gen_noise_or_gradient(rng) for _ in range(k)
+    ]
+    if p.ct_u8:
+        groups["neg/montage"] = [gen_montage(rng, p.ct_u8) for _ in range(k)]
+        groups["neg/viewer"] = [gen_viewer(rng, p.ct_u8) for _ in range(k)]
+    return {g: v for g, v in groups.items() if v}
+
+
+def score_groups(gate: LiverGate, groups: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Gate scores per group (batched by 64)."""
+    out = {}
+    for g, imgs in groups.items():
+        scores: list[float] = []
+        for i in range(0, len(imgs), 64):
+            scores += gate.score(imgs[i : i + 64])
+        out[g] = np.asarray(scores, np.float64)
+    return out
+
+
+def choose_threshold(scores: dict[str, np.ndarray], target_accept: float = 0.99) -> float:
+    """Threshold between negatives and positives: rejects every negative, keeps >= target if it can.
+
+    Midpoint in logit space between the highest negative score and the positives' (1 - target)
+    quantile; if those overlap, strictness wins (just above the highest negative).
+    """
+    pos = np.concatenate([v for g, v in scores.items() if g.startswith("pos/")])
+    neg = np.concatenate([v for g, v in scores.items() if g.startswith("neg/")])
+
+    def logit(p: float) -> float:
+        p = min(max(p, 1e-7), 1 - 1e-7)
+        return math.log(p / (1 - p))
+
+    hi_neg = logit(float(neg.max()))
+    lo_pos = logit(float(np.quantile(pos, 1.0 - target_accept)))
+    t = (hi_neg + lo_pos) / 2.0 if lo_pos > hi_neg else hi_neg + 1e-3
+    return float(1.0 / (1.0 + math.exp(-t)))
+
+
+def rates(scores: dict[str, np.ndarray], threshold: float) -> dict[str, Any]:
+    """Acceptance of positive groups and rejection of negative groups at ``threshold``."""
+    out: dict[str, Any] = {"by_group": {}}
+    pos_all, neg_all = [], []
+    for g, v in scores.items():
+        if g.startswith("pos/"):
+            r = float((v >= threshold).mean())
+            pos_all.append(v)
+            out["by_group"][g] = {"accepted": round(r, 4), "n": int(v.size)}
+        else:
+            r = float((v < threshold).mean())
+            neg_all.append(v)
+            out["by_group"][g] = {
+                "rejected": round(r, 4),
+                "n": int(v.size),
+                "max_score": round(float(v.max()), 4),
+            }
+    pos = np.concatenate(pos_all) if pos_all else np.zeros(0)
+    neg = np.concatenate(neg_all) if neg_all else np.zeros(0)
+    out["liver_accepted"] = round(float((pos >= threshold).mean()), 4) if pos.size else None
+    out["negatives_rejected"] = round(float((neg < threshold).mean()), 4) if neg.size else None
+    out["n_positive"], out["n_negative"] = int(pos.size), int(neg.size)
+    return out
+
+
+# --------------------------------------------------------------------------- training CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``train-gate`` options to ``parser``."""
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=50, help="batches per epoch")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--localiser",
+        type=Path,
+        default=STAGING_DIR.parent / "localiser",
+        help="localiser artifact used to pseudo-label unlabelled 8-bit slices (optional)",
+    )
+    parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR)
+    parser.add_argument("--out", type=Path, default=STAGING_DIR, help="artifact folder to write")
+    parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train the gate (resumable), choose its threshold on validation, report test rates, write the artifact."""
+    import tensorflow as tf
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    localiser = (
+        Localiser.load(args.localiser)
+        if (Path(args.localiser) / "localiser.json").is_file()
+        else None
+    )
+    if localiser is None:
+        log.info("no localiser at %s: unlabelled KiTS19/Spleen slices are not used", args.localiser)
+    ckpt_dir = Path(args.checkpoint_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt, state_path = ckpt_dir / "last.weights.h5", ckpt_dir / "state.json"
+    cnn = build_gate_cnn(INPUT_SIZE)
+    log.info("gate CNN: %d parameters", cnn.count_params())
+    start = 0
+    if not args.no_resume and ckpt.is_file() and state_path.is_file():
+        cnn.load_weights(str(ckpt))
+        start = int(json.loads(state_path.read_text())["epoch"])
+        log.info("resumed from %s at epoch %d", ckpt, start)
+    gate = LiverGate(cnn, threshold=0.5)
+    val_pools = GatePools("val", localiser, seed=1, shrink=4096)
+    val_groups = evaluation_set(val_pools, seed=101)
+
+    if start < args.epochs:
+        train = GatePools("train", localiser, seed=args.seed)
+        rng = np.random.default_rng(args.seed + 1000 * start)
+        sched = tf.keras.optimizers.schedules.CosineDecay(
+            args.lr, args.epochs * args.steps, alpha=0.05
+        )
+        opt = tf.keras.optimizers.Adam(sched)
+        opt.iterations.assign(start * args.steps)
+        spec = tf.TensorSpec((None, INPUT_SIZE, INPUT_SIZE, 1), tf.float32)
+
+        @tf.function(input_signature=[spec, tf.TensorSpec((None, 1), tf.float32)])
+        def step(x: Any, y: Any) -> Any:
+            with tf.GradientTape() as tape:
+                logits = cnn(x, training=True)
+                loss = tf.reduce_mean(
+                    tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits)
+                )
+            grads = tape.gradient(loss, cnn.trainable_variables)
+            opt.apply_gradients(zip(grads, cnn.trainable_variables, strict=True))
+            return loss
+
+        for epoch in range(start, args.epochs):
+            t0 = time.time()
+            losses = []
+            for _ in range(args.steps):
+                x, y = make_batch(train, rng, args.batch_size)
+                losses.append(float(step(tf.constant(x), tf.constant(y))))
+            sc = score_groups(gate, val_groups)
+            r = rates(sc, 0.5)
+            log.info(
+                "epoch %d/%d loss %.4f val@0.5: liver accepted %.4f, negatives rejected %.4f (%.0f img/s)",
+                epoch + 1,
+                args.epochs,
+                float(np.mean(losses)),
+                r["liver_accepted"],
+                r["negatives_rejected"],
+                args.steps * args.batch_size / (time.time() - t0),
+            )
+            cnn.save_weights(str(ckpt))
+            state_path.write_text(json.dumps({"epoch": epoch + 1}))
+
+    val_scores = score_groups(gate, val_groups)
+    threshold = choose_threshold(val_scores)
+    val_rates = rates(val_scores, threshold)
+    test_pools = GatePools("test", localiser, seed=2, shrink=4096)
+    hold_pools = GatePools("holdout", localiser, seed=3, shrink=4096)
+    test_groups = evaluation_set(test_pools, seed=202)
+    test_groups.update(
+        {
+            f"{g}@3Dircadb1.1": v
+            for g, v in evaluation_set(hold_pools, seed=303, n_generated=0).items()
+            if g.startswith(("pos/hu", "neg/far", "neg/lung", "neg/reformat"))
+        }
+    )
+    test_rates = rates(score_groups(gate, test_groups), threshold)
+    log.info(
+        "threshold %.4f; val: liver %.4f negatives %.4f; test: liver %.4f negatives %.4f",
+        threshold,
+        val_rates["liver_accepted"],
+        val_rates["negatives_rejected"],
+        test_rates["liver_accepted"],
+        test_rates["negatives_rejected"],
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / WEIGHTS_NAME
+    cnn.save_weights(str(weights))
+    from ml_core import datasets as D
+
+    card = {
+        "name": "liver-content-gate",
+        "weights": WEIGHTS_NAME,
+        "sha256": sha256_file(weights),
+        "input_size": INPUT_SIZE,
+        "input": "uint8 grey slice letterboxed (aspect kept, zero padded) to 128 px, values 0..255",
+        "labels_from_localiser_sha256": localiser.card.get("sha256") if localiser else None,
+        "threshold": threshold,
+        "threshold_rule": "on validation: midpoint (logit) between the highest negative score and the 1% quantile "
+        "of liver slices; if they overlap, just above the highest negative (strictness first)",
+        "parameters": int(cnn.count_params()),
+        "min_liver_px_512": MIN_LIVER_PX_512,
+        "far_mm": FAR_MM,
+        "metrics": {"val": val_rates, "test": test_rates},
+        "splits_sha256": sha256_file(D.SPLITS_PATH),
+        "training_command": f"python -m ml_core.gate --epochs {args.epochs} --steps {args.steps} "
+        f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}",
+    }
+    (out / CARD_NAME).write_text(json.dumps(card, indent=1) + "\n")
+    log.info("wrote %s (%.2f MB)", out, weights.stat().st_size / 1e6)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry: ``python -m ml_core.gate [options]``."""
+    parser = argparse.ArgumentParser(prog="python -m ml_core.gate", description=run.__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

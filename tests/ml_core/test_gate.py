@@ -1,0 +1,183 @@
+"""Content gate: threshold rule, generated negatives, sha256-verified loading, and the shipped gate
+accepting real liver slices (PNG, JPEG, DICOM) while rejecting non-liver files and far slices."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ml_core import gate as G
+from ml_core.errors import MLCoreError
+
+SHIPPED = G.STAGING_DIR
+
+
+def test_threshold_rejects_every_negative_and_sits_between_the_classes() -> None:
+    scores = {
+        "pos/a": np.array([0.97, 0.99, 0.995, 0.999] * 50),
+        "neg/b": np.array([0.01, 0.2, 0.6]),
+    }
+    t = G.choose_threshold(scores)
+    assert 0.6 < t < 0.97
+    r = G.rates(scores, t)
+    assert r["negatives_rejected"] == 1.0 and r["liver_accepted"] == 1.0
+    assert r["by_group"]["neg/b"]["max_score"] == 0.6
+
+
+def test_when_classes_overlap_strictness_wins_over_acceptance() -> None:
+    scores = {"pos/a": np.array([0.5, 0.9, 0.95, 0.99]), "neg/b": np.array([0.1, 0.92])}
+    t = G.choose_threshold(scores)
+    r = G.rates(scores, t)
+    assert r["negatives_rejected"] == 1.0
+    assert r["liver_accepted"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rng: G.gen_document(rng),
+        lambda rng: G.gen_texture(rng),
+        lambda rng: G.gen_noise_or_gradient(rng),
+        lambda rng: G.gen_montage(rng, [np.full((64, 64), 100, np.uint8)]),
+        lambda rng: G.gen_viewer(rng, [np.full((64, 64), 100, np.uint8)]),
+    ],
+    ids=["document", "texture", "noise", "montage", "viewer"],
+)
+def test_generated_negatives_are_grey_uint8_images(make) -> None:
+    for seed in range(5):
+        img = make(np.random.default_rng(seed))
+        assert img.dtype == np.uint8 and img.ndim == 2 and min(img.shape) >= 16
+
+
+def test_corrupted_gate_weights_fail_the_sha256_check_with_model_load_error(tmp_path: Path) -> None:
+    (tmp_path / G.WEIGHTS_NAME).write_bytes(b"tampered")
+    card = {"weights": G.WEIGHTS_NAME, "sha256": "f" * 64, "input_size": 128, "threshold": 0.5}
+    (tmp_path / G.CARD_NAME).write_text(json.dumps(card))
+    with pytest.raises(MLCoreError) as err:
+        G.LiverGate.load(tmp_path)
+    assert err.value.code == "model_load_error"
+
+
+# --------------------------------------------------------------------------- shipped gate
+
+
+@pytest.fixture(scope="module")
+def gate() -> G.LiverGate:
+    if not (SHIPPED / G.CARD_NAME).is_file():
+        pytest.skip("no trained gate in ml_core/models/_staging/gate")
+    return G.LiverGate.load(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def data_root() -> Path:
+    from ml_core import datasets as D
+
+    if not D.default_root().is_dir():
+        pytest.skip("../shared/data missing")
+    return D.default_root()
+
+
+def _slice_u8(data: bytes) -> np.ndarray:
+    from ml_core.decoding import decode
+    from ml_core.preprocessing import to_slice_u8
+
+    return to_slice_u8(decode(data))
+
+
+def _png(img: np.ndarray) -> bytes:
+    import cv2
+
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def _jpeg(img: np.ndarray, quality: int = 85) -> bytes:
+    import cv2
+
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+@pytest.mark.integration
+def test_shipped_gate_with_one_flipped_byte_is_refused(tmp_path: Path) -> None:
+    if not (SHIPPED / G.CARD_NAME).is_file():
+        pytest.skip("no trained gate in ml_core/models/_staging/gate")
+    dst = tmp_path / "gate"
+    shutil.copytree(SHIPPED, dst)
+    w = dst / G.WEIGHTS_NAME
+    data = bytearray(w.read_bytes())
+    data[-100] ^= 0x01
+    w.write_bytes(bytes(data))
+    with pytest.raises(MLCoreError) as err:
+        G.LiverGate.load(dst)
+    assert err.value.code == "model_load_error"
+
+
+@pytest.mark.integration
+def test_gate_accepts_held_out_liver_slices_as_png_jpeg_and_dicom(
+    gate: G.LiverGate, data_root: Path
+) -> None:
+    from ml_core import datasets as D
+
+    vol = D.load_hu_volume("ircadb", "3Dircadb1.1")  # never trained on
+    areas = vol.liver.reshape(vol.liver.shape[0], -1).sum(axis=1)
+    z = int(np.argmax(areas))
+    msd_img = next(img for img, _m, _meta in D.iter_msd("test"))
+    uploads = {
+        "ircadb W400/L50 png": _png(D.window_u8(vol.hu[z], 400, 50)),
+        "ircadb W350/L40 jpeg": _jpeg(D.window_u8(vol.hu[z], 350, 40)),
+        "ircadb W400/L60 jpeg": _jpeg(D.window_u8(vol.hu[z - 5], 400, 60), 75),
+        "msd test png": _png(msd_img),
+        "pydicom abdomen CT dicom": (
+            data_root / "pydicom_abdomen" / "ct_upper_abdomen__explicit_VR-UN.dcm"
+        ).read_bytes(),
+    }
+    slices = [_slice_u8(b) for b in uploads.values()]
+    scores = gate.score(slices)
+    for (name, _), s in zip(uploads.items(), scores, strict=True):
+        assert s >= gate.threshold, f"{name} rejected (score {s:.3f} < {gate.threshold:.3f})"
+
+
+@pytest.mark.integration
+def test_gate_rejects_every_held_out_negative_file(gate: G.LiverGate, data_root: Path) -> None:
+    from ml_core import datasets as D
+
+    negs = list(D.iter_negatives("test"))
+    assert negs
+    scores = gate.score([img for img, _rel in negs])
+    accepted = [rel for (_img, rel), s in zip(negs, scores, strict=True) if s >= gate.threshold]
+    assert accepted == []
+
+
+@pytest.mark.integration
+def test_gate_rejects_a_slice_far_below_the_liver_and_its_lung_window(
+    gate: G.LiverGate, data_root: Path
+) -> None:
+    from ml_core import datasets as D
+
+    vol = D.load_hu_volume("ircadb", "3Dircadb1.1")
+    dist = vol.liver_distance_mm()
+    assert dist is not None
+    far = int(np.argmax(dist))
+    assert dist[far] > G.FAR_MM
+    z = int(np.argmax(vol.liver.reshape(vol.liver.shape[0], -1).sum(axis=1)))
+    slices = [D.window_u8(vol.hu[far], 400, 50), D.window_u8(vol.hu[z], 1500, -600)]
+    assert all(s < gate.threshold for s in gate.score(slices))
+
+
+@pytest.mark.integration
+def test_validator_reports_not_liver_ct_for_a_far_slice_and_passes_a_liver_slice(
+    gate: G.LiverGate, data_root: Path
+) -> None:
+    from ml_core import datasets as D
+    from ml_core.validation import validate
+
+    vol = D.load_hu_volume("ircadb", "3Dircadb1.1")
+    dist = vol.liver_distance_mm()
+    z = int(np.argmax(vol.liver.reshape(vol.liver.shape[0], -1).sum(axis=1)))
+    far = validate(_png(D.window_u8(vol.hu[int(np.argmax(dist))])), gate=gate)
+    ok = validate(_png(D.window_u8(vol.hu[z])), gate=gate)
+    assert far.reason_code == "not_liver_ct" and not far.passed
+    assert ok.passed and ok.gate_threshold == gate.threshold
