@@ -243,7 +243,7 @@ class TrainingSet:
             self._add_u8(img, mask, 0)
         for img, mask, _meta in D.iter_slices_8bit(split, sources=("CHAOS-CT", "CURVAS", "AMOS22")):
             self._add_u8(img, mask, 1)
-        for img, mask, meta in D.iter_slices_8bit(
+        for img, mask, _meta in D.iter_slices_8bit(
             split, sources=("CHAOS-CT", "AMOS22"), harmonise=False
         ):
             self._add_u8(img, mask, 1)  # the exported wide window too: robustness to odd windows
