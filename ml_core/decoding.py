@@ -291,7 +291,9 @@ def _dicom_pixels(ds: pydicom.Dataset) -> np.ndarray:
         arr = ds.pixel_array
     except MemoryError:
         raise Undecodable("DICOM pixel data is too large to decode") from None
-    except Exception as exc:  # decoders raise many types on corrupt input
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - Rust decoders panic (pyo3 PanicException)
         raise Undecodable(f"DICOM pixel data could not be decoded ({type(exc).__name__})") from None
     return np.asarray(arr)
 

@@ -21,6 +21,50 @@ from ml_core.types import Check, DecodedImage, ValidationReport
 
 log = logging.getLogger(__name__)
 
+#: Every reason code the validator can return, in layer order, with the check that sets it.
+#: Stable: clients branch on these; docs/validation.md renders this table.
+REASON_CODES: dict[str, tuple[str, str]] = {
+    "empty_file": ("file_size", "the upload has zero bytes"),
+    "too_large": ("file_size_limit", "the upload exceeds the byte limit"),
+    "unsupported_format": ("format", "magic bytes are not PNG, JPEG or DICOM"),
+    "undecodable": ("header / decodable", "truncated, corrupt or unparseable container or pixels"),
+    "pixel_limit": ("pixel_limit", "the header announces too many pixels (decompression bomb)"),
+    "unsupported_modality": (
+        "dicom_modality",
+        "DICOM Modality is not CT or MR (CR, DX, US, NM, OT, SEG…)",
+    ),
+    "wrong_body_part": ("dicom_body_part", "header names head/neck, an extremity, or chest only"),
+    "unsupported_image_type": ("dicom_image_type", "ImageType is a localizer/scout, not a slice"),
+    "not_axial": (
+        "dicom_orientation",
+        "ImageOrientationPatient is not axial (tilt over ~37 degrees)",
+    ),
+    "burned_in_annotation": (
+        "dicom_burned_in_annotation",
+        "BurnedInAnnotation YES: pixels may show PHI",
+    ),
+    "no_pixel_data": ("dicom_pixel_data", "DICOM has no PixelData element"),
+    "multi_frame": ("dicom_frames", "DICOM holds more than one frame; send one slice per file"),
+    "unsupported_transfer_syntax": (
+        "dicom_transfer_syntax",
+        "no installed decoder for the transfer syntax",
+    ),
+    "bad_aspect": ("aspect_ratio", "width/height outside 0.5–2.0"),
+    "too_small": ("min_dimensions", "a side shorter than 128 px"),
+    "too_large_dims": ("max_dimensions", "a side longer than 4096 px"),
+    "not_grayscale": (
+        "dicom_photometric / grayscale",
+        "colour image, colour overlay or colour DICOM",
+    ),
+    "implausible_hu": ("hu_range", "CT values are not plausible Hounsfield units (bad rescale)"),
+    "blank_image": ("not_blank", "constant or nearly constant image"),
+    "low_dynamic_range": (
+        "dynamic_range",
+        "grey levels span too little (washed-out or nearly blank)",
+    ),
+    "not_liver_ct": ("content", "the learned gate does not see an axial liver CT/MR slice"),
+}
+
 
 class ContentGate(Protocol):
     """A learned gate: probability that each uint8 (H, W) slice is an axial liver CT/MR slice."""
@@ -466,7 +510,9 @@ def validate(
         pass
     except MLCoreError as exc:
         run.fail("decodable", exc.code, str(exc))
-    except Exception as exc:  # noqa: BLE001 - hostile input must end as a reason code
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - hostile input must end as a reason code
         # Last line of defence: a third-party parser failing on hostile input is "undecodable".
         log.warning("validation hit %s on a %d-byte upload", type(exc).__name__, len(data))
         run.fail("decodable", "undecodable", f"input could not be parsed ({type(exc).__name__})")

@@ -188,3 +188,12 @@ def read(data_dir: Path) -> Callable[[str], bytes]:
         return (data_dir / rel).read_bytes()
 
     return _read
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Print how many fuzz examples ran and how they ended (test_fuzz_validation.py)."""
+    lines = getattr(config, "liverscan_fuzz_lines", None)
+    if lines:
+        terminalreporter.write_sep("-", "validator fuzzing")
+        for line in lines:
+            terminalreporter.write_line(line)
