@@ -96,7 +96,15 @@ def _safe_next(target: str | None) -> str:
     if not target:
         return url_for("web.jobs")
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+    # Browsers read "/\host" as "//host": backslashes and control characters are refused too.
+    unsafe = "\\" in target or any(ord(c) < 32 for c in target)
+    if (
+        parts.scheme
+        or parts.netloc
+        or unsafe
+        or not target.startswith("/")
+        or target.startswith("//")
+    ):
         return url_for("web.jobs")
     return target
 

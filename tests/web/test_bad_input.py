@@ -155,3 +155,20 @@ def test_upload_form_without_javascript_checks_token_and_size(
     refused = page.request.post("/upload", multipart={"csrf_token": token, "file": big})
     assert refused.status == 413
     assert f"File too large: big.png is over the {MAX_UPLOAD_MB} MB limit." in refused.text()
+
+
+@pytest.mark.parametrize(
+    "target", ["https://evil.example/", "//evil.example/", "/\\evil.example/", "jobs"]
+)
+def test_login_never_redirects_off_site(page: Page, live_server: LiveServer, target: str) -> None:
+    email = unique_email("next")
+    live_server.api_signup(email, "Clinic Next")
+    page.goto("/login")
+    token = page.locator('input[name="csrf_token"]').input_value()
+    resp = page.request.post(
+        "/login",
+        form={"csrf_token": token, "email": email, "password": PASSWORD, "next": target},
+        max_redirects=0,
+    )
+    assert resp.status == 302
+    assert resp.headers["location"] == "/jobs"
