@@ -17,6 +17,7 @@ Usage: python bench/ml_validation.py [--repeats 50]
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import logging
@@ -113,8 +114,8 @@ def bench_speed(hu: np.ndarray, repeats: int) -> None:
     }
     for fmt, data in uploads.items():
         cfg = {"format": fmt, "size": "512x512", "repeats": repeats, "gate": None}
-        total = median_ms(lambda d=data: validate(d, gate=None), repeats)
-        dec = median_ms(lambda d=data: decode(d, allow_color=True), repeats)
+        total = median_ms(functools.partial(validate, data, gate=None), repeats)
+        dec = median_ms(functools.partial(decode, data, allow_color=True), repeats)
         emit(f"validate_rules_ms/{fmt}", total, "ms", cfg)
         emit(f"decode_ms/{fmt}", dec, "ms", cfg)
         emit(f"rule_overhead_ms/{fmt}", max(total - dec, 0.0), "ms", cfg)
