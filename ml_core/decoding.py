@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml_core.errors import (
-    MLCoreError,
+    MultiFrame,
     NoPixelData,
+    NotGrayscale,
     PixelLimit,
     Undecodable,
     UnsupportedFormat,
@@ -48,18 +49,6 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _DICOM_FIRST_GROUPS = {0x0002, 0x0008}
-
-
-class MultiFrame(MLCoreError):
-    """A multi-frame DICOM: one job is one slice (send frames as separate files)."""
-
-    code = "multi_frame"
-
-
-class NotGrayscale(MLCoreError):
-    """A colour image was decoded without ``allow_color``."""
-
-    code = "not_grayscale"
 
 
 @dataclass(frozen=True)
@@ -162,8 +151,18 @@ def _probe_jpeg(data: bytes) -> Probe:
     raise Undecodable("JPEG is truncated before its first scan")
 
 
+def _quiet_pydicom() -> None:
+    """Stop pydicom echoing malformed header values (which may be PHI) into warnings and logs."""
+    from pydicom import config
+
+    config.settings.reading_validation_mode = config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
 def _read_dicom(data: bytes) -> pydicom.Dataset:
     import pydicom
+
+    _quiet_pydicom()
 
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -60,6 +60,24 @@ class NoPixelData(MLCoreError):
     code = "no_pixel_data"
 
 
+class MultiFrame(MLCoreError):
+    """A multi-frame DICOM: one job is one slice (send frames as separate files)."""
+
+    code = "multi_frame"
+
+
+class NotGrayscale(MLCoreError):
+    """A colour image was decoded without ``allow_color``, or a colour DICOM."""
+
+    code = "not_grayscale"
+
+
+class RenderError(MLCoreError):
+    """An image could not be encoded (wrong shape or an encoder failure)."""
+
+    code = "render_error"
+
+
 class ModelLoadError(MLCoreError):
     """A model artifact is missing, incomplete or fails its sha256 check."""
 

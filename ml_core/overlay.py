@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ml_core.errors import MLCoreError
-
-
-class RenderError(MLCoreError):
-    """An image could not be encoded (wrong shape or an encoder failure)."""
-
-    code = "render_error"
+from ml_core.errors import RenderError
 
 
 def _as_slice(slice_u8: np.ndarray) -> np.ndarray:
@@ -23,7 +17,9 @@ def _as_slice(slice_u8: np.ndarray) -> np.ndarray:
 def _as_heatmap(heatmap: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
     import cv2
 
-    h: np.ndarray = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    h: np.ndarray = np.nan_to_num(
+        np.asarray(heatmap, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0
+    )
     if h.ndim != 2 or h.size == 0:
         raise RenderError(f"expected a (H, W) heatmap, got shape {h.shape}")
     h = np.clip(h, 0.0, 1.0)

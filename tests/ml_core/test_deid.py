@@ -102,3 +102,25 @@ def test_no_phi_in_decoded_result_report_overlays_or_logs(
     assert _leaks(json.dumps(rejected.to_dict())) == []
     assert _leaks(caplog.text) == []
     assert _leaks(" ".join(str(r.args) for r in caplog.records)) == []
+
+
+def test_malformed_values_are_not_echoed_into_warnings_or_logs(
+    make: SimpleNamespace,
+    ircadb,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
+) -> None:
+    import warnings
+
+    ds = make.ct_dataset(ircadb.hu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.StudyInstanceUID = "Zzyzx.Quentavious.MRN-7734119"  # not a valid UID: pydicom complains
+        data = make.dicom(ds)
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = validate(data, gate=None)
+    assert report.passed
+    assert _leaks(" ".join(str(w.message) for w in caught)) == []
+    assert _leaks(caplog.text) == []
+    assert _leaks(json.dumps(report.image.dicom if report.image else None)) == []
