@@ -32,14 +32,17 @@ from e2e_support import (
 
 @pytest.fixture(scope="session", autouse=True)
 def require_model() -> None:
-    """These tests drive the shipped model; without an artifact there is nothing to test end to end."""
-    from ml_core.classifier import default_model_path
+    """These tests drive the served model (LIVERSCAN_MODEL_PATH or the shipped one); skip without one."""
+    from api.domain.settings import Settings
     from ml_core.errors import ModelLoadError
+    from worker.model_cache import model_path
 
     try:
-        default_model_path()
+        path = model_path(Settings())
     except ModelLoadError as exc:
         pytest.skip(f"no shipped model under ml_core/models yet: {exc}")
+    if not (path / "model_card.json").is_file():
+        pytest.skip(f"no model artifact at {path}")
 
 
 @pytest.fixture(scope="session")

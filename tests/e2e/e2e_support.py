@@ -123,7 +123,12 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 def base_env(**liverscan: str) -> dict[str, str]:
     """The parent environment without LIVERSCAN_* leftovers, plus the given settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVERSCAN_")}
+    # LIVERSCAN_MODEL_PATH passes through: the suite can be pointed at another artifact.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("LIVERSCAN_") or k == "LIVERSCAN_MODEL_PATH"
+    }
     env.update({"LIVERSCAN_" + k.upper(): v for k, v in liverscan.items()})
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
