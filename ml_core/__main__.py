@@ -59,6 +59,30 @@ def _row(path: Path, report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _volume_rows(path: Path, gate: Any) -> list[dict[str, Any]]:
+    """One row per axial slice of a NIfTI volume (rows named ``file#z=<index>``)."""
+    from ml_core.decoding import decode_volume
+    from ml_core.errors import MLCoreError
+    from ml_core.validation import validate_image
+
+    modality = "MR" if "_mr" in path.name.lower() or "mri" in path.name.lower() else "CT"
+    rows = []
+    try:
+        for z, image in enumerate(decode_volume(path, modality=modality)):
+            rows.append(_row(Path(f"{path}#z={z}"), validate_image(image, gate=gate).to_dict()))
+    except MLCoreError as exc:
+        rows.append(
+            {
+                "file": str(path),
+                "passed": False,
+                "reason_code": exc.code,
+                "detail": str(exc),
+                "validation": None,
+            }
+        )
+    return rows
+
+
 def run_validate(args: argparse.Namespace) -> int:
     """Validate every file under ``args.paths`` and print a table or JSON lines; 0 if all passed."""
     from ml_core.validation import validate
@@ -80,6 +104,9 @@ def run_validate(args: argparse.Namespace) -> int:
         return 2
     rows: list[dict[str, Any]] = []
     for path in files:
+        if path.name.endswith((".nii", ".nii.gz")):
+            rows.extend(_volume_rows(path, gate))
+            continue
         try:
             data = path.read_bytes()
         except OSError as exc:

@@ -433,6 +433,62 @@ def _content_check(
     return score, threshold, passed
 
 
+def _geometry_checks(run: _Run, width: int, height: int, limits: ValidationLimits) -> None:
+    aspect = width / height if height else 0.0
+    _require(
+        run,
+        "aspect_ratio",
+        limits.min_aspect <= aspect <= limits.max_aspect,
+        "bad_aspect",
+        f"width/height = {aspect:.2f} (allowed {limits.min_aspect}-{limits.max_aspect})",
+    )
+    short, long = min(width, height), max(width, height)
+    dims = f"{width}x{height} (allowed {limits.min_side}-{limits.max_side} px a side)"
+    _require(run, "min_dimensions", short >= limits.min_side, "too_small", dims)
+    _require(run, "max_dimensions", long <= limits.max_side, "too_large_dims", dims)
+
+
+def validate_image(
+    image: DecodedImage, *, gate: ContentGate | None, limits: ValidationLimits | None = None
+) -> ValidationReport:
+    """Run the geometry, signal and content layers on an already decoded slice (e.g. NIfTI).
+
+    For volumes on the command line and batch paths, where there are no upload bytes; the
+    container and DICOM header layers do not apply. Never raises on bad pixels.
+    """
+    from ml_core.preprocessing import to_slice_u8
+
+    limits = limits or ValidationLimits()
+    run = _Run()
+    slice_u8: np.ndarray | None = None
+    score: float | None = None
+    threshold: float | None = None
+    try:
+        _geometry_checks(run, image.width, image.height, limits)
+        _require(
+            run,
+            "decodable",
+            bool(np.all(np.isfinite(image.pixels))),
+            "undecodable",
+            f"{image.format} slice, modality {image.modality or 'unknown'}",
+        )
+        slice_u8 = to_slice_u8(image)
+        _signal_checks(run, image, slice_u8, 0.0, limits)
+    except _Stop:
+        pass
+    if run.reason_code is None and slice_u8 is not None:
+        score, threshold, _ = _content_check(run, slice_u8, gate)
+    return ValidationReport(
+        passed=run.reason_code is None,
+        reason_code=run.reason_code,
+        checks=run.checks,
+        image=image,
+        slice_u8=slice_u8,
+        gate_score=score,
+        gate_threshold=threshold,
+    )
+
+
 def validate(
     data: bytes, *, gate: ContentGate | None, limits: ValidationLimits | None = None
 ) -> ValidationReport:
@@ -482,20 +538,7 @@ def validate(
         )
         if probe.format == "dicom":
             _dicom_header_checks(run, probe.dataset, limits)
-        aspect = probe.width / probe.height
-        _require(
-            run,
-            "aspect_ratio",
-            limits.min_aspect <= aspect <= limits.max_aspect,
-            "bad_aspect",
-            f"width/height = {aspect:.2f} (allowed {limits.min_aspect}-{limits.max_aspect})",
-        )
-        short, long = min(probe.width, probe.height), max(probe.width, probe.height)
-        dims = (
-            f"{probe.width}x{probe.height} (allowed {limits.min_side}-{limits.max_side} px a side)"
-        )
-        _require(run, "min_dimensions", short >= limits.min_side, "too_small", dims)
-        _require(run, "max_dimensions", long <= limits.max_side, "too_large_dims", dims)
+        _geometry_checks(run, probe.width, probe.height, limits)
         image, colour = _attempt(
             run,
             "decodable",

@@ -363,3 +363,20 @@ def test_gate_is_not_called_after_a_rule_failure(read) -> None:  # type: ignore[
     gate = _ConstantGate(0.99)
     report = validate(read("negatives/skimage/astronaut.png"), gate=gate)
     assert report.reason_code == "not_grayscale" and gate.calls == 0 and report.gate_score is None
+
+
+def test_validate_image_on_volume_slices(data_dir) -> None:  # type: ignore[no-untyped-def]
+    from ml_core.decoding import decode_volume
+    from ml_core.validation import validate_image
+
+    slices = list(decode_volume(data_dir / "totalsegmentator" / "example_ct_sm.nii.gz"))
+    report = validate_image(slices[15], gate=None)
+    assert report.reason_code == "too_small"  # 122x101 px at 3 mm
+    loose = ValidationLimits(min_side=64)
+    report = validate_image(slices[15], gate=_ConstantGate(0.9), limits=loose)
+    assert report.passed and report.gate_score == pytest.approx(0.9)
+    assert [c.name for c in report.checks][:3] == [
+        "aspect_ratio",
+        "min_dimensions",
+        "max_dimensions",
+    ]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,3 +85,22 @@ def test_train_and_evaluate_are_wired(tmp_path: Path) -> None:
         done = _cli(sub, "--help")
         assert done.returncode == 0, done.stderr
         assert f"usage: python -m ml_core {sub}" in done.stdout
+
+
+def test_nifti_volume_is_checked_slice_by_slice(tmp_path: Path, ircadb, data_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    import nibabel as nib
+
+    volume = np.stack([ircadb.hu.T[::-1, ::-1]] * 3, axis=-1).astype(np.int16)  # RAS+ (x, y, z)
+    nib.save(nib.Nifti1Image(volume, np.diag([0.7, 0.7, 2.5, 1.0])), tmp_path / "liver_ct.nii.gz")
+    done = _cli(
+        "validate",
+        "--json",
+        "--no-gate",
+        str(tmp_path / "liver_ct.nii.gz"),
+        str(data_dir / "totalsegmentator" / "example_ct_sm.nii.gz"),
+    )
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    ours = [r for r in rows if "liver_ct.nii.gz#z=" in r["file"]]
+    assert [r["passed"] for r in ours] == [True, True, True]
+    small = [r for r in rows if "example_ct_sm.nii.gz#z=" in r["file"]]
+    assert len(small) == 30 and {r["reason_code"] for r in small} == {"too_small"}  # 3 mm, 122x101
