@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ml_core.errors import (
+    MLCoreError,
     MultiFrame,
     NoPixelData,
     NotGrayscale,
@@ -429,13 +430,18 @@ def decode(
         from ml_core.errors import EmptyFile
 
         raise EmptyFile("the file is empty")
-    p = probe(data)
-    check_pixel_limit(p, max_pixels)
-    if p.format == "dicom" and not any(
-        k in p.dataset for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-    ):
-        raise NoPixelData("DICOM has no PixelData element")
-    image, _ = decode_probed(data, p, allow_color=allow_color)
+    try:
+        p = probe(data)
+        check_pixel_limit(p, max_pixels)
+        if p.format == "dicom" and "PixelData" not in p.dataset:
+            raise NoPixelData("DICOM has no PixelData element")
+        image, _ = decode_probed(data, p, allow_color=allow_color)
+    except MLCoreError:
+        raise
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - parsers fail in many ways on hostile input
+        raise Undecodable(f"input could not be parsed ({type(exc).__name__})") from None
     return image
 
 

@@ -258,7 +258,7 @@ def deidentify(ds: pydicom.Dataset, *, uid_salt: str = DEFAULT_UID_SALT) -> pydi
     return out
 
 
-def _get(ds: pydicom.Dataset, keyword: str) -> Any:
+def header_value(ds: pydicom.Dataset, keyword: str) -> Any:
     """Return an attribute value, or None when absent or not parseable (corrupt headers)."""
     try:
         return ds.get(keyword)
@@ -266,7 +266,7 @@ def _get(ds: pydicom.Dataset, keyword: str) -> Any:
         return None
 
 
-def _safe_cs(value: Any) -> str | None:
+def code_string(value: Any) -> str | None:
     """Return a code string value only when it is a plain short code (never free text)."""
     text = str(value or "").strip().upper()
     return text if _SAFE_CS.match(text) else None
@@ -275,38 +275,38 @@ def _safe_cs(value: Any) -> str | None:
 def header_summary(ds: pydicom.Dataset, *, uid_salt: str = DEFAULT_UID_SALT) -> dict[str, Any]:
     """Return the few de-identified header fields the service keeps (no PHI; UIDs remapped)."""
     meta = getattr(ds, "file_meta", None)
-    ts = _get(meta, "TransferSyntaxUID") if meta is not None else None
+    ts = header_value(meta, "TransferSyntaxUID") if meta is not None else None
 
     def uid(keyword: str) -> str | None:
-        value = _get(ds, keyword)
+        value = header_value(ds, keyword)
         return _remap_value(str(value), uid_salt) if value else None
 
     def number(keyword: str) -> int | None:
         try:
-            value = _get(ds, keyword)
+            value = header_value(ds, keyword)
             return int(value) if value is not None and value != "" else None
         except Exception:
             return None
 
     spacing = None
     try:
-        sp = _get(ds, "PixelSpacing")
+        sp = header_value(ds, "PixelSpacing")
         if sp is not None and len(sp) == 2:
             spacing = [float(sp[0]), float(sp[1])]
     except Exception:
         spacing = None
-    image_type = _get(ds, "ImageType")
-    sop_class = str(_get(ds, "SOPClassUID") or "")
+    image_type = header_value(ds, "ImageType")
+    sop_class = str(header_value(ds, "SOPClassUID") or "")
     values = (
         list(image_type)
         if image_type is not None and not isinstance(image_type, str)
         else ([image_type] if image_type else [])
     )
     return {
-        "modality": _safe_cs(_get(ds, "Modality")),
-        "body_part": _safe_cs(_get(ds, "BodyPartExamined")),
-        "image_type": [v for v in (_safe_cs(x) for x in values) if v],
-        "photometric_interpretation": _safe_cs(_get(ds, "PhotometricInterpretation")),
+        "modality": code_string(header_value(ds, "Modality")),
+        "body_part": code_string(header_value(ds, "BodyPartExamined")),
+        "image_type": [v for v in (code_string(x) for x in values) if v],
+        "photometric_interpretation": code_string(header_value(ds, "PhotometricInterpretation")),
         "rows": number("Rows"),
         "columns": number("Columns"),
         "frames": number("NumberOfFrames") or 1,
@@ -315,5 +315,5 @@ def header_summary(ds: pydicom.Dataset, *, uid_salt: str = DEFAULT_UID_SALT) -> 
         "sop_class_uid": sop_class if sop_class and _is_standard_uid(sop_class) else None,
         "study_uid": uid("StudyInstanceUID"),
         "series_uid": uid("SeriesInstanceUID"),
-        "burned_in_annotation": _safe_cs(_get(ds, "BurnedInAnnotation")),
+        "burned_in_annotation": code_string(header_value(ds, "BurnedInAnnotation")),
     }

@@ -275,12 +275,12 @@ def _tokens(*values: Any) -> set[str]:
 
 def body_part_verdict(ds: Any) -> tuple[bool, str]:
     """Decide from BodyPartExamined/Study/SeriesDescription whether the body part rules it out."""
-    from ml_core.deid import _get
+    from ml_core.deid import header_value
 
     fields = {
-        "BodyPartExamined": _get(ds, "BodyPartExamined"),
-        "StudyDescription": _get(ds, "StudyDescription"),
-        "SeriesDescription": _get(ds, "SeriesDescription"),
+        "BodyPartExamined": header_value(ds, "BodyPartExamined"),
+        "StudyDescription": header_value(ds, "StudyDescription"),
+        "SeriesDescription": header_value(ds, "SeriesDescription"),
     }
     tokens = _tokens(*fields.values())
     abdomen = tokens & _ABDOMEN
@@ -298,9 +298,9 @@ def body_part_verdict(ds: Any) -> tuple[bool, str]:
 
 def _dicom_header_checks(run: _Run, ds: Any, limits: ValidationLimits) -> None:
     from ml_core.decoding import axial_normal_z, check_transfer_syntax
-    from ml_core.deid import _get, _safe_cs
+    from ml_core.deid import code_string, header_value
 
-    modality = _safe_cs(_get(ds, "Modality"))
+    modality = code_string(header_value(ds, "Modality"))
     _require(
         run,
         "dicom_modality",
@@ -310,7 +310,7 @@ def _dicom_header_checks(run: _Run, ds: Any, limits: ValidationLimits) -> None:
     )
     passed, detail = body_part_verdict(ds)
     _require(run, "dicom_body_part", passed, "wrong_body_part", detail)
-    image_type = _tokens(_get(ds, "ImageType"))
+    image_type = _tokens(header_value(ds, "ImageType"))
     bad = sorted(image_type & set(limits.forbidden_image_types))
     _require(
         run,
@@ -329,7 +329,7 @@ def _dicom_header_checks(run: _Run, ds: Any, limits: ValidationLimits) -> None:
         if nz is None
         else f"slice normal |z| = {nz:.2f} (axial needs >= {limits.min_axial_normal_z})",
     )
-    burned = _safe_cs(_get(ds, "BurnedInAnnotation"))
+    burned = code_string(header_value(ds, "BurnedInAnnotation"))
     _require(
         run,
         "dicom_burned_in_annotation",
@@ -348,13 +348,13 @@ def _dicom_header_checks(run: _Run, ds: Any, limits: ValidationLimits) -> None:
         "PixelData present" if has_pixels else "no PixelData element",
     )
     try:
-        frames = int(_get(ds, "NumberOfFrames") or 1)
+        frames = int(header_value(ds, "NumberOfFrames") or 1)
     except (TypeError, ValueError):
         frames = 0
     _require(
         run, "dicom_frames", frames == 1, "multi_frame", f"{frames} frame(s); one slice per file"
     )
-    photometric = _safe_cs(_get(ds, "PhotometricInterpretation")) or "MONOCHROME2"
+    photometric = code_string(header_value(ds, "PhotometricInterpretation")) or "MONOCHROME2"
     grey = photometric in ("MONOCHROME1", "MONOCHROME2")
     _require(
         run, "dicom_photometric", grey, "not_grayscale", f"PhotometricInterpretation {photometric}"

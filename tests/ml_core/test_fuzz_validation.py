@@ -141,3 +141,25 @@ def test_decoder_inputs_of_every_shape_never_crash(make: SimpleNamespace) -> Non
     for arr in cases:
         _check("random", make.png(arr))
     _check("random", make.jpeg(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)))
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg", "dicom"])
+def test_decode_raises_only_mlcore_errors(seeds: dict[str, bytes], kind: str) -> None:
+    """``decode`` itself (used by the CLI and batch paths) fails only with a stable code."""
+    from ml_core.decoding import decode
+    from ml_core.errors import MLCoreError
+
+    @settings(FUZZ, max_examples=60)
+    @given(data=mutated(seeds[kind], 1200))
+    def run(data: bytes) -> None:
+        RUNS["decode"] += 1
+        try:
+            image = decode(data)
+        except MLCoreError as exc:
+            assert exc.code in {*REASON_CODES, "not_grayscale"}, exc.code
+            OUTCOMES[f"decode:{exc.code}"] += 1
+            return
+        assert image.pixels.ndim == 2 and np.all(np.isfinite(image.pixels))
+        OUTCOMES["decode:ok"] += 1
+
+    run()
