@@ -283,16 +283,17 @@ def body_part_verdict(ds: Any) -> tuple[bool, str]:
         "SeriesDescription": header_value(ds, "SeriesDescription"),
     }
     tokens = _tokens(*fields.values())
-    abdomen = tokens & _ABDOMEN
-    for words, label in ((_HEAD_NECK, "head/neck"), (_EXTREMITY, "extremity")):
+    abdomen = sorted(tokens & _ABDOMEN)
+    if abdomen:  # multi-region series (neck-to-pelvis, runoff) include the liver: the gate decides
+        return True, f"header names abdomen ({abdomen[0].lower()})"
+    for words, label in (
+        (_HEAD_NECK, "head/neck"),
+        (_EXTREMITY, "extremity"),
+        (_CHEST, "chest only"),
+    ):
         hit = sorted(tokens & words)
         if hit:
             return False, f"header names {label} ({hit[0].lower()})"
-    chest = sorted(tokens & _CHEST)
-    if chest and not abdomen:
-        return False, f"header names chest only ({chest[0].lower()})"
-    if abdomen:
-        return True, f"header names abdomen ({sorted(abdomen)[0].lower()})"
     return True, "no body part ruled out by the header"
 
 

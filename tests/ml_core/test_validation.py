@@ -221,14 +221,18 @@ def test_body_part_words_rule_out(make: SimpleNamespace, ircadb, header: dict) -
     assert "header names" in out["checks"][-1]["detail"]
 
 
-def test_chest_with_abdomen_is_not_ruled_out(make: SimpleNamespace, ircadb) -> None:  # type: ignore[no-untyped-def]
-    _passes_rules(
-        make.dicom(
-            make.ct_dataset(
-                ircadb.hu, BodyPartExamined="CHEST", StudyDescription="CT Chest/Abdomen/Pelvis"
-            )
-        )
-    )
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"BodyPartExamined": "CHEST", "StudyDescription": "CT Chest/Abdomen/Pelvis"},
+        {"BodyPartExamined": None, "StudyDescription": "Trauma neck chest abdomen pelvis"},
+        {"BodyPartExamined": "ABDOMEN", "SeriesDescription": "CTA abdomen leg runoff"},
+    ],
+)
+def test_regions_that_include_the_abdomen_are_not_ruled_out(
+    make: SimpleNamespace, ircadb, header: dict
+) -> None:  # type: ignore[no-untyped-def]
+    _passes_rules(make.dicom(make.ct_dataset(ircadb.hu, **header)))
 
 
 def test_localizer_is_unsupported_image_type(make: SimpleNamespace, ircadb) -> None:  # type: ignore[no-untyped-def]
