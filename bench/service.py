@@ -257,6 +257,7 @@ def measure(backend: str, base: str, png: bytes, get_requests: int) -> None:
         "clients": clients,
         "requests": get_requests,
         "errors": sum(1 for s in statuses if s != 200),
+        "error_kinds": sorted({str(s) for s in statuses if s != 200}),
     }
     emit("get_job_rps", get_requests / elapsed, "requests/s", cfg)
 
