@@ -33,7 +33,10 @@ REASON_CODES: dict[str, tuple[str, str]] = {
         "dicom_modality",
         "DICOM Modality is not CT or MR (CR, DX, US, NM, OT, SEG…)",
     ),
-    "wrong_body_part": ("dicom_body_part", "header names head/neck, an extremity, or chest only"),
+    "wrong_body_part": (
+        "dicom_body_part",
+        "header names head/neck, an extremity or the chest, and no abdominal word",
+    ),
     "unsupported_image_type": ("dicom_image_type", "ImageType is a localizer/scout, not a slice"),
     "not_axial": (
         "dicom_orientation",
