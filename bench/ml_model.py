@@ -1,0 +1,109 @@
+"""Benchmark of the tumor classifier: forward img/s at batch 1/8/32, CAM cost, ml_core end to end.
+
+Prints JSON lines {"name", "value", "unit", "config"}. Runtimes here vary up to 2x from run to
+run (shared 2-core machine): compare numbers from the same run only. Uses the shipped model
+(ml_core/models/CURRENT) when present, else random weights of the same architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+log = logging.getLogger("bench.ml_model")
+
+
+def emit(name: str, value: float, unit: str, config: dict[str, Any]) -> None:
+    """Print one JSON line."""
+    sys.stdout.write(
+        json.dumps({"name": name, "value": round(value, 3), "unit": unit, "config": config}) + "\n"
+    )
+    sys.stdout.flush()
+
+
+def rate(fn: Any, n_items: int, min_s: float = 3.0) -> float:
+    """Items per second of ``fn`` after one warm-up call, over at least ``min_s`` seconds."""
+    fn()
+    t0, k = time.perf_counter(), 0
+    while True:
+        fn()
+        k += 1
+        dt = time.perf_counter() - t0
+        if dt >= min_s:
+            return k * n_items / dt
+
+
+def main() -> int:
+    """Run every measurement and print JSON lines."""
+    import tensorflow as tf
+
+    from ml_core.classifier import Classifier, default_model_path
+    from ml_core.decoding import decode
+    from ml_core.evaluation import load_test, window_u8
+    from ml_core.overlay import encode_png, overlay_png
+    from ml_core.preprocessing import to_slice_u8
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        clf = Classifier.load(default_model_path())
+        model = f"{clf.info.name}-{clf.info.version}"
+    except Exception as exc:  # no shipped model in this checkout: measure the architecture
+        log.warning("no shipped model (%s); random weights", exc)
+        clf = Classifier.build_untrained(input_size=128)
+        model = "b0-random-128"
+    size = clf._spec.input_size
+    net = clf._network
+    cfg = {
+        "model": model,
+        "input": size,
+        "runtime": "tensorflow tf.function",
+        "threads": tf.config.threading.get_intra_op_parallelism_threads(),
+    }
+
+    @tf.function(reduce_retracing=True)
+    def logits_only(x: tf.Tensor) -> tf.Tensor:
+        return net(x, training=False)[0]
+
+    rng = np.random.default_rng(0)
+    for b in (1, 8, 32):
+        x = tf.constant(rng.uniform(0, 255, (b, size, size, 3)).astype(np.float32))
+        fwd = rate(lambda x=x: logits_only(x).numpy(), b)
+        cam = rate(lambda x=x: [t.numpy() for t in clf._forward(x)], b)
+        emit("classifier_forward", fwd, "img/s", {**cfg, "batch": b})
+        emit("classifier_forward_with_cam", cam, "img/s", {**cfg, "batch": b})
+        emit("cam_cost_ratio", fwd / cam, "x forward", {**cfg, "batch": b})
+
+    import cv2
+
+    t = load_test()
+    pngs = [cv2.imencode(".png", window_u8(h, 400, 50))[1].tobytes() for h in t["hu"][:8]]
+
+    def end_to_end() -> None:
+        slices = [to_slice_u8(decode(b)) for b in pngs]
+        for s, p in zip(slices, clf.predict(slices), strict=True):
+            overlay_png(s, p.heatmap)
+            encode_png(s)
+
+    emit(
+        "ml_core_end_to_end",
+        rate(end_to_end, len(pngs), 5.0),
+        "img/s",
+        {
+            **cfg,
+            "batch": len(pngs),
+            "steps": "decode PNG -> to_slice_u8 -> localise+crop -> predict+CAM -> overlay PNG",
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,532 @@
+"""Evaluate a model artifact honestly (``python -m ml_core evaluate``): metrics JSON + SVG plots.
+
+Threshold and temperature are fitted at SLICE level on the synthetic validation slices (val
+patients of ml_core/splits.json, full slices through the serving path, half with synthetic
+lesions): temperature by minimum negative log-likelihood on a grid, threshold by Youden's J
+(sensitivity + specificity - 1, ties -> the lower threshold). The test is the real tumors of
+3Dircadb1.1 (never trained on; slices with liver area >= 3000 px), reported beside the two
+shortcut baselines (liver area, slice position) and the two shortcut-free measures:
+liver-area-matched AUC (tumor/no-tumor pairs whose liver areas differ < 1.5x) and
+tumor-ablation AUC (each tumor slice against itself with the tumor inpainted away by OpenCV
+Telea on the dilated mask plus matched noise). Per export format (PNG, JPEG q90, DICOM
+through ml_core.decoding) and per window (W350-400 / L40-60). Localisation: pointing game and
+heatmap energy share inside the liver and inside the tumor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml_core.classifier import CARD, Classifier
+from ml_core.training import DATA_DIR, auc, load_backgrounds, split
+
+log = logging.getLogger(__name__)
+
+MIN_TEST_LIVER_PX = 3000
+WINDOWS: tuple[tuple[float, float], ...] = ((400, 50), (350, 40), (350, 60), (400, 40), (400, 60))
+N_BOOT = 1000
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def confusion(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, int]:
+    """Counts tp, fp, tn, fn of ``probs >= threshold`` against labels (0/1)."""
+    pred = probs >= threshold
+    y = labels > 0.5
+    return {
+        "tp": int((pred & y).sum()),
+        "fp": int((pred & ~y).sum()),
+        "tn": int((~pred & ~y).sum()),
+        "fn": int((~pred & y).sum()),
+    }
+
+
+def point_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """Accuracy, precision, recall (= sensitivity), specificity, F1 and AUC at a threshold."""
+    c = confusion(probs, labels, threshold)
+    tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
+    sens = tp / (tp + fn) if tp + fn else float("nan")
+    spec = tn / (tn + fp) if tn + fp else float("nan")
+    prec = tp / (tp + fp) if tp + fp else float("nan")
+    f1 = 2 * prec * sens / (prec + sens) if (tp and prec + sens) else 0.0
+    return {
+        "accuracy": (tp + tn) / max(1, tp + fp + tn + fn),
+        "precision": prec,
+        "recall": sens,
+        "sensitivity": sens,
+        "specificity": spec,
+        "f1": f1,
+        "auc": auc(probs, labels),
+    }
+
+
+def with_intervals(
+    probs: np.ndarray, labels: np.ndarray, threshold: float, seed: int = 0
+) -> dict[str, Any]:
+    """point_metrics with stratified bootstrap 95% intervals: {metric: {"value", "ci95": [lo, hi]}}."""
+    rng = np.random.default_rng(seed)
+    base = point_metrics(probs, labels, threshold)
+    pos, neg = np.nonzero(labels > 0.5)[0], np.nonzero(labels <= 0.5)[0]
+    boots: dict[str, list[float]] = {k: [] for k in base}
+    for _ in range(N_BOOT):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        for k, v in point_metrics(probs[idx], labels[idx], threshold).items():
+            boots[k].append(v)
+    out: dict[str, Any] = {}
+    for k, v in base.items():
+        arr = np.asarray(boots[k], float)
+        arr = arr[~np.isnan(arr)]
+        ci = (
+            [float(np.percentile(arr, 2.5)), float(np.percentile(arr, 97.5))]
+            if arr.size
+            else [None, None]
+        )
+        out[k] = {"value": float(v), "ci95": ci}
+    return out
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error over equal-width probability bins."""
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        m = (probs >= lo) & ((probs < hi) if hi < 1 else (probs <= hi))
+        if m.any():
+            total += m.mean() * abs(float(probs[m].mean()) - float(labels[m].mean()))
+    return float(total)
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    """Per-bin mean predicted probability, observed frequency and count."""
+    edges = np.linspace(0, 1, bins + 1)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        m = (probs >= lo) & ((probs < hi) if hi < 1 else (probs <= hi))
+        if m.any():
+            out.append(
+                {"p": float(probs[m].mean()), "freq": float(labels[m].mean()), "n": int(m.sum())}
+            )
+    return out
+
+
+def roc_points(scores: np.ndarray, labels: np.ndarray) -> list[tuple[float, float]]:
+    """ROC curve points (fpr, tpr) from the highest threshold down."""
+    order = np.argsort(-scores, kind="stable")
+    y = labels[order] > 0.5
+    tps, fps = np.cumsum(y), np.cumsum(~y)
+    p, n = max(1, int(y.sum())), max(1, int((~y).sum()))
+    return [(0.0, 0.0)] + [(float(f / n), float(t / p)) for f, t in zip(fps, tps, strict=True)]
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature minimising the negative log-likelihood of sigmoid(logit / T) (grid, log-spaced)."""
+    best_t, best = 1.0, float("inf")
+    for t in np.exp(np.linspace(np.log(0.05), np.log(50.0), 400)):
+        z = logits / t
+        nll = float(np.mean(np.logaddexp(0.0, z) - labels * z))
+        if nll < best:
+            best_t, best = float(t), nll
+    return best_t
+
+
+def fit_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Threshold maximising Youden's J on validation probabilities (the lowest among ties)."""
+    best_t, best_j = 0.5, -2.0
+    for t in np.unique(probs):
+        m = point_metrics(probs, labels, float(t))
+        j = m["sensitivity"] + m["specificity"] - 1
+        if j > best_j + 1e-12:
+            best_t, best_j = float(t), j
+    return best_t
+
+
+def matched_auc(
+    scores: np.ndarray, labels: np.ndarray, area: np.ndarray, ratio: float = 1.5
+) -> tuple[float, int]:
+    """Concordance over tumor/no-tumor pairs whose liver areas differ by less than ``ratio``; (auc, pairs)."""
+    pos, neg = np.nonzero(labels > 0.5)[0], np.nonzero(labels <= 0.5)[0]
+    num, n = 0.0, 0
+    for i in pos:
+        for j in neg:
+            r = max(area[i], area[j]) / max(1.0, min(area[i], area[j]))
+            if r < ratio:
+                n += 1
+                num += 1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0.0
+    return (num / n if n else float("nan")), n
+
+
+# ---------------------------------------------------------------- data
+
+
+def window_u8(hu: np.ndarray, width: float, level: float) -> np.ndarray:
+    """HU -> uint8 through ml_core.preprocessing.window (the serving path)."""
+    from ml_core.preprocessing import window
+
+    return window(hu.astype(np.float32), width=width, level=level)
+
+
+def jpeg_roundtrip(img: np.ndarray, quality: int = 90) -> np.ndarray:
+    """Encode and decode a uint8 slice as JPEG through ml_core.decoding (as an upload would be)."""
+    import cv2
+
+    from ml_core.decoding import decode
+    from ml_core.preprocessing import to_slice_u8
+
+    ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return to_slice_u8(decode(enc.tobytes()))
+
+
+def png_roundtrip(img: np.ndarray) -> np.ndarray:
+    """Encode and decode a uint8 slice as PNG through ml_core.decoding."""
+    import cv2
+
+    from ml_core.decoding import decode
+    from ml_core.preprocessing import to_slice_u8
+
+    ok, enc = cv2.imencode(".png", img)
+    assert ok
+    return to_slice_u8(decode(enc.tobytes()))
+
+
+def dicom_roundtrip(hu: np.ndarray, spacing: float) -> np.ndarray:
+    """Write an HU slice as a CT DICOM (slope 1, intercept -1024) and decode it through ml_core (window W400/L50)."""
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from ml_core.decoding import decode
+    from ml_core.preprocessing import to_slice_u8
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.BodyPartExamined = "ABDOMEN"
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [spacing, spacing]
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = np.clip(hu.astype(np.int32) + 1024, 0, 4095).astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return to_slice_u8(decode(buf.getvalue()))
+
+
+def ablate(
+    img_u8: np.ndarray, tumor: np.ndarray, liver: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Inpaint the dilated tumor mask away (Telea) and add noise matched to the liver's texture: uint8 (H, W)."""
+    import cv2
+
+    mask = cv2.dilate(tumor.astype(np.uint8), np.ones((7, 7), np.uint8))
+    out = cv2.inpaint(img_u8, mask, 5, cv2.INPAINT_TELEA).astype(np.float32)
+    resid = img_u8.astype(np.float32) - cv2.medianBlur(img_u8, 5).astype(np.float32)
+    ref = liver & ~mask.astype(bool)
+    sd = float(resid[ref].std()) if ref.sum() > 50 else 5.0
+    noise = cv2.GaussianBlur(rng.normal(0, 1, img_u8.shape).astype(np.float32), (0, 0), 0.7)
+    noise *= sd / (float(noise.std()) + 1e-6)
+    out = np.where(mask > 0, out + noise, out)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def load_test() -> dict[str, Any]:
+    """3Dircadb1.1 slices with liver area >= 3000 px: HU, liver, tumor masks, labels, areas, positions."""
+    z = np.load(DATA_DIR / "ircadb" / "3Dircadb1.1.npz")
+    with open(DATA_DIR / "ircadb" / "3Dircadb1.1_slices.csv") as f:
+        rows = list(csv.DictReader(f))
+    idx = [int(r["slice_index"]) for r in rows if int(r["liver_px"]) >= MIN_TEST_LIVER_PX]
+    lab = {int(r["slice_index"]): float(r["has_liver_tumor"]) for r in rows}
+    return {
+        "index": np.asarray(idx),
+        "hu": z["ct_hu"][idx],
+        "liver": z["liver"][idx],
+        "tumor": z["tumor"][idx] & z["liver"][idx],
+        "labels": np.asarray([lab[i] for i in idx], np.float32),
+        "area": z["liver"][idx].reshape(len(idx), -1).sum(1).astype(np.float64),
+        "spacing": float(z["spacing_mm"][1]),
+    }
+
+
+def validation_slices(seed: int = 99, repeats: int = 2) -> tuple[list[np.ndarray], np.ndarray]:
+    """Full-size uint8 W400/L50 slices of the val patients, each clean and with synthetic lesions (``repeats`` times)."""
+    from ml_core.synthesis import insert_lesions
+    from ml_core.training import _window
+
+    rng = np.random.default_rng(seed)
+    slices, labels = [], []
+    for _ in range(repeats):
+        for bg in split(load_backgrounds(), "val"):
+            les, _ = insert_lesions(
+                bg.image, bg.liver, rng, is_hu=bg.is_hu, spacing_mm=bg.spacing_mm
+            )
+            slices += [
+                _window(bg.image, bg.is_hu, 400, 50).astype(np.uint8),
+                _window(les, bg.is_hu, 400, 50).astype(np.uint8),
+            ]
+            labels += [0.0, 1.0]
+    return slices, np.asarray(labels, np.float32)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _logits(
+    clf: Classifier, slices: list[np.ndarray], batch: int = 32
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Logits (N,) and full-slice heatmaps through Classifier.predict, in batches."""
+    logits, heat = [], []
+    for i in range(0, len(slices), batch):
+        for p in clf.predict(slices[i : i + batch]):
+            logits.append(p.logit)
+            heat.append(p.heatmap)
+    return np.asarray(logits, np.float64), heat
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def evaluate(model_dir: Path, out_dir: Path, *, fit: bool = True) -> dict[str, Any]:
+    """Run the full evaluation of one artifact; write metrics.json and SVG plots to ``out_dir``."""
+    t0 = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clf = Classifier.load(model_dir)
+    res: dict[str, Any] = {
+        "model": {"name": clf.info.name, "version": clf.info.version, "sha256": clf.info.sha256}
+    }
+
+    vs, vy = validation_slices()
+    vlog, _ = _logits(clf, vs)
+    temperature = fit_temperature(vlog, vy) if fit else clf.temperature
+    vprob = _sigmoid(vlog / temperature)
+    threshold = fit_threshold(vprob, vy) if fit else clf.threshold
+    res["calibration"] = {
+        "temperature": temperature,
+        "threshold": threshold,
+        "rule": "temperature: min NLL on synthetic validation slices; threshold: max Youden J on the same, slice level",
+        "validation": {
+            "n": len(vy),
+            "auc": auc(vlog, vy),
+            **point_metrics(vprob, vy, threshold),
+            "ece": ece(vprob, vy),
+        },
+    }
+    log.info(
+        "validation: AUC %.3f, T %.3f, threshold %.3f",
+        res["calibration"]["validation"]["auc"],
+        temperature,
+        threshold,
+    )
+
+    t = load_test()
+    y, area = t["labels"], t["area"]
+    base = [window_u8(h, 400, 50) for h in t["hu"]]
+    logits, heat = _logits(clf, [png_roundtrip(b) for b in base])
+    prob = _sigmoid(logits / temperature)
+    real = with_intervals(prob, y, threshold)
+    real["ece"] = ece(prob, y)
+    real["n"] = {"tumor": int(y.sum()), "no_tumor": int((1 - y).sum())}
+    real["confusion"] = confusion(prob, y, threshold)
+    real["baselines"] = {
+        "liver_area_auc": auc(area, y),
+        "slice_position_auc": auc(t["index"].astype(float), y),
+    }
+    m_auc, m_pairs = matched_auc(logits, y, area)
+    real["liver_area_matched_auc"] = {
+        "value": m_auc,
+        "pairs": m_pairs,
+        "liver_area_on_same_pairs": matched_auc(area, y, area)[0],
+    }
+    rng = np.random.default_rng(5)
+    pos = np.nonzero(y > 0.5)[0]
+    abl = [ablate(base[i], t["tumor"][i], t["liver"][i], rng) for i in pos]
+    alog, _ = _logits(clf, abl)
+    diff = logits[pos] - alog
+    real["tumor_ablation_auc"] = {
+        "value": float(np.mean((diff > 0) + 0.5 * (diff == 0))),
+        "share_score_drops": float(np.mean(diff > 0)),
+        "pairs": len(pos),
+    }
+    # Localisation on the real tumor slices.
+    hits, e_liver, e_tumor, chance = [], [], [], []
+    for i in pos:
+        h = heat[i]
+        if h.max() <= 0:
+            hits.append(0.0)
+            continue
+        yy, xx = np.unravel_index(int(np.argmax(h)), h.shape)
+        hits.append(float(t["tumor"][i][yy, xx]))
+        tot = float(h.sum())
+        e_liver.append(float(h[t["liver"][i]].sum()) / tot)
+        e_tumor.append(float(h[t["tumor"][i]].sum()) / tot)
+        chance.append(float(t["tumor"][i].sum()) / float(t["liver"][i].sum()))
+    real["localisation"] = {
+        "pointing_game": float(np.mean(hits)),
+        "energy_in_liver": float(np.mean(e_liver)) if e_liver else None,
+        "energy_in_tumor": float(np.mean(e_tumor)) if e_tumor else None,
+        "tumor_share_of_liver_area": float(np.mean(chance)) if chance else None,
+    }
+    res["real_test_3Dircadb1.1"] = real
+    log.info(
+        "real: AUC %.3f, matched %.3f, ablation %.3f",
+        real["auc"]["value"],
+        m_auc,
+        real["tumor_ablation_auc"]["value"],
+    )
+
+    fmt: dict[str, Any] = {"png": {"auc": real["auc"]["value"], **_at(prob, y, threshold)}}
+    jl, _ = _logits(clf, [jpeg_roundtrip(b) for b in base])
+    fmt["jpeg_q90"] = {"auc": auc(jl, y), **_at(_sigmoid(jl / temperature), y, threshold)}
+    try:
+        dl, _ = _logits(clf, [dicom_roundtrip(h, t["spacing"]) for h in t["hu"]])
+        fmt["dicom"] = {"auc": auc(dl, y), **_at(_sigmoid(dl / temperature), y, threshold)}
+    except Exception as exc:  # report, do not hide, a broken DICOM path
+        fmt["dicom"] = {"error": f"{type(exc).__name__}: {exc}"}
+    res["per_format"] = fmt
+    win: dict[str, Any] = {}
+    for w, lv in WINDOWS:
+        wl, _ = _logits(clf, [window_u8(h, w, lv) for h in t["hu"]])
+        win[f"W{int(w)}/L{int(lv)}"] = {
+            "auc": auc(wl, y),
+            "matched_auc": matched_auc(wl, y, area)[0],
+            **_at(_sigmoid(wl / temperature), y, threshold),
+        }
+    res["per_window"] = win
+    res["seconds"] = round(time.time() - t0, 1)
+    (out_dir / "metrics.json").write_text(json.dumps(res, indent=2))
+    write_plots(out_dir, prob, y, threshold)
+    return res
+
+
+def _at(prob: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, float]:
+    m = point_metrics(prob, y, threshold)
+    return {"sensitivity": m["sensitivity"], "specificity": m["specificity"]}
+
+
+# ---------------------------------------------------------------- plots (plain SVG: no plotting dependency)
+
+
+def _svg(body: str, title: str) -> str:
+    return (
+        '<svg xmlns="http://www.w3.org/2000/svg" width="320" height="320" viewBox="0 0 320 320" font-family="sans-serif" font-size="11">'
+        f'<text x="160" y="16" text-anchor="middle" font-size="13">{title}</text>'
+        '<rect x="40" y="30" width="260" height="260" fill="none" stroke="#333"/>' + body + "</svg>"
+    )
+
+
+def write_plots(out_dir: Path, prob: np.ndarray, y: np.ndarray, threshold: float) -> None:
+    """Write roc.svg, confusion.svg and reliability.svg for the real test slices."""
+    px = lambda v: 40 + 260 * v  # noqa: E731
+    py = lambda v: 290 - 260 * v  # noqa: E731
+    pts = " ".join(f"{px(f):.1f},{py(t):.1f}" for f, t in roc_points(prob, y))
+    roc = f'<line x1="40" y1="290" x2="300" y2="30" stroke="#aaa" stroke-dasharray="4"/><polyline fill="none" stroke="#c00" stroke-width="2" points="{pts}"/>'
+    roc += f'<text x="170" y="310" text-anchor="middle">false positive rate (AUC {auc(prob, y):.3f})</text>'
+    (out_dir / "roc.svg").write_text(_svg(roc, "ROC, 3Dircadb1.1 (real tumors)"))
+    c = confusion(prob, y, threshold)
+    cells = [("tp", 0, 0), ("fn", 1, 0), ("fp", 0, 1), ("tn", 1, 1)]
+    body = ""
+    for k, col, row in cells:
+        x0, y0 = 40 + 130 * col, 30 + 130 * row
+        body += f'<rect x="{x0}" y="{y0}" width="130" height="130" fill="#{"dde" if k in ("tp", "tn") else "fdd"}" stroke="#333"/>'
+        body += f'<text x="{x0 + 65}" y="{y0 + 70}" text-anchor="middle" font-size="20">{k.upper()} {c[k]}</text>'
+    body += '<text x="170" y="310" text-anchor="middle">rows: true tumor / no tumor; cols: predicted tumor / normal</text>'
+    (out_dir / "confusion.svg").write_text(_svg(body, f"Confusion at threshold {threshold:.3f}"))
+    rel = reliability(prob, y)
+    body = '<line x1="40" y1="290" x2="300" y2="30" stroke="#aaa" stroke-dasharray="4"/>'
+    for b in rel:
+        body += f'<circle cx="{px(b["p"]):.1f}" cy="{py(b["freq"]):.1f}" r="{3 + min(8, b["n"] / 5):.1f}" fill="#06c" opacity="0.7"/>'
+    body += f'<text x="170" y="310" text-anchor="middle">mean predicted probability (ECE {ece(prob, y):.3f})</text>'
+    (out_dir / "reliability.svg").write_text(_svg(body, "Reliability diagram"))
+
+
+def update_card(model_dir: Path, res: dict[str, Any], command: str) -> None:
+    """Write threshold, temperature, metrics and localisation into the artifact's model_card.json."""
+    p = model_dir / CARD
+    card = json.loads(p.read_text())
+    card["threshold"] = res["calibration"]["threshold"]
+    card["temperature"] = res["calibration"]["temperature"]
+    card["calibration"] = res["calibration"]
+    real = res["real_test_3Dircadb1.1"]
+    card["metrics"] = {k: v for k, v in real.items() if k != "localisation"}
+    card["localisation"] = real["localisation"]
+    card["per_format"] = res["per_format"]
+    card["per_window"] = res["per_window"]
+    card.setdefault("commands", {})["evaluate"] = command
+    p.write_text(json.dumps(card, indent=2))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m ml_core evaluate``."""
+    parser.add_argument(
+        "--model", default=None, help="artifact folder (default: ml_core/models/CURRENT)"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder for metrics.json and plots (default: <model>/eval)",
+    )
+    parser.add_argument(
+        "--no-fit", action="store_true", help="keep the card's threshold and temperature"
+    )
+    parser.add_argument(
+        "--update-card",
+        action="store_true",
+        help="write threshold, temperature and metrics into model_card.json",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate and print a short summary; write metrics.json and plots."""
+    from ml_core.classifier import default_model_path
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    model_dir = Path(args.model) if args.model else default_model_path()
+    out = Path(args.out) if args.out else model_dir / "eval"
+    res = evaluate(model_dir, out, fit=not args.no_fit)
+    if args.update_card:
+        update_card(
+            model_dir,
+            res,
+            f"python -m ml_core evaluate --model {model_dir.as_posix()} --update-card",
+        )
+    r = res["real_test_3Dircadb1.1"]
+    log.info(
+        "3Dircadb1.1: AUC %.3f [%.3f-%.3f] (liver area %.3f, position %.3f), matched %.3f, ablation %.3f, sens %.3f spec %.3f, ECE %.3f, pointing %.3f",
+        r["auc"]["value"],
+        *r["auc"]["ci95"],
+        r["baselines"]["liver_area_auc"],
+        r["baselines"]["slice_position_auc"],
+        r["liver_area_matched_auc"]["value"],
+        r["tumor_ablation_auc"]["value"],
+        r["sensitivity"]["value"],
+        r["specificity"]["value"],
+        r["ece"],
+        r["localisation"]["pointing_game"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="python -m ml_core.evaluation")
+    add_arguments(p)
+    raise SystemExit(run(p.parse_args()))

@@ -1,0 +1,494 @@
+"""Train the liver-crop tumor classifier on paired synthetic lesions (``python -m ml_core train``).
+
+Every batch holds PAIRS: the same tumor-free liver slice without and with synthetic lesions
+(ml_core.synthesis), identically windowed, cropped and augmented, so the only difference the
+network can use is the lesion. Backgrounds: 3Dircadb1.7 (HU; its mass lies outside the liver)
+and the CHAOS, CURVAS and AMOS 8-bit slices with liver masks (harmonised to a W400/L50-like
+grey scale). Validation: synthetic pairs on held-out background patients (never the real
+tumors of 3Dircadb1.1, which are the test). Checkpoints (weights + optimiser + step) go under
+/work/checkpoints/<run>/ and a run resumes from them; the seed is fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml_core.classifier import (
+    CARD,
+    DEFAULT_INPUT,
+    DEFAULT_MARGIN,
+    MODELS_DIR,
+    WEIGHTS,
+    combined_sha256,
+    crop,
+    sha256_file,
+    square_box,
+    to_model_input,
+)
+from ml_core.synthesis import DEFAULT_PARAMS, LesionParams, insert_lesions
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CHECKPOINTS = Path("/work/checkpoints")
+LIVER_GREY = 165.0  # liver (~110 HU) at W400/L50
+MIN_LIVER_PX = 2000
+
+
+@dataclass(frozen=True)
+class Background:
+    """A tumor-free liver slice: HU or harmonised grey float32 (H, W) and its liver mask."""
+
+    image: np.ndarray
+    liver: np.ndarray
+    is_hu: bool
+    spacing_mm: float | None
+    patient: str
+    source: str
+    split: str
+
+
+def harmonise_u8(img: np.ndarray, liver: np.ndarray) -> np.ndarray:
+    """Map an 8-bit slice of unknown window to a W400/L50-like grey scale (float32): liver median -> 165."""
+    vals = img[liver].astype(np.float32)
+    med = float(np.median(vals))
+    mad = float(np.median(np.abs(vals - med))) * 1.4826
+    scale = float(np.clip(10.0 / max(mad, 1e-3), 0.6, 2.0))
+    return LIVER_GREY + (img.astype(np.float32) - med) * scale
+
+
+def load_backgrounds(data_dir: Path = DATA_DIR) -> list[Background]:
+    """All tumor-free liver slices with a liver mask of at least MIN_LIVER_PX pixels."""
+    from ml_core.datasets import load_splits, patient_key
+
+    splits = load_splits()["patients"]
+    out: list[Background] = []
+    z = np.load(data_dir / "ircadb" / "3Dircadb1.7.npz")
+    hu, liver, spacing = z["ct_hu"], z["liver"], float(z["spacing_mm"][1])
+    for i in range(hu.shape[0]):
+        if liver[i].sum() >= MIN_LIVER_PX:
+            out.append(
+                Background(
+                    hu[i].astype(np.float32),
+                    liver[i].copy(),
+                    True,
+                    spacing,
+                    "3Dircadb1.7",
+                    "ircadb",
+                    splits["ircadb:3Dircadb1.7"],
+                )
+            )
+    with open(data_dir / "slices_8bit" / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    cache: dict[str, Any] = {}
+    for r in rows:
+        if r["source"] not in ("CHAOS-CT", "CURVAS", "AMOS22") or r["has_liver_mask"] != "1":
+            continue
+        npz = cache.setdefault(
+            r["npz_file"], np.load(data_dir / "slices_8bit" / r["npz_file"], allow_pickle=True)
+        )
+        k = int(r["z_index"])
+        m = npz["liver"][k].astype(bool)
+        if m.sum() < MIN_LIVER_PX:
+            continue
+        part = splits[patient_key(r["source"], r["patient_id"])]
+        out.append(
+            Background(
+                harmonise_u8(npz["img_u8"][k], m),
+                m,
+                False,
+                None,
+                r["patient_id"],
+                r["source"],
+                part,
+            )
+        )
+    return out
+
+
+def split(backgrounds: list[Background], part: str) -> list[Background]:
+    """Backgrounds of one patient-level split of ml_core/splits.json ("train", "val", "test")."""
+    return [b for b in backgrounds if b.split == part]
+
+
+def _window(img: np.ndarray, is_hu: bool, width: float, level: float) -> np.ndarray:
+    """HU -> grey with (width, level); harmonised grey is treated as W400/L50 and re-windowed."""
+    hu = img if is_hu else img / 255.0 * 400.0 - 150.0
+    return np.clip((hu - (level - width / 2.0)) / width * 255.0, 0.0, 255.0)
+
+
+def _augment(c: np.ndarray, rng: np.random.Generator, strong: bool) -> np.ndarray:
+    """Crop-level augmentation (rotation, noise, blur, JPEG): float32 (S, S) 0..255."""
+    import cv2
+
+    s = c.shape[0]
+    if strong:
+        ang = rng.uniform(-10, 10)
+        mat = cv2.getRotationMatrix2D((s / 2, s / 2), ang, rng.uniform(0.95, 1.05))
+        c = cv2.warpAffine(c, mat, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        if rng.random() < 0.3:
+            c = cv2.GaussianBlur(c, (0, 0), rng.uniform(0.3, 0.8))
+        c = c + rng.normal(0, rng.uniform(0, 4), c.shape).astype(np.float32)
+        if rng.random() < 0.3:
+            ok, enc = cv2.imencode(
+                ".jpg",
+                np.clip(c, 0, 255).astype(np.uint8),
+                [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(60, 96))],
+            )
+            if ok:
+                c = cv2.imdecode(enc, cv2.IMREAD_GRAYSCALE).astype(np.float32)
+    return np.clip(c, 0, 255).astype(np.float32)
+
+
+def make_pair(
+    bg: Background,
+    rng: np.random.Generator,
+    size: int,
+    *,
+    strong: bool,
+    params: LesionParams = DEFAULT_PARAMS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(clean crop, lesioned crop) float32 (S, S) 0..255 of one background, identically processed."""
+    lesioned, _ = insert_lesions(
+        bg.image, bg.liver, rng, is_hu=bg.is_hu, spacing_mm=bg.spacing_mm, params=params
+    )
+    width, level = (rng.uniform(300, 450), rng.uniform(30, 70)) if strong else (400.0, 50.0)
+    box = square_box(bg.liver, DEFAULT_MARGIN)
+    assert box is not None
+    if strong:  # imitate localiser error: jitter the box by a few percent
+        side = box[2] - box[0]
+        j = rng.uniform(-0.06, 0.06, 4) * side
+        y0, x0 = int(box[0] + j[0]), int(box[1] + j[1])
+        side = int(side * (1 + j[2] / side * 2))
+        box = (y0, x0, y0 + side, x0 + side)
+    seed = int(rng.integers(1 << 31))
+    out = []
+    for img in (bg.image, lesioned):
+        c = crop(_window(img, bg.is_hu, width, level), box, size)
+        out.append(_augment(c, np.random.default_rng(seed), strong))
+    return out[0], out[1]
+
+
+def batches(
+    backgrounds: list[Background], batch: int, size: int, seed: int, step0: int, curriculum: int
+) -> Any:
+    """Infinite generator of (images (B, S, S, 3), labels (B,)) built from B/2 pairs."""
+    step = step0
+    while True:
+        rng = np.random.default_rng([seed, step])
+        c = 1.0 + 0.6 * max(0.0, 1.0 - step / max(curriculum, 1))
+        params = LesionParams(hypo_hu=(15.0 * c, 70.0 * c), hyper_hu=(15.0 * c, 50.0 * c))
+        crops, labels = [], []
+        for _ in range(batch // 2):
+            bg = backgrounds[int(rng.integers(len(backgrounds)))]
+            a, b = make_pair(bg, rng, size, strong=True, params=params)
+            crops += [a, b]
+            labels += [0.0, 1.0]
+        yield to_model_input(crops), np.asarray(labels, np.float32)
+        step += 1
+
+
+def validation_set(
+    backgrounds: list[Background], n_pairs: int, size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed synthetic validation set: (images (2n, S, S, 3), labels (2n,))."""
+    rng = np.random.default_rng(seed + 7919)
+    crops, labels = [], []
+    for i in range(n_pairs):
+        a, b = make_pair(backgrounds[i % len(backgrounds)], rng, size, strong=False)
+        crops += [a, b]
+        labels += [0.0, 1.0]
+    return to_model_input(crops), np.asarray(labels, np.float32)
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Rank AUC (ties count one half); NaN if a class is missing."""
+    pos, neg = scores[labels > 0.5], scores[labels <= 0.5]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m ml_core train``."""
+    parser.add_argument(
+        "--run", default="b0-128", help="run name: checkpoints in /work/checkpoints/<run>"
+    )
+    parser.add_argument("--backbone", choices=["b0", "lite0"], default="b0")
+    parser.add_argument("--input-size", type=int, default=DEFAULT_INPUT)
+    parser.add_argument(
+        "--batch", type=int, default=32, help="images per step (half clean, half lesioned)"
+    )
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument(
+        "--curriculum",
+        type=int,
+        default=600,
+        help="steps over which lesion contrast eases to normal",
+    )
+    parser.add_argument(
+        "--init", default=None, help="weights file to start from (e.g. a pretrained backbone)"
+    )
+    parser.add_argument(
+        "--export",
+        metavar="VERSION",
+        default=None,
+        help="write an artifact from the run's best checkpoint and stop",
+    )
+    parser.add_argument("--checkpoints", default=str(CHECKPOINTS))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train (resuming if a checkpoint exists) or, with --export, write the artifact folder."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    ckpt = Path(args.checkpoints) / args.run
+    if args.export:
+        folder = export_artifact(ckpt, args.export)
+        log.info("artifact written to %s", folder)
+        return 0
+    train_loop(args, ckpt)
+    return 0
+
+
+def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
+    """The training loop with periodic validation, best/last checkpoints and resume."""
+    import keras
+    import tensorflow as tf
+
+    from ml_core.classifier import build_network
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(args.seed)
+    backgrounds = load_backgrounds()
+    train, val, test = (split(backgrounds, p) for p in ("train", "val", "test"))
+    manifest = {
+        "rule": "patient-level, from ml_core/splits.json (python -m ml_core.datasets --write-splits)",
+        "train": sorted({f"{b.source}:{b.patient}" for b in train}),
+        "validation": sorted({f"{b.source}:{b.patient}" for b in val}),
+        "synthetic_test": sorted({f"{b.source}:{b.patient}" for b in test}),
+        "real_test": ["ircadb:3Dircadb1.1 (real tumors; never trained on)"],
+        "n_train_slices": len(train),
+        "n_validation_slices": len(val),
+    }
+    (ckpt / "split_manifest.json").write_text(json.dumps(manifest, indent=2))
+    log.info("backgrounds: %d train slices, %d validation slices", len(train), len(val))
+    vx, vy = validation_set(val, 96, args.input_size, args.seed)
+    model = build_network(args.input_size, args.backbone, pretrained=args.backbone == "lite0")
+    if args.init:
+        model.load_weights(args.init, skip_mismatch=True)
+    opt = keras.optimizers.AdamW(learning_rate=args.lr, weight_decay=1e-5)
+    opt.build(model.trainable_variables)
+    state_path = ckpt / "state.json"
+    state = {"step": 0, "best_auc": -1.0, "best_step": 0, "args": vars(args)}
+    if state_path.exists() and (ckpt / "last.weights.h5").exists():
+        state = json.loads(state_path.read_text())
+        model.load_weights(str(ckpt / "last.weights.h5"))
+        opt_vars = np.load(ckpt / "last.optimizer.npz")
+        for v, k in zip(opt.variables, sorted(opt_vars.files, key=int), strict=True):
+            v.assign(opt_vars[k])
+        log.info(
+            "resumed at step %d (best val AUC %.3f at %d)",
+            state["step"],
+            state["best_auc"],
+            state["best_step"],
+        )
+
+    @tf.function(reduce_retracing=True)
+    def train_step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            logit, _ = model(x, training=True)
+            loss = tf.reduce_mean(
+                tf.nn.sigmoid_cross_entropy_with_logits(y, tf.reshape(logit, [-1]))
+            )
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return loss
+
+    @tf.function(reduce_retracing=True)
+    def infer(x: tf.Tensor) -> tf.Tensor:
+        logit, _ = model(x, training=False)
+        return tf.reshape(logit, [-1])
+
+    gen = batches(
+        train, args.batch, args.input_size, args.seed, int(state["step"]), args.curriculum
+    )
+    ds = tf.data.Dataset.from_generator(
+        lambda: gen,
+        output_signature=(
+            tf.TensorSpec((args.batch, args.input_size, args.input_size, 3), tf.float32),
+            tf.TensorSpec((args.batch,), tf.float32),
+        ),
+    ).prefetch(3)
+    t0, seen, losses = time.time(), 0, []
+    for x, y in ds:
+        step = int(state["step"])
+        if step >= args.steps:
+            break
+        losses.append(float(train_step(x, y)))
+        seen += args.batch
+        state["step"] = step + 1
+        if state["step"] % 10 == 0:
+            log.info(
+                "step %d loss %.4f (%.1f img/s)",
+                state["step"],
+                float(np.mean(losses[-10:])),
+                seen / (time.time() - t0),
+            )
+        if state["step"] % args.eval_every == 0 or state["step"] >= args.steps:
+            scores = np.concatenate([infer(vx[i : i + 64]).numpy() for i in range(0, len(vx), 64)])
+            val_auc = auc(scores, vy)
+            gap = float(np.mean(scores[vy > 0.5] > scores[vy <= 0.5]))
+            log.info(
+                "step %d validation: synthetic AUC %.3f, pair accuracy %.3f",
+                state["step"],
+                val_auc,
+                gap,
+            )
+            if val_auc > state["best_auc"]:
+                state["best_auc"], state["best_step"] = val_auc, state["step"]
+                model.save_weights(str(ckpt / "best.weights.h5"))
+            model.save_weights(str(ckpt / "last.weights.h5"))
+            np.savez(
+                ckpt / "last.optimizer.npz",
+                **{str(i): v.numpy() for i, v in enumerate(opt.variables)},
+            )
+            state["history"] = [
+                *state.get("history", []),
+                {
+                    "step": state["step"],
+                    "val_auc": val_auc,
+                    "pair_acc": gap,
+                    "loss": float(np.mean(losses[-args.eval_every :])),
+                },
+            ]
+            state_path.write_text(json.dumps(state, indent=2, default=str))
+    log.info(
+        "done at step %d; best synthetic validation AUC %.3f at step %d",
+        state["step"],
+        state["best_auc"],
+        state["best_step"],
+    )
+
+
+LICENCES = [
+    {
+        "data": "3D-IRCADb-01 (3Dircadb1.7 backgrounds; 3Dircadb1.1 test)",
+        "source": "IRCAD France",
+        "licence": "CC BY-NC-ND 4.0",
+        "note": "attribution, non-commercial use; anything trained on it carries that note",
+    },
+    {
+        "data": "CHAOS CT slices (healthy liver donors)",
+        "source": "CHAOS challenge, zenodo 3362844",
+        "licence": "CC BY-NC-SA 4.0",
+    },
+    {
+        "data": "CURVAS routine abdominal CT slices",
+        "source": "CURVAS challenge",
+        "licence": "CC BY-NC 4.0",
+    },
+    {"data": "AMOS slices", "source": "AMOS 2022", "licence": "CC BY 4.0"},
+    {
+        "data": "liver localiser / content gate training data",
+        "source": "see localiser/ and gate/ cards (H4a)",
+        "licence": "as listed there",
+    },
+]
+
+
+def export_artifact(
+    ckpt: Path, version: str, *, models_dir: Path = MODELS_DIR, set_current: bool = True
+) -> Path:
+    """Write ml_core/models/liverscan-<backbone>-<version>/ from a run's best weights plus the staged localiser and gate."""
+    state = json.loads((ckpt / "state.json").read_text())
+    a = state["args"]
+    name = f"liverscan-{a['backbone']}"
+    folder = models_dir / f"{name}-{version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ckpt / "best.weights.h5", folder / WEIGHTS)
+    staging = models_dir / "_staging"
+    for part in ("localiser", "gate"):
+        if (staging / part).is_dir():
+            if (folder / part).exists():
+                shutil.rmtree(folder / part)
+            shutil.copytree(
+                staging / part, folder / part, ignore=shutil.ignore_patterns("*.log", "__pycache__")
+            )
+    files = {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CARD
+    }
+    old: dict[str, Any] = {}
+    if (folder / CARD).exists():
+        old = json.loads((folder / CARD).read_text())
+    card = {
+        **old,
+        "name": name,
+        "version": version,
+        "backbone": a["backbone"],
+        "pretrained": "ImageNet (EfficientNet-Lite0 port)"
+        if a["backbone"] == "lite0"
+        else "none (trained from scratch)",
+        "sha256": combined_sha256(files),
+        "files": files,
+        "weights": WEIGHTS,
+        "input": {
+            "kind": "liver crop",
+            "size": int(a["input_size"]),
+            "channels": 3,
+            "range": "0..255 grey replicated to 3 channels",
+            "margin": DEFAULT_MARGIN,
+            "crop": "square box around the localiser's liver mask plus 10% per side, zero-padded, resized",
+        },
+        "window": {
+            "width": 400,
+            "level": 50,
+            "note": "HU input is windowed W400/L50 by ml_core.preprocessing; PNG/JPEG are taken as already windowed",
+        },
+        "threshold": old.get("threshold", 0.5),
+        "temperature": old.get("temperature", 1.0),
+        "training": {
+            "data": LICENCES,
+            "synthetic_lesions": "ml_core.synthesis (Hu et al., CVPR 2023, 2-D adaptation), paired batches",
+            "steps": state["step"],
+            "best_step": state["best_step"],
+            "synthetic_validation_auc": state["best_auc"],
+            "split_manifest": "split_manifest.json",
+            "args": a,
+        },
+        "commands": {
+            "train": f"python -m ml_core train --run {ckpt.name} --backbone {a['backbone']} --input-size {a['input_size']} --steps {a['steps']} --seed {a['seed']}",
+            "export": f"python -m ml_core train --run {ckpt.name} --export {version}",
+        },
+        "intended_use": "decision support for liver tumor screening on axial CT slices; never a diagnosis",
+    }
+    if (ckpt / "split_manifest.json").exists():
+        shutil.copyfile(ckpt / "split_manifest.json", folder / "split_manifest.json")
+        files["split_manifest.json"] = sha256_file(folder / "split_manifest.json")
+        card["files"] = files
+        card["sha256"] = combined_sha256(files)
+    (folder / CARD).write_text(json.dumps(card, indent=2))
+    if set_current:
+        (models_dir / "CURRENT").write_text(folder.name + "\n")
+    return folder
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="python -m ml_core.training")
+    add_arguments(p)
+    raise SystemExit(run(p.parse_args()))

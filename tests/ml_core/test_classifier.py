@@ -1,0 +1,131 @@
+"""Classifier: sha256-verified loading, batched prediction on slices of any size, full-slice heatmaps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from ml_core.classifier import CARD, WEIGHTS, Classifier, write_untrained_artifact  # noqa: E402
+from ml_core.errors import MLCoreError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real artifact folder (random weights, real files and sha256s)."""
+    return write_untrained_artifact(tmp_path_factory.mktemp("model") / "liverscan-untrained-0")
+
+
+@pytest.fixture(scope="module")
+def classifier(artifact: Path) -> Classifier:
+    """The tiny artifact, loaded through Classifier.load."""
+    return Classifier.load(artifact)
+
+
+def _slices() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [
+        rng.integers(0, 255, (512, 512), dtype=np.uint8),
+        rng.integers(0, 255, (300, 420), dtype=np.uint8),
+        np.zeros((96, 64), np.uint8),
+    ]
+
+
+def test_predict_on_a_batch_of_different_sizes(classifier: Classifier) -> None:
+    """One call returns one prediction per slice with a heatmap the size of that slice, in [0, 1], no NaN."""
+    slices = _slices()
+    preds = classifier.predict(slices)
+    assert len(preds) == len(slices)
+    for s, p in zip(slices, preds, strict=True):
+        assert p.heatmap.shape == s.shape and p.heatmap.dtype == np.float32
+        assert not np.isnan(p.heatmap).any()
+        assert 0.0 <= float(p.heatmap.min()) and float(p.heatmap.max()) <= 1.0
+        assert 0.0 <= p.probability <= 1.0
+        assert p.label == ("tumor" if p.probability >= p.threshold else "normal")
+        assert p.threshold == classifier.threshold
+    assert classifier.predict([]) == []
+
+
+def test_batched_prediction_equals_one_by_one(classifier: Classifier) -> None:
+    """Batching never changes a slice's result."""
+    slices = _slices()
+    together = classifier.predict(slices)
+    alone = [classifier.predict([s])[0] for s in slices]
+    for a, b in zip(together, alone, strict=True):
+        assert a.logit == pytest.approx(b.logit, abs=1e-4)
+        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-4)
+
+
+def test_model_info_comes_from_the_card(classifier: Classifier, artifact: Path) -> None:
+    """Every result can record the model's name, version and sha256 from model_card.json."""
+    card = json.loads((artifact / CARD).read_text())
+    assert classifier.info.name == card["name"]
+    assert classifier.info.version == card["version"]
+    assert classifier.info.sha256 == card["sha256"] and len(card["sha256"]) == 64
+
+
+def _copy(artifact: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(artifact, dst)
+    return dst
+
+
+def test_corrupted_weights_fail_the_sha256_check(artifact: Path, tmp_path: Path) -> None:
+    """A flipped byte in the weights is refused with model_load_error, never loaded."""
+    folder = _copy(artifact, tmp_path)
+    data = bytearray((folder / WEIGHTS).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(MLCoreError) as err:
+        Classifier.load(folder)
+    assert err.value.code == "model_load_error"
+
+
+def test_missing_weights_file_is_refused(artifact: Path, tmp_path: Path) -> None:
+    """A missing weights file is model_load_error, never a silent random initialisation."""
+    folder = _copy(artifact, tmp_path)
+    (folder / WEIGHTS).unlink()
+    with pytest.raises(MLCoreError) as err:
+        Classifier.load(folder)
+    assert err.value.code == "model_load_error"
+
+
+def test_missing_or_broken_card_is_refused(artifact: Path, tmp_path: Path) -> None:
+    """No model card, or an unreadable one, is model_load_error."""
+    folder = _copy(artifact, tmp_path)
+    (folder / CARD).write_text("{not json")
+    with pytest.raises(MLCoreError) as err:
+        Classifier.load(folder)
+    assert err.value.code == "model_load_error"
+    (folder / CARD).unlink()
+    with pytest.raises(MLCoreError) as err:
+        Classifier.load(folder)
+    assert err.value.code == "model_load_error"
+
+
+def test_weights_of_the_wrong_shape_are_refused(artifact: Path, tmp_path: Path) -> None:
+    """Weights that do not fit the architecture the card describes fail at load, even with a valid sha256."""
+    from ml_core.classifier import combined_sha256, sha256_file
+
+    folder = _copy(artifact, tmp_path)
+    card = json.loads((folder / CARD).read_text())
+    card["backbone"] = "lite0"  # same file, other architecture
+    card["files"] = {k: sha256_file(folder / k) for k in card["files"]}
+    card["sha256"] = combined_sha256(card["files"])
+    (folder / CARD).write_text(json.dumps(card))
+    with pytest.raises(MLCoreError) as err:
+        Classifier.load(folder)
+    assert err.value.code == "model_load_error"
+
+
+def test_untrained_classifier_without_localiser_uses_the_whole_slice() -> None:
+    """The tiny in-memory classifier for other packages' tests predicts on any slice."""
+    clf = Classifier.build_untrained(input_size=32)
+    (p,) = clf.predict([np.full((128, 160), 90, np.uint8)])
+    assert p.heatmap.shape == (128, 160)
+    assert p.label in ("tumor", "normal")
