@@ -47,7 +47,9 @@ def run(job_id: str | uuid.UUID, *, context: WorkerContext | None = None) -> Job
             return job.status
         gave_up = job.attempts >= MAX_ATTEMPTS
         if not gave_up:
-            job = jobs.mark_processing(session, jid)
+            job = jobs.mark_processing(session, jid)  # row lock: a concurrent run may have won
+            if job.status.is_terminal:
+                return job.status
         org_id, input_key, attempts = job.org_id, job.input_key, job.attempts
     if gave_up:
         # Earlier deliveries died without finishing (e.g. the worker was killed): stop here.
