@@ -109,3 +109,18 @@ def test_docker_compose_config_accepts_the_file() -> None:
         ["docker", "compose", "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_kubernetes_workers_scale_on_inference_queue_depth() -> None:
+    """KEDA scales the CPU inference deployment on the Redis list the API enqueues to."""
+    docs = list(yaml.safe_load_all((ROOT / "infra" / "k8s" / "worker.yaml").read_text()))
+    by_kind_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    scaled = by_kind_name[("ScaledObject", "liverscan-worker")]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "liverscan-worker"
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == "inference"
+    worker = by_kind_name[("Deployment", "liverscan-worker")]["spec"]["template"]["spec"]
+    command = worker["containers"][0]["command"]
+    assert "--queues=inference" in command and "--concurrency=1" in command
+    beat = by_kind_name[("Deployment", "liverscan-beat")]["spec"]
+    assert beat["replicas"] == 1 and beat["strategy"]["type"] == "Recreate"
