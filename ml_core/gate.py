@@ -3,20 +3,22 @@
 ``LiverGate`` implements ``ml_core.validation.ContentGate``: ``score(slices_u8)`` returns
 P(liver slice) per slice from one batched compiled call, ``threshold`` comes from validation.
 
-How the evidence is combined: the gate is one small CNN on the grey slice letterboxed to
-128 px; its sigmoid output is P(liver slice). The liver localiser is used as evidence at
-training time, not at serving time: it labels the liver's z-extent of unlabelled volumes
-(HCC_006) so that slices far above or below the liver become negatives, and it pseudo-labels
-unlabelled 8-bit slices (KiTS19, Spleen) as positives only where it finds a large liver. A
-grey-only gate keeps serving cheap (one tiny CNN) and works for MR, where the CT-trained
-localiser is not reliable.
+How the evidence is combined: score = P_cnn x ramp(liver area). A small CNN on the grey
+slice letterboxed to 128 px gives P_cnn, "an axial abdominal CT/MR slice in an abdominal
+window" (it rejects photos, documents, other body parts, wrong windows, montages, viewer
+screenshots). The shipped liver localiser (trained on every liver mask here, many patients)
+gives the liver area in pixels at 512x512 scale; the ramp is 0 below 500 px and 1 from
+``MIN_LIVER_PX_512`` (1500 px) on, so a slice far above or below the liver scores 0 whatever
+the CNN says. The two run in one compiled call. The localiser's sha256 is in the gate's card:
+the threshold is only valid with that localiser. Without a localiser (tests) score = P_cnn.
 
 Training data (``python -m ml_core.gate``): positives are liver slices (liver area
 >= ``MIN_LIVER_PX_512`` px at 512 px) of every train source in abdominal windows, MR
-included; negatives are the train files of ``negatives/``, CT slices more than
-``FAR_MM`` from the liver's extent, lung and bone windows of liver slices, coronal and
-sagittal reformats, and generated documents, textures, noise, gradients, montages and
-viewer screenshots. The threshold is chosen on the validation split so that every
+included; the CNN's negatives are the train files of ``negatives/``, lung and bone windows
+of liver slices, coronal and sagittal reformats, and generated documents, textures, noise,
+gradients, montages and viewer screenshots. Slices more than ``FAR_MM`` from the liver's
+extent are negatives of the whole gate (validation, test, bench) and are left to the
+localiser's evidence. The threshold is chosen on the validation split so that every
 validation negative is rejected and >= 99% of the liver slices are accepted when possible.
 """
 
@@ -48,6 +50,8 @@ FAR_MM = 25.0
 #: Windows the gate must accept (issue 4): W 350-400 / L 40-60; trained a little wider.
 EVAL_WINDOWS = ((350.0, 40.0), (350.0, 60.0), (400.0, 40.0), (400.0, 50.0), (400.0, 60.0))
 LUNG_WINDOWS = ((1500.0, -600.0), (1200.0, -500.0), (1600.0, -700.0))
+#: Localiser liver area (px at 512x512) where the gate's liver evidence starts / is complete.
+AREA_RAMP_PX512 = (500.0, float(MIN_LIVER_PX_512))
 BONE_WINDOWS = ((2000.0, 500.0), (1800.0, 400.0), (2500.0, 480.0))
 
 
@@ -74,43 +78,82 @@ def build_gate_cnn(input_size: int = INPUT_SIZE) -> Any:
 
 
 class LiverGate:
-    """The content gate: ``score`` gives P(liver slice) per slice; accept when >= ``threshold``."""
+    """The content gate: ``score`` gives P(liver slice) per slice; accept when >= ``threshold``.
 
-    def __init__(self, cnn: Any, *, threshold: float, card: dict[str, Any] | None = None) -> None:
+    score = P_cnn(abdominal CT/MR slice in an abdominal window) x ramp(liver area), where the
+    liver area comes from the localiser (pixels at 512x512 scale) and the ramp rises linearly
+    from 0 at ``area_ramp[0]`` to 1 at ``area_ramp[1]``. Without a localiser, score = P_cnn.
+    """
+
+    def __init__(
+        self,
+        cnn: Any,
+        localiser: Localiser | None = None,
+        *,
+        threshold: float,
+        area_ramp: tuple[float, float] = AREA_RAMP_PX512,
+        card: dict[str, Any] | None = None,
+    ) -> None:
         import tensorflow as tf
 
         self.cnn = cnn
+        self.localiser = localiser
         self.threshold = float(threshold)
+        self.area_ramp = (float(area_ramp[0]), float(area_ramp[1]))
         self.card = card or {}
         self.input_size = int(cnn.input_shape[1])
-        spec = tf.TensorSpec((None, self.input_size, self.input_size, 1), tf.float32)
-        self._forward = tf.function(
-            lambda x: tf.sigmoid(cnn(x, training=False))[:, 0], input_signature=[spec]
-        )
+        size = self.input_size
+        spec = tf.TensorSpec((None, size, size, 1), tf.float32)
+        frac_spec = tf.TensorSpec((None,), tf.float32)
+        unet = localiser.model if localiser is not None else None
+        loc_size = int(localiser.input_size) if localiser is not None else size
+        lo, hi = self.area_ramp
+
+        def forward(x: Any, content_frac: Any) -> Any:
+            p = tf.sigmoid(cnn(x, training=False))[:, 0]
+            if unet is None:
+                return p
+            xs = x if loc_size == size else tf.image.resize(x, (loc_size, loc_size), "area")
+            liver = tf.cast(tf.sigmoid(unet(xs, training=False)) >= 0.5, tf.float32)
+            frac = tf.reduce_mean(liver, axis=[1, 2, 3]) / tf.maximum(content_frac, 1e-3)
+            ramp = tf.clip_by_value((frac * 512.0 * 512.0 - lo) / (hi - lo), 0.0, 1.0)
+            return p * ramp
+
+        self._forward = tf.function(forward, input_signature=[spec, frac_spec])
 
     @classmethod
-    def load(cls, path: str | Path) -> LiverGate:
-        """Load ``gate.json`` + ``gate.weights.h5`` from a folder, verifying the sha256 first."""
+    def load(cls, path: str | Path, localiser: Localiser | None = None) -> LiverGate:
+        """Load ``gate.json`` + weights (sha256 verified) and the localiser beside it (``../localiser``)."""
         folder = Path(path)
         card = read_card(folder, CARD_NAME, WEIGHTS_NAME)
+        if localiser is None and card.get("localiser_sha256"):
+            localiser = Localiser.load(folder.parent / "localiser")
+        if localiser is not None and card.get("localiser_sha256") != localiser.card.get("sha256"):
+            raise ModelLoadError("the gate was calibrated with another localiser (sha256 differs)")
         try:
             cnn = build_gate_cnn(int(card.get("input_size", INPUT_SIZE)))
             cnn.load_weights(str(folder / str(card.get("weights", WEIGHTS_NAME))))
             threshold = float(card["threshold"])
+            ramp = tuple(card.get("area_ramp_px512", AREA_RAMP_PX512))
         except Exception as exc:  # keras raises many types for a bad file
             raise ModelLoadError("gate weights do not load", detail=type(exc).__name__) from exc
-        return cls(cnn, threshold=threshold, card=card)
+        return cls(cnn, localiser, threshold=threshold, area_ramp=(ramp[0], ramp[1]), card=card)
 
-    def score_batch(self, batch: np.ndarray) -> np.ndarray:
-        """P(liver slice) float32 (N,) for a letterboxed float32 batch (N, S, S, 1) 0..255."""
+    def score_batch(self, batch: np.ndarray, content_frac: np.ndarray | None = None) -> np.ndarray:
+        """Scores float32 (N,) for a letterboxed batch (N, S, S, 1) 0..255 (content_frac: image share of the square)."""
         if batch.shape[0] == 0:
             return np.zeros((0,), np.float32)
-        return self._forward(batch).numpy()
+        if content_frac is None:
+            content_frac = np.ones((batch.shape[0],), np.float32)
+        return self._forward(batch, content_frac.astype(np.float32)).numpy()
 
     def score(self, slices_u8: list[np.ndarray]) -> list[float]:
         """P(liver slice) in [0, 1] for each uint8 (H, W) slice, one batched compiled call."""
-        batch, _ = to_input(slices_u8, self.input_size)
-        return [float(s) for s in self.score_batch(batch)]
+        batch, boxes = to_input(slices_u8, self.input_size)
+        frac = np.array(
+            [b.inner[0] * b.inner[1] / float(b.size * b.size) for b in boxes], np.float32
+        )
+        return [float(s) for s in self.score_batch(batch, frac)]
 
     def accepts(self, slices_u8: list[np.ndarray]) -> list[bool]:
         """True where the slice's score reaches the threshold."""
@@ -639,7 +682,7 @@ def run(args: argparse.Namespace) -> int:
         cnn.load_weights(str(ckpt))
         start = int(json.loads(state_path.read_text())["epoch"])
         log.info("resumed from %s at epoch %d", ckpt, start)
-    gate = LiverGate(cnn, threshold=0.5)
+    gate = LiverGate(cnn, localiser, threshold=0.5)
     val_pools = GatePools("val", localiser, seed=1, shrink=4096)
     val_groups = evaluation_set(val_pools, seed=101)
 
@@ -718,7 +761,9 @@ def run(args: argparse.Namespace) -> int:
         "sha256": sha256_file(weights),
         "input_size": INPUT_SIZE,
         "input": "uint8 grey slice letterboxed (aspect kept, zero padded) to 128 px, values 0..255",
-        "labels_from_localiser_sha256": localiser.card.get("sha256") if localiser else None,
+        "localiser_sha256": localiser.card.get("sha256") if localiser else None,
+        "area_ramp_px512": list(AREA_RAMP_PX512),
+        "score": "P_cnn x clip((localiser liver px at 512 - ramp[0]) / (ramp[1] - ramp[0]), 0, 1)",
         "threshold": threshold,
         "threshold_rule": "on validation: midpoint (logit) between the highest negative score and the 1% quantile "
         "of liver slices; if they overlap, just above the highest negative (strictness first)",

@@ -167,9 +167,11 @@ class Localiser:
         self.threshold = threshold
         self.card = card or {}
         spec = tf.TensorSpec((None, input_size, input_size, 1), tf.float32)
-        self._forward = tf.function(
-            lambda x: tf.sigmoid(model(x, training=False)), input_signature=[spec]
-        )
+
+        def forward(x: Any) -> Any:
+            return tf.sigmoid(model(x, training=False))
+
+        self._forward = tf.function(forward, input_signature=[spec])
 
     @classmethod
     def load(cls, path: str | Path) -> Localiser:

@@ -81,6 +81,18 @@ def data_root() -> Path:
     return D.default_root()
 
 
+@pytest.fixture(scope="module")
+def ircadb11(data_root: Path):
+    """3Dircadb1.1 (never trained on): HU volume, its liver-distance per slice, its largest liver slice."""
+    from ml_core import datasets as D
+
+    vol = D.load_hu_volume("ircadb", "3Dircadb1.1")
+    dist = vol.liver_distance_mm()
+    assert dist is not None
+    z = int(np.argmax(vol.liver.reshape(vol.liver.shape[0], -1).sum(axis=1)))
+    return vol, dist, z
+
+
 def _slice_u8(data: bytes) -> np.ndarray:
     from ml_core.decoding import decode
     from ml_core.preprocessing import to_slice_u8
@@ -117,13 +129,11 @@ def test_shipped_gate_with_one_flipped_byte_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_gate_accepts_held_out_liver_slices_as_png_jpeg_and_dicom(
-    gate: G.LiverGate, data_root: Path
+    gate: G.LiverGate, data_root: Path, ircadb11
 ) -> None:
     from ml_core import datasets as D
 
-    vol = D.load_hu_volume("ircadb", "3Dircadb1.1")  # never trained on
-    areas = vol.liver.reshape(vol.liver.shape[0], -1).sum(axis=1)
-    z = int(np.argmax(areas))
+    vol, _dist, z = ircadb11
     msd_img = next(img for img, _m, _meta in D.iter_msd("test"))
     uploads = {
         "ircadb W400/L50 png": _png(D.window_u8(vol.hu[z], 400, 50)),
@@ -153,30 +163,25 @@ def test_gate_rejects_every_held_out_negative_file(gate: G.LiverGate, data_root:
 
 @pytest.mark.integration
 def test_gate_rejects_a_slice_far_below_the_liver_and_its_lung_window(
-    gate: G.LiverGate, data_root: Path
+    gate: G.LiverGate, ircadb11
 ) -> None:
     from ml_core import datasets as D
 
-    vol = D.load_hu_volume("ircadb", "3Dircadb1.1")
-    dist = vol.liver_distance_mm()
-    assert dist is not None
+    vol, dist, z = ircadb11
     far = int(np.argmax(dist))
     assert dist[far] > G.FAR_MM
-    z = int(np.argmax(vol.liver.reshape(vol.liver.shape[0], -1).sum(axis=1)))
     slices = [D.window_u8(vol.hu[far], 400, 50), D.window_u8(vol.hu[z], 1500, -600)]
     assert all(s < gate.threshold for s in gate.score(slices))
 
 
 @pytest.mark.integration
 def test_validator_reports_not_liver_ct_for_a_far_slice_and_passes_a_liver_slice(
-    gate: G.LiverGate, data_root: Path
+    gate: G.LiverGate, ircadb11
 ) -> None:
     from ml_core import datasets as D
     from ml_core.validation import validate
 
-    vol = D.load_hu_volume("ircadb", "3Dircadb1.1")
-    dist = vol.liver_distance_mm()
-    z = int(np.argmax(vol.liver.reshape(vol.liver.shape[0], -1).sum(axis=1)))
+    vol, dist, z = ircadb11
     far = validate(_png(D.window_u8(vol.hu[int(np.argmax(dist))])), gate=gate)
     ok = validate(_png(D.window_u8(vol.hu[z])), gate=gate)
     assert far.reason_code == "not_liver_ct" and not far.passed
