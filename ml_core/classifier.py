@@ -287,7 +287,7 @@ class Classifier:
             try:
                 from ml_core.gate import LiverGate
 
-                self._gate = LiverGate.load(self._folder / "gate")
+                self._gate = LiverGate.load(self._folder / "gate", localiser=self._localiser)
             except ModelLoadError:
                 raise
             except Exception as exc:
