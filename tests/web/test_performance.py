@@ -117,6 +117,26 @@ def test_missing_model_card_is_said_plainly(
     assert "Live figures for your organization" in resp.text
 
 
+def test_card_without_metrics_says_so_and_still_shows_what_it_has(
+    live_server: LiveServer, signed_in: tuple[str, Path]
+) -> None:
+    email, tmp = signed_in
+    (tmp / "m").mkdir()
+    card = {
+        "name": "liverscan-lite0",
+        "version": "0.1.0",
+        "threshold": 0.5,
+        "training": EVALUATED_CARD["training"],
+    }
+    (tmp / "m" / "model_card.json").write_text(json.dumps(card))
+    client = _client(live_server, tmp / "m")
+    _log_in(client, email)
+    text = _text(client.get("/performance").text)
+    assert "reports no test-set metrics yet" in text
+    assert "liverscan-lite0 version 0.1.0" in text
+    assert "CC BY-NC-ND 4.0" in text
+
+
 def test_unreadable_model_card_is_treated_as_absent(
     live_server: LiveServer, signed_in: tuple[str, Path]
 ) -> None:
