@@ -60,7 +60,7 @@ def test_liver_slice_is_classified_with_overlay_and_signed_webhook(
 def test_photo_is_rejected_with_a_reason_and_never_classified(
     production_stack: Stack, receiver: Receiver, photo_png: bytes
 ) -> None:
-    """A photograph reaches `rejected` with a reason code and named checks; no result exists."""
+    """A grey photograph passes the container checks, then the content gate rejects it; no result."""
     client = Client(production_stack.base_url, "Hepatology South")
     job_id = client.submit(photo_png, "camera.png", callback_url=receiver.url)
     job = client.wait_terminal(job_id)
@@ -69,8 +69,9 @@ def test_photo_is_rejected_with_a_reason_and_never_classified(
     assert job["result"] is None
     validation = job["validation"]
     assert validation["passed"] is False
-    failed = [c for c in validation["checks"] if not c["passed"]]
-    assert validation["reason_code"] and failed
+    assert validation["reason_code"] == "not_liver_ct"  # the learned content gate said no
+    (failed,) = [c for c in validation["checks"] if not c["passed"]]
+    assert failed["name"] == "content"
     headers, body = _one_event(receiver, job_id)
     assert headers["X-Liverscan-Event"] == "job.rejected"
     assert json.loads(body)["job"]["validation"]["reason_code"] == validation["reason_code"]

@@ -125,7 +125,7 @@ def test_photo_is_rejected_before_the_model(ctx: WorkerContext, classifier: Clas
     job_id = make_job(ctx, photo)
     assert pipeline.run(job_id, context=ctx) is JobStatus.REJECTED
     job = load_job(ctx, job_id)
-    assert job.reason_code is not None and job.label is None
+    assert job.reason_code == "not_grayscale" and job.label is None
 
 
 def test_missing_model_fails_the_job_with_its_code(ctx: WorkerContext, slice_png: bytes) -> None:
