@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 import redis
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import create_engine, text
 
 from api.domain.settings import Settings
+from tests.e2e.e2e_support import fresh_postgres_database  # the repo root is on sys.path
 from worker.context import WorkerContext, set_context
 
-ROOT = Path(__file__).resolve().parents[2]
-PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 DB_NAME = "liverscan_worker_tests"
 REDIS_DB = 13  # a Redis database of these tests' own; flushed per test
 BROKER_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -24,20 +20,7 @@ BROKER_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 @pytest.fixture(scope="session")
 def database_url() -> str:
     """A freshly created PostgreSQL database upgraded to the Alembic head."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{DB_NAME}"'))
-    admin.dispose()
-    url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{DB_NAME}"
-    engine = create_engine(url)
-    config = Config(str(ROOT / "alembic.ini"))
-    config.attributes["configure_logger"] = False
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, "head")
-    engine.dispose()
-    return url
+    return fresh_postgres_database(DB_NAME)
 
 
 @pytest.fixture
