@@ -250,6 +250,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write an artifact from the run's best checkpoint and stop",
     )
     parser.add_argument("--checkpoints", default=str(CHECKPOINTS))
+    parser.add_argument(
+        "--val-pairs", type=int, default=96, help="synthetic validation pairs (fixed seed)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -286,7 +289,7 @@ def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
     }
     (ckpt / "split_manifest.json").write_text(json.dumps(manifest, indent=2))
     log.info("backgrounds: %d train slices, %d validation slices", len(train), len(val))
-    vx, vy = validation_set(val, 96, args.input_size, args.seed)
+    vx, vy = validation_set(val, args.val_pairs, args.input_size, args.seed)
     model = build_network(args.input_size, args.backbone, pretrained=args.backbone == "lite0")
     if args.init:
         model.load_weights(args.init, skip_mismatch=True)
