@@ -32,7 +32,7 @@ from e2e_support import (
 
 @pytest.fixture(scope="session", autouse=True)
 def require_model() -> None:
-    """These tests drive the served model (LIVERSCAN_MODEL_PATH or the shipped one); skip without one."""
+    """The served model (LIVERSCAN_MODEL_PATH or the shipped one) must exist: no model, no product."""
     from api.domain.settings import Settings
     from ml_core.errors import ModelLoadError
     from worker.model_cache import model_path
@@ -40,9 +40,9 @@ def require_model() -> None:
     try:
         path = model_path(Settings())
     except ModelLoadError as exc:
-        pytest.skip(f"no shipped model under ml_core/models yet: {exc}")
+        pytest.fail(f"no model to serve: {exc}")
     if not (path / "model_card.json").is_file():
-        pytest.skip(f"no model artifact at {path}")
+        pytest.fail(f"no model artifact at {path}")
 
 
 @pytest.fixture(scope="session")
