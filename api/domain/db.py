@@ -31,7 +31,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Any) -> None:
-    conn.exec_driver_sql("BEGIN")
+    # IMMEDIATE takes the write lock up front, so concurrent units of work wait (busy_timeout)
+    # instead of failing with "database is locked" when a deferred reader upgrades to a writer.
+    # Read-only probes opt out with execution_options(sqlite_begin="DEFERRED").
+    mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+    conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 def make_engine(settings: Settings, **kwargs: Any) -> Engine:
@@ -77,7 +81,7 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 def ping(engine: Engine) -> None:
     """Raise DatabaseUnavailable unless a trivial query succeeds."""
     try:
-        with engine.connect() as conn:
+        with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:  # any driver error means "not ready"
         log.warning("database ping failed: %s", exc)
