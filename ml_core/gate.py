@@ -282,6 +282,43 @@ def gen_noise_or_gradient(rng: np.random.Generator, size: int = 128) -> np.ndarr
     return (g * rng.uniform(60, 255)).astype(np.uint8)
 
 
+def gen_head(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """A head-like slice (axial or sagittal): bright skull ring, grey brain texture, dark ventricles."""
+    import cv2
+
+    img = np.zeros((size, size), np.float32)
+    c = (size // 2 + int(rng.integers(-10, 11)), size // 2 + int(rng.integers(-10, 11)))
+    ax = (int(size * rng.uniform(0.3, 0.42)), int(size * rng.uniform(0.36, 0.46)))
+    ang = float(rng.uniform(-20, 20))
+    skull = float(rng.uniform(150, 255))
+    cv2.ellipse(img, c, ax, ang, 0, 360, skull, -1)
+    t = int(rng.integers(3, 12))
+    inner = (max(4, ax[0] - t), max(4, ax[1] - t))
+    brain = cv2.GaussianBlur(
+        rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), float(rng.uniform(1, 6))
+    )
+    fill = np.zeros_like(img)
+    cv2.ellipse(fill, c, inner, ang, 0, 360, 1.0, -1)
+    level = float(rng.uniform(60, 170))
+    img = np.where(fill > 0, level + brain * rng.uniform(5, 25), img)
+    for _ in range(int(rng.integers(0, 3))):
+        cv2.ellipse(
+            img,
+            (c[0] + int(rng.integers(-15, 16)), c[1] + int(rng.integers(-10, 11))),
+            (int(rng.integers(4, 14)), int(rng.integers(10, 30))),
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            float(rng.uniform(0, 60)),
+            -1,
+        )
+    if rng.random() < 0.3:  # sagittal: a neck below
+        cv2.rectangle(
+            img, (c[0] - ax[0] // 3, c[1] + ax[1] - 10), (c[0] + ax[0] // 3, size), level, -1
+        )
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def gen_montage(rng: np.random.Generator, ct: Sequence[np.ndarray], size: int = 256) -> np.ndarray:
     """A grid (2x2 to 4x4) of CT slices, as a viewer's montage or a contact sheet."""
     import cv2
@@ -521,6 +558,8 @@ def _sample_negative(p: GatePools, rng: np.random.Generator) -> np.ndarray:
     if r < 0.62 and p.neg_files:
         return _augment_u8(gen_photo_crop(rng, p.neg_files), rng, contrast=True)
     gens: list[Callable[[], np.ndarray]] = [
+        lambda: gen_head(rng),
+        lambda: gen_head(rng),
         lambda: gen_document(rng),
         lambda: gen_texture(rng),
         lambda: gen_noise_or_gradient(rng),
@@ -575,6 +614,7 @@ def evaluation_set(p: GatePools, seed: int, n_generated: int = 240) -> dict[str,
     groups["neg/reformat"] = [_win(h, 400, 50) for h in p.reformat_hu]
     k = n_generated // 6
     groups["neg/document"] = [gen_document(rng) for _ in range(k)]
+    groups["neg/head"] = [gen_head(rng) for _ in range(k)]
     groups["neg/texture_noise"] = [gen_texture(rng) for _ in range(k)] + [
         gen_noise_or_gradient(rng) for _ in range(k)
     ]
