@@ -455,19 +455,15 @@ def run(args: argparse.Namespace) -> int:
             opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             return loss
 
-        spec = tf.TensorSpec((None, size, size, 1), tf.float32)
-        infer = tf.function(lambda x: tf.sigmoid(model(x, training=False)), input_signature=[spec])
+        infer = Localiser(model, input_size=size, threshold=0.5).probabilities_small
         for epoch in range(start, args.epochs):
             t0 = time.time()
             losses = []
             for _ in range(args.steps):
                 x, y = data.batch(rng, args.batch_size)
                 losses.append(float(step(tf.constant(x), tf.constant(y))))
-            pv = (
-                np.concatenate([infer(vx[i : i + 64]).numpy() for i in range(0, len(vx), 64)])
-                >= 0.5
-            )
-            inter = np.logical_and(pv, vy[..., None]).sum()
+            pv = np.concatenate([infer(vx[i : i + 64]) for i in range(0, len(vx), 64)]) >= 0.5
+            inter = np.logical_and(pv, vy).sum()
             vdice = 2.0 * inter / max(1, pv.sum() + vy.sum())
             dt = time.time() - t0
             log.info(
