@@ -40,12 +40,13 @@ def test_when_classes_overlap_strictness_wins_over_acceptance() -> None:
     "make",
     [
         lambda rng: G.gen_document(rng),
+        lambda rng: G.gen_head(rng),
         lambda rng: G.gen_texture(rng),
         lambda rng: G.gen_noise_or_gradient(rng),
         lambda rng: G.gen_montage(rng, [np.full((64, 64), 100, np.uint8)]),
         lambda rng: G.gen_viewer(rng, [np.full((64, 64), 100, np.uint8)]),
     ],
-    ids=["document", "texture", "noise", "montage", "viewer"],
+    ids=["document", "head", "texture", "noise", "montage", "viewer"],
 )
 def test_generated_negatives_are_grey_uint8_images(make) -> None:
     for seed in range(5):
