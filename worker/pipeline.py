@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.domain import jobs
+from api.domain import batches, jobs
 from api.domain.db import session_scope
 from api.domain.models import Job, JobStatus
 from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB
@@ -171,9 +171,11 @@ def _finish(ctx: WorkerContext, jid: uuid.UUID, mark: Callable[[Session], Job]) 
             return current.status
         job = mark(session)
         delivery_id = webhooks.schedule(session, job, ctx)
+        batch_delivery_id = batches.on_job_terminal(session, job.batch_id)  # batch.completed, once
         status = job.status
-    if delivery_id is not None:
-        webhooks.enqueue(ctx, delivery_id)
+    for row_id in (delivery_id, batch_delivery_id):
+        if row_id is not None:
+            webhooks.enqueue(ctx, row_id)
     return status
 
 

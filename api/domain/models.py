@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -183,6 +184,25 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Batch(Base):
+    """Many jobs submitted together; complete once sealed and every job is terminal."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_org_created", "org_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    callback_url: Mapped[str | None] = mapped_column(String(2048))
+    job_events: Mapped[bool] = mapped_column(Boolean, default=False)  # per-job webhooks too
+    file_count: Mapped[int] = mapped_column(Integer, default=0)  # files received, good and bad
+    # Files refused before they became jobs: [{"filename", "client_ref", "code", "message"}].
+    rejected: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sealed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # every file submitted
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # set once, conditionally
 
 
 class WebhookDelivery(Base):

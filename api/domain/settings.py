@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     password_hash_memory_kib: int = Field(default=65536, ge=1024)
 
     max_upload_mb: int = Field(default=50, ge=1)
+    # Batches (issue 6): files per batch, one request's size, zip-bomb ratio cap.
+    batch_max_files: int = Field(default=2000, ge=1)
+    batch_max_mb: int = Field(default=1024, ge=1)
+    zip_max_ratio: int = Field(default=100, ge=1)
 
     webhook_allow_private: bool = False
     webhook_max_attempts: int = Field(default=8, ge=1)

@@ -1,0 +1,291 @@
+"""POST /api/v1/batches, GET /api/v1/batches/<id> and the results CSV, on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+import zipfile
+from typing import Any
+
+import redis
+from flask.testing import FlaskClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from werkzeug.datastructures import MultiDict
+
+from api.domain import batches, jobs
+from api.domain.models import Batch, Job, WebhookDelivery
+from api.domain.settings import Settings
+from api.domain.storage import Storage
+from tests.api.conftest import bearer, login, png_bytes, signup
+
+
+def post_batch(
+    client: FlaskClient,
+    headers: dict[str, str],
+    files: list[tuple[bytes, str]],
+    **fields: Any,
+) -> Any:
+    """POST the files as `file` parts (plus form fields) to /api/v1/batches."""
+    form: list[tuple[str, Any]] = [
+        ("file", (io.BytesIO(data), name, "application/octet-stream")) for data, name in files
+    ]
+    for key, value in fields.items():
+        for item in value if isinstance(value, list) else [value]:
+            form.append((key, item))
+    return client.post(
+        "/api/v1/batches",
+        headers=headers,
+        data=MultiDict(form),
+        content_type="multipart/form-data",
+    )
+
+
+def make_zip(entries: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    """A zip archive in memory."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=compression) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def error_code(response: Any) -> str:
+    """The `error.code` of an error envelope."""
+    return str(response.get_json()["error"]["code"])
+
+
+def batch_count(session: Session) -> int:
+    """How many batches exist in the test's transaction."""
+    return int(session.scalar(select(func.count()).select_from(Batch)) or 0)
+
+
+def finish(session: Session, job_id: uuid.UUID, *, label: str | None, storage: Storage) -> None:
+    """Drive a job to succeeded (label given) or rejected, as the worker would, with its batch hook."""
+    job = session.get(Job, job_id)
+    assert job is not None
+    jobs.mark_processing(session, job_id)
+    if label is None:
+        jobs.mark_rejected(
+            session,
+            job_id,
+            reason_code="not_liver_ct",
+            validation={"passed": False, "reason_code": "not_liver_ct", "checks": []},
+            input_meta=None,
+        )
+    else:
+        overlay_key = f"{job.org_id}/{job.id}/overlay.png"
+        storage.put(overlay_key, png_bytes(size=16), "image/png")
+        jobs.mark_succeeded(
+            session,
+            job_id,
+            label=label,
+            probability=0.87,
+            threshold=0.5,
+            model_name="liverscan-lite0",
+            model_version="0.1.0",
+            model_sha256="cd" * 32,
+            heatmap_key=overlay_key,
+            overlay_key=overlay_key,
+            validation={"passed": True, "reason_code": None, "checks": []},
+            input_meta={"format": "png", "width": 16, "height": 16, "modality": None},
+        )
+    batches.on_job_terminal(session, job.batch_id)
+    session.commit()
+
+
+def test_many_file_parts_become_queued_jobs_of_one_batch(
+    client: FlaskClient,
+    user_headers: dict[str, str],
+    session: Session,
+    storage: Storage,
+    broker: redis.Redis,
+) -> None:
+    files = [(png_bytes(seed=i), f"slice-{i}.png") for i in range(3)]
+    r = post_batch(client, user_headers, files, client_ref=["A-0", "A-1", "A-2"])
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    assert len(body["job_ids"]) == 3 and body["rejected"] == []
+    assert r.headers["Location"] == body["status_url"]
+    assert broker.llen("inference") == 3  # each job enqueued after its row committed
+
+    for job_id, (data, name) in zip(body["job_ids"], files, strict=True):
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None and str(job.batch_id) == body["id"]
+        assert job.input_filename == name
+        assert storage.get(job.input_key) == data
+
+    view = client.get(f"/api/v1/batches/{body['id']}", headers=user_headers).get_json()
+    assert view["status"] == "processing"
+    assert view["counts"] == {
+        "queued": 3,
+        "processing": 0,
+        "succeeded": 0,
+        "rejected": 0,
+        "failed": 0,
+    }
+    assert view["progress"] == 0.0
+    assert [j["client_ref"] for j in view["jobs"]] == ["A-0", "A-1", "A-2"]
+
+
+def test_a_zip_is_read_in_memory_entry_by_entry(
+    client: FlaskClient, user_headers: dict[str, str], session: Session
+) -> None:
+    archive = make_zip(
+        {
+            "series/a.png": png_bytes(seed=1),
+            "series/b.png": png_bytes(seed=2),
+            "__MACOSX/series/._a.png": b"junk",
+            ".DS_Store": b"junk",
+        }
+    )
+    r = post_batch(client, user_headers, [(archive, "scans.zip"), (png_bytes(seed=3), "c.png")])
+    assert r.status_code == 202, r.get_json()
+    names = sorted(j["filename"] for j in r.get_json()["jobs"])
+    assert names == ["c.png", "series/a.png", "series/b.png"]
+
+
+def test_zip_with_a_path_traversal_entry_is_refused_whole(
+    client: FlaskClient, user_headers: dict[str, str], session: Session, broker: redis.Redis
+) -> None:
+    archive = make_zip({"ok.png": png_bytes(seed=1), "../../etc/evil.png": png_bytes(seed=2)})
+    r = post_batch(client, user_headers, [(archive, "scans.zip")])
+    assert r.status_code == 422
+    assert error_code(r) == "zip_unsafe_path"
+    assert batch_count(session) == 0 and broker.llen("inference") == 0
+
+    absolute = make_zip({"/abs/evil.png": png_bytes(seed=3)})
+    r = post_batch(client, user_headers, [(absolute, "abs.zip")])
+    assert error_code(r) == "zip_unsafe_path"
+
+
+def test_zip_bomb_is_refused_before_it_inflates(
+    client: FlaskClient, user_headers: dict[str, str], session: Session
+) -> None:
+    bomb = make_zip({"zeros.png": b"\0" * (20 * 1024 * 1024)})
+    assert len(bomb) < 100_000
+    r = post_batch(client, user_headers, [(bomb, "bomb.zip")])
+    assert r.status_code == 413
+    assert error_code(r) == "zip_bomb"
+    assert batch_count(session) == 0
+
+
+def test_empty_batch_is_refused(client: FlaskClient, user_headers: dict[str, str]) -> None:
+    r = client.post(
+        "/api/v1/batches",
+        headers=user_headers,
+        data={"callback_url": ""},
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 422 and error_code(r) == "empty_batch"
+    only_dirs = make_zip({"empty/": b""})
+    r = post_batch(client, user_headers, [(only_dirs, "nothing.zip")])
+    assert r.status_code == 422 and error_code(r) == "empty_batch"
+    r = post_batch(client, user_headers, [(b"", "blank.png")])
+    assert error_code(r) == "empty_batch"
+
+
+def test_batch_over_the_file_count_limit_is_refused(
+    settings: Settings, client: FlaskClient, user_headers: dict[str, str], session: Session
+) -> None:
+    settings.batch_max_files = 3  # default 2000 (LIVERSCAN_BATCH_MAX_FILES)
+    files = [(png_bytes(seed=i), f"s{i}.png") for i in range(4)]
+    r = post_batch(client, user_headers, files)
+    assert r.status_code == 413 and error_code(r) == "too_many_files"
+    zipped = make_zip({f"s{i}.png": png_bytes(seed=i) for i in range(4)})
+    r = post_batch(client, user_headers, [(zipped, "four.zip")])
+    assert r.status_code == 413 and error_code(r) == "too_many_files"
+    assert batch_count(session) == 0
+
+
+def test_mixed_good_and_bad_files_complete_with_one_csv_row_each(
+    client: FlaskClient, user_headers: dict[str, str], session: Session, storage: Storage
+) -> None:
+    too_big = b"\x89PNG" + b"x" * (1024 * 1024 + 10)  # tests allow 1 MB per file
+    files = [
+        (png_bytes(seed=1), "good.png"),
+        (b"", "empty.png"),
+        (too_big, "huge.png"),
+        (b"this is a letter, not a scan", "=letter.png"),
+    ]
+    r = post_batch(client, user_headers, files)
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    assert sorted((x["filename"], x["code"]) for x in body["rejected"]) == [
+        ("empty.png", "missing_file"),
+        ("huge.png", "payload_too_large"),
+    ]
+    good_id, letter_id = (uuid.UUID(j) for j in body["job_ids"])
+
+    finish(session, good_id, label="tumor", storage=storage)
+    view = client.get(body["status_url"], headers=user_headers).get_json()
+    assert view["status"] == "processing"  # the letter is still queued
+    finish(session, letter_id, label=None, storage=storage)  # the validator rejects it
+
+    view = client.get(body["status_url"], headers=user_headers).get_json()
+    assert view["status"] == "completed" and view["completed_at"]
+    assert view["counts"]["succeeded"] == 1 and view["counts"]["rejected"] == 1
+    assert view["rejected_at_intake"] == 2 and view["progress"] == 1.0
+
+    r = client.get(body["results_url"], headers=user_headers)
+    assert r.status_code == 200 and r.mimetype == "text/csv"
+    rows = {row["filename"]: row for row in csv.DictReader(io.StringIO(r.get_data(as_text=True)))}
+    assert set(rows) == {"good.png", "'=letter.png", "empty.png", "huge.png"}
+    good = rows["good.png"]
+    assert (good["status"], good["label"], good["model_version"]) == ("succeeded", "tumor", "0.1.0")
+    assert float(good["probability"]) == 0.87
+    assert client.get(good["overlay_url"], headers=user_headers).status_code == 200
+    assert rows["'=letter.png"]["status"] == "rejected"
+    assert rows["'=letter.png"]["reason_code"] == "not_liver_ct"
+    assert rows["huge.png"]["reason_code"] == "payload_too_large"
+
+
+def test_batch_completed_webhook_is_scheduled_exactly_once(
+    settings: Settings,
+    client: FlaskClient,
+    user_headers: dict[str, str],
+    session: Session,
+    storage: Storage,
+) -> None:
+    settings.webhook_allow_private = True
+    files = [(png_bytes(seed=i), f"s{i}.png") for i in range(2)]
+    r = post_batch(client, user_headers, files, callback_url="http://127.0.0.1:9/hook")
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    for job_id in body["job_ids"]:
+        finish(session, uuid.UUID(job_id), label="normal", storage=storage)
+    batch_id = uuid.UUID(body["id"])
+    assert batches.on_job_terminal(session, batch_id) is None  # a late, duplicate finisher
+    rows = session.scalars(
+        select(WebhookDelivery).where(WebhookDelivery.event == "batch.completed")
+    ).all()
+    mine = [row for row in rows if row.payload and row.payload["batch"]["id"] == body["id"]]
+    assert len(mine) == 1
+    payload = mine[0].payload
+    assert payload is not None and payload["batch"]["counts"]["succeeded"] == 2
+    job = session.get(Job, mine[0].job_id)
+    assert job is not None
+    assert batches.callback_url_for(session, mine[0], job) == "http://127.0.0.1:9/hook"
+    assert job.callback_url is None  # per-job events only when job_events=true
+
+
+def test_another_organizations_batch_is_not_found(
+    client: FlaskClient, user_headers: dict[str, str]
+) -> None:
+    r = post_batch(client, user_headers, [(png_bytes(seed=5), "a.png")])
+    batch_id = r.get_json()["id"]
+    other = signup(client, organization="Other clinic")
+    other_headers = bearer(login(client, other["email"])["access_token"])
+    for url in (f"/api/v1/batches/{batch_id}", f"/api/v1/batches/{batch_id}/results.csv"):
+        r = client.get(url, headers=other_headers)
+        assert r.status_code == 404 and error_code(r) == "batch_not_found"
+    r = client.get("/api/v1/batches/not-a-uuid", headers=user_headers)
+    assert r.status_code == 404 and error_code(r) == "batch_not_found"
+
+
+def test_batches_are_in_the_openapi_document(client: FlaskClient) -> None:
+    paths = client.get("/api/v1/openapi.json").get_json()["paths"]
+    assert "post" in paths["/api/v1/batches"]
+    assert "get" in paths["/api/v1/batches/{batch_id}"]
+    assert "get" in paths["/api/v1/batches/{batch_id}/results.csv"]
