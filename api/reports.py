@@ -1,5 +1,329 @@
-"""Reports routes (placeholder blueprint until the reports work lands)."""
+"""Reports of a job: the PDF, a FHIR R4 DiagnosticReport, and DICOM outputs of DICOM uploads.
 
-from flask import Blueprint
+The worker renders `report.pdf` (and for DICOM uploads `overlay_sc.dcm` and `sr.dcm`) into the
+store next to the job's other artifacts; the FHIR resource is built here from the job row.
+A job that did not succeed has no report (404 `report_not_found`); another organization's job
+is a 404 `job_not_found`; DICOM outputs of a non-DICOM upload are a 409 `not_dicom`.
+"""
 
-bp = Blueprint("reports", __name__)
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, Response, redirect, url_for
+from flask.typing import ResponseReturnValue
+from flask_jwt_extended import jwt_required
+
+from api.auth import current_user
+from api.domain import audit, jobs
+from api.domain.errors import LiverscanError, NotFound, ObjectNotFound
+from api.domain.models import Job, JobStatus
+from api.domain.storage import job_key
+from api.jobs import parse_job_id
+from api.openapi import register_path
+from api.resources import db, resources
+
+bp = Blueprint("reports", __name__, url_prefix="/api/v1/jobs")
+
+DISCLAIMER = "Decision support only, not a diagnosis; review the whole study before acting on it."
+DICOM_OBJECTS = {"overlay": "overlay_sc.dcm", "sr": "sr.dcm"}
+FHIR_JSON = "application/fhir+json"
+
+# Codings (kept in step with worker/reports.py, which writes the same codes into the SR).
+LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
+UCUM = "http://unitsofmeasure.org"
+LOCAL = "urn:liverscan:fhir:codes"
+REPORT_CODE = {"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}
+RADIOLOGY = {
+    "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+    "code": "RAD",
+    "display": "Radiology",
+}
+IMAGING = {
+    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+    "code": "imaging",
+    "display": "Imaging",
+}
+FINDINGS = {
+    "tumor": {"system": SNOMED, "code": "126851005", "display": "Neoplasm of liver"},
+    "normal": {"system": SNOMED, "code": "281900007", "display": "No abnormality detected"},
+}
+
+
+class ReportNotFound(NotFound):
+    """The job exists but has no report (not succeeded, or rendered before reports existed)."""
+
+    code, message = "report_not_found", "This job has no report (only succeeded jobs have one)."
+
+
+class NotDicom(LiverscanError):
+    """DICOM outputs were asked for a job whose upload is not DICOM."""
+
+    code, http_status = "not_dicom", 409
+    message = "DICOM outputs exist only for DICOM uploads; this upload is not DICOM."
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def _job_for_report(job_id: str, action: str) -> Job:
+    """The caller's organization's job (else job_not_found), audited as a report access."""
+    user = current_user()
+    session = db()
+    job = jobs.get_or_raise(session, parse_job_id(job_id), org_id=user.org_id)
+    audit.record(session, action, org_id=user.org_id, user_id=user.id, job_id=job.id, detail=None)
+    session.commit()
+    return job
+
+
+def _require_succeeded(job: Job) -> None:
+    if job.status is not JobStatus.SUCCEEDED:
+        raise ReportNotFound(details={"id": str(job.id), "status": job.status.value})
+
+
+def _serve(job: Job, key: str, mimetype: str, filename: str) -> ResponseReturnValue:
+    """Bytes from the local store, or a redirect to a presigned URL (S3); missing → report_not_found."""
+    res = resources()
+    if not res.storage.exists(key):
+        raise ReportNotFound(details={"id": str(job.id)})
+    direct = res.storage.url_for(key, res.settings.presign_expires_s)
+    if direct is not None:
+        return redirect(direct, code=302)
+    try:
+        data = res.storage.get(key)
+    except ObjectNotFound as exc:
+        raise ReportNotFound(details={"id": str(job.id)}) from exc
+    response = Response(data, mimetype=mimetype)
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    response.headers["Cache-Control"] = "private, no-store"
+    return response
+
+
+@bp.get("/<job_id>/report")
+@jwt_required()
+def report_pdf(job_id: str) -> ResponseReturnValue:
+    """The job's PDF report (local store: the bytes; S3: a redirect to a presigned URL)."""
+    job = _job_for_report(job_id, "report.pdf")
+    _require_succeeded(job)
+    if job.report_key is None:
+        raise ReportNotFound(details={"id": str(job.id)})
+    return _serve(job, job.report_key, "application/pdf", f"liverscan-{job.id}.pdf")
+
+
+@bp.get("/<job_id>/fhir")
+@jwt_required()
+def report_fhir(job_id: str) -> tuple[Response, int]:
+    """The job's result as a FHIR R4 DiagnosticReport (application/fhir+json)."""
+    job = _job_for_report(job_id, "report.fhir")
+    _require_succeeded(job)
+    body = json.dumps(diagnostic_report(job), indent=2)
+    return Response(body, mimetype=FHIR_JSON), 200
+
+
+@bp.get("/<job_id>/dicom/<kind>")
+@jwt_required()
+def report_dicom(job_id: str, kind: str) -> ResponseReturnValue:
+    """A DICOM output of a DICOM upload: `overlay` (Secondary Capture) or `sr` (Basic Text SR)."""
+    job = _job_for_report(job_id, "report.dicom")
+    if kind not in DICOM_OBJECTS:
+        raise ReportNotFound(
+            "No such DICOM output.", details={"kind": kind[:32], "allowed": list(DICOM_OBJECTS)}
+        )
+    if job.input_format is not None and job.input_format != "dicom":
+        raise NotDicom(details={"id": str(job.id), "format": job.input_format})
+    _require_succeeded(job)
+    name = DICOM_OBJECTS[kind]
+    key = job_key(job.org_id, job.id, name)
+    return _serve(job, key, "application/dicom", f"liverscan-{job.id}-{name}")
+
+
+def _coding_concept(coding: dict[str, str], text: str | None = None) -> dict[str, Any]:
+    concept: dict[str, Any] = {"coding": [coding]}
+    if text:
+        concept["text"] = text
+    return concept
+
+
+def diagnostic_report(job: Job) -> dict[str, Any]:
+    """A FHIR R4 DiagnosticReport of a succeeded job, with contained Observations, Device and Media."""
+    label = job.label or "normal"
+    probability = float(job.probability or 0.0)
+    threshold = float(job.threshold or 0.0)
+    finding = FINDINGS.get(label, FINDINGS["normal"])
+    headline = "Tumor suspected" if label == "tumor" else "No tumor detected"
+    issued = _iso(job.finished_at)
+    device = {
+        "resourceType": "Device",
+        "id": "model",
+        "identifier": [{"system": "urn:liverscan:model-sha256", "value": job.model_sha256 or ""}],
+        "deviceName": [{"name": job.model_name or "liverscan", "type": "model-name"}],
+        "version": [{"value": job.model_version or ""}],
+        "note": [
+            {
+                "text": "Machine-learning model (EfficientNet) for liver tumor screening. "
+                + DISCLAIMER
+            }
+        ],
+    }
+    common = {
+        "status": "final",
+        "category": [_coding_concept(IMAGING)],
+        "effectiveDateTime": _iso(job.created_at),
+        "issued": issued,
+        "device": {"reference": "#model"},
+    }
+    prob_obs = {
+        "resourceType": "Observation",
+        "id": "probability",
+        **common,
+        "code": _coding_concept(
+            {"system": LOCAL, "code": "tumor-probability", "display": "Tumor probability (calibrated)"},
+            "Calibrated probability of a liver tumor on this slice",
+        ),
+        "valueQuantity": {"value": round(probability, 6), "unit": "probability", "system": UCUM, "code": "1"},
+        "component": [
+            {
+                "code": _coding_concept(
+                    {"system": LOCAL, "code": "decision-threshold", "display": "Decision threshold"}
+                ),
+                "valueQuantity": {"value": round(threshold, 6), "unit": "probability", "system": UCUM, "code": "1"},
+            }
+        ],
+    }  # fmt: skip
+    label_obs = {
+        "resourceType": "Observation",
+        "id": "finding",
+        **common,
+        "code": _coding_concept(
+            {"system": LOCAL, "code": "screening-label", "display": "Liver tumor screening label"},
+            "Screening label",
+        ),
+        "valueCodeableConcept": _coding_concept(finding, label),
+        "derivedFrom": [{"reference": "#probability"}],
+    }
+    contained: list[dict[str, Any]] = [device, prob_obs, label_obs]
+    report: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "id": str(job.id),
+        "contained": contained,
+        "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{job.id}"}],
+        "status": "final",
+        "category": [_coding_concept(RADIOLOGY)],
+        "code": _coding_concept(REPORT_CODE, "Liver tumor screening (AI decision support)"),
+        "effectiveDateTime": _iso(job.created_at),
+        "issued": issued,
+        "result": [{"reference": "#probability"}, {"reference": "#finding"}],
+        "conclusion": (
+            f"{headline}: calibrated probability {probability:.3f} "
+            f"({'at or above' if probability >= threshold else 'below'} threshold {threshold:.3f}). "
+            + DISCLAIMER
+        ),
+        "conclusionCode": [_coding_concept(finding)],
+    }
+    if job.client_ref:
+        report["identifier"].append({"system": "urn:liverscan:client-ref", "value": job.client_ref})
+    if job.overlay_key:
+        contained.append(
+            {
+                "resourceType": "Media",
+                "id": "overlay",
+                "status": "completed",
+                "type": _coding_concept(
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/media-type",
+                        "code": "image",
+                        "display": "Image",
+                    }
+                ),
+                "issued": issued,
+                "device": {"reference": "#model"},
+                "content": {
+                    "contentType": "image/png",
+                    "url": url_for("jobs.artifact", job_id=job.id, name="overlay", _external=True),
+                    "title": "Grad-CAM overlay",
+                },
+            }
+        )
+        report["media"] = [{"comment": "Grad-CAM overlay", "link": {"reference": "#overlay"}}]
+    if job.report_key:
+        report["presentedForm"] = [
+            {
+                "contentType": "application/pdf",
+                "url": url_for("reports.report_pdf", job_id=job.id, _external=True),
+                "title": "liverscan report (PDF)",
+            }
+        ]
+    return report
+
+
+_ERR = {"$ref": "#/components/responses/Error"}
+_ID = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+}
+_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"cookie": []}]
+
+register_path(
+    "/api/v1/jobs/{job_id}/report",
+    {
+        "get": {
+            "summary": "The job's PDF report (S3: redirect to a presigned URL)",
+            "parameters": [_ID],
+            "security": _SECURITY,
+            "responses": {
+                "200": {"description": "PDF", "content": {"application/pdf": {}}},
+                "302": {"description": "Presigned URL"},
+                "401": _ERR,
+                "404": _ERR,
+            },
+        }
+    },
+)
+register_path(
+    "/api/v1/jobs/{job_id}/fhir",
+    {
+        "get": {
+            "summary": "The job's result as a FHIR R4 DiagnosticReport",
+            "parameters": [_ID],
+            "security": _SECURITY,
+            "responses": {
+                "200": {"description": "DiagnosticReport", "content": {FHIR_JSON: {}}},
+                "401": _ERR,
+                "404": _ERR,
+            },
+        }
+    },
+)
+register_path(
+    "/api/v1/jobs/{job_id}/dicom/{kind}",
+    {
+        "get": {
+            "summary": "DICOM outputs of a DICOM upload: overlay (Secondary Capture) or sr (Basic Text SR)",
+            "parameters": [
+                _ID,
+                {
+                    "name": "kind",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": list(DICOM_OBJECTS)},
+                },
+            ],
+            "security": _SECURITY,
+            "responses": {
+                "200": {"description": "DICOM Part 10 file", "content": {"application/dicom": {}}},
+                "302": {"description": "Presigned URL"},
+                "401": _ERR,
+                "404": _ERR,
+                "409": _ERR,
+            },
+        }
+    },
+)

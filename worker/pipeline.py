@@ -24,7 +24,7 @@ from api.domain.storage import job_key
 from ml_core.errors import MLCoreError
 from ml_core.overlay import heatmap_png, overlay_png
 from ml_core.validation import validate
-from worker import model_cache, webhooks
+from worker import model_cache, reports, webhooks
 from worker.context import WorkerContext, get_context
 
 log = logging.getLogger(__name__)
@@ -124,11 +124,23 @@ def _process(ctx: WorkerContext, jid: uuid.UUID, org_id: uuid.UUID, input_key: s
     start = time.perf_counter()
     heatmap_key = job_key(org_id, jid, "heatmap.png")
     overlay_key = job_key(org_id, jid, "overlay.png")
+    overlay = overlay_png(report.slice_u8, prediction.heatmap)
     ctx.storage.put(heatmap_key, heatmap_png(prediction.heatmap), "image/png")
-    ctx.storage.put(overlay_key, overlay_png(report.slice_u8, prediction.heatmap), "image/png")
+    ctx.storage.put(overlay_key, overlay, "image/png")
     timings["artifacts_s"] = time.perf_counter() - start
 
     info = classifier.info
+    start = time.perf_counter()  # PDF (and DICOM SC/SR) into the store before the row says so
+    report_key = reports.render_for_job(
+        ctx,
+        jid,
+        upload=data,
+        validation=report,
+        prediction=prediction,
+        model=info,
+        overlay_png=overlay,
+    )
+    timings["report_s"] = time.perf_counter() - start
     log.info("job %s succeeded: %s p=%.3f", jid, prediction.label, prediction.probability)
     return _finish(
         ctx,
@@ -144,6 +156,7 @@ def _process(ctx: WorkerContext, jid: uuid.UUID, org_id: uuid.UUID, input_key: s
             model_sha256=info.sha256,
             heatmap_key=heatmap_key,
             overlay_key=overlay_key,
+            report_key=report_key,
             validation=validation,
             input_meta=input_meta,
             timings=timings,
