@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, request
+from flask import Flask
 
-from api import auth, jobs, openapi, ops, org
+from api import auth, jobs, openapi, ops, org, security
 from api.domain.settings import Settings, get_settings
 from api.errors import register_error_handlers
 from api.resources import EXTENSION_KEY, Resources, build_resources, close_db
@@ -41,28 +41,5 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         app.register_blueprint(blueprint)
     ops.init_metrics(app)
 
-    if settings.cors_origins:
-        allowed = set(settings.cors_origins)
-
-        @app.after_request
-        def _cors(response: Response) -> Response:
-            origin = request.headers.get("Origin")
-            if origin in allowed:
-                response.headers["Access-Control-Allow-Origin"] = origin
-                response.headers["Vary"] = "Origin"
-                response.headers["Access-Control-Allow-Headers"] = (
-                    "Authorization, Content-Type, Idempotency-Key"
-                )
-                response.headers["Access-Control-Allow-Methods"] = "GET, POST"
-            return response
-
-    @app.after_request
-    def _security_headers(response: Response) -> Response:
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        if settings.jwt_cookie_secure:  # served behind TLS
-            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
-        return response
-
+    security.init_security(app, settings)
     return app

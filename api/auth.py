@@ -21,8 +21,8 @@ from flask_jwt_extended import (
 from flask_jwt_extended.exceptions import JWTExtendedException
 from jwt.exceptions import PyJWTError
 
-from api.domain import accounts
-from api.domain.errors import Forbidden, LiverscanError
+from api.domain import accounts, audit
+from api.domain.errors import Forbidden, InvalidCredentials, LiverscanError
 from api.domain.models import Role, User
 from api.errors import error_response
 from api.requests import json_body, required_str
@@ -192,14 +192,32 @@ def signup() -> tuple[Response, int]:
 def login() -> tuple[Response, int]:
     """Exchange email and password for an access and a refresh token."""
     data = json_body()
-    user = accounts.authenticate(
-        db(),
-        accounts.make_hasher(resources().settings),
-        email=required_str(data, "email", max_length=320),
-        password=required_str(data, "password", max_length=1000),
-    )
-    db().commit()
+    email = required_str(data, "email", max_length=320)
+    password = required_str(data, "password", max_length=1000)
+    session, settings = db(), resources().settings
+    try:
+        user = accounts.authenticate(
+            session, accounts.make_hasher(settings), email=email, password=password
+        )
+    except accounts.AccountLocked:
+        session.rollback()
+        audit.record(session, "login.locked", org_id=None, user_id=None, detail=_who(email))
+        session.commit()
+        raise
+    except InvalidCredentials:
+        # The failure must outlive the request's rollback, or the lockout would never trigger.
+        session.rollback()
+        throttle = accounts.record_failed_login(session, settings, email)
+        detail = {**_who(email), "failures": throttle.failures}
+        audit.record(session, "login.failed", org_id=None, user_id=None, detail=detail)
+        session.commit()
+        raise
+    session.commit()
     return jsonify(issue_tokens(user)), 200
+
+
+def _who(email: str) -> dict[str, Any]:
+    return {"email": email.strip().lower()[:320], "ip": request.remote_addr}
 
 
 @bp.post("/refresh")

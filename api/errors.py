@@ -23,7 +23,9 @@ _HTTP_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_input",
-    429: "too_many_requests",
+    410: "gone",
+    423: "locked",
+    429: "rate_limited",
     500: "internal_error",
     503: "service_unavailable",
 }
@@ -39,7 +41,11 @@ def error_response(
 def _handle_liverscan(exc: LiverscanError) -> tuple[Response, int]:
     if exc.http_status >= 500:
         log.warning("%s: %s %s", exc.code, exc.message, exc.details)
-    return error_response(exc.code, exc.message, exc.http_status, exc.details)
+    response, status = error_response(exc.code, exc.message, exc.http_status, exc.details)
+    retry_after = exc.details.get("retry_after_s")
+    if isinstance(retry_after, int):  # rate limits and lockouts say when to come back
+        response.headers["Retry-After"] = str(retry_after)
+    return response, status
 
 
 def _handle_http(exc: HTTPException) -> tuple[Response, int] | Response:

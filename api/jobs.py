@@ -8,8 +8,9 @@ from flask import Blueprint, Response, jsonify, redirect, request
 from flask.typing import ResponseReturnValue
 from flask_jwt_extended import jwt_required
 
-from api.auth import current_user
-from api.domain import audit, intake, jobs
+from api import openapi
+from api.auth import current_user, require_role
+from api.domain import audit, intake, jobs, retention
 from api.domain.errors import (
     ArtifactNotFound,
     InvalidInput,
@@ -17,7 +18,7 @@ from api.domain.errors import (
     MissingFile,
     ObjectNotFound,
 )
-from api.domain.models import JobStatus
+from api.domain.models import JobStatus, Role
 from api.resources import db, resources
 from api.schemas import ARTIFACTS, artifact_key, job_created, job_read
 
@@ -116,6 +117,61 @@ def get_job(job_id: str) -> tuple[Response, int]:
     session.commit()
     res = resources()
     return jsonify(job_read(job, res.storage, expires_s=res.settings.presign_expires_s)), 200
+
+
+@bp.delete("/<job_id>")
+@jwt_required()
+def delete_job(job_id: str) -> tuple[Response, int]:
+    """Delete a job's upload and artifacts from the store and mark it (org admins; idempotent)."""
+    user = require_role(Role.ADMIN)
+    session = db()
+    mark = retention.delete_job(
+        session, resources().storage, parse_job_id(job_id), org_id=user.org_id, user_id=user.id
+    )
+    session.commit()
+    return jsonify(
+        {
+            "id": str(mark.job_id),
+            "deleted": True,
+            "deleted_at": mark.deleted_at.isoformat().replace("+00:00", "Z"),
+            "reason": mark.reason,
+        }
+    ), 200
+
+
+openapi.register_path(
+    "/api/v1/jobs/{job_id}",
+    {
+        "delete": {
+            "summary": "Delete a job's upload and artifacts from the store (org admin)",
+            "security": [{"bearer": []}, {"cookie": []}],
+            "parameters": [
+                {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "responses": {
+                "200": {
+                    "description": "Deleted (again: the same answer)",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "id": {"type": "string"},
+                                    "deleted": {"type": "boolean"},
+                                    "deleted_at": {"type": "string"},
+                                    "reason": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "401": {"$ref": "#/components/responses/Error"},
+                "403": {"$ref": "#/components/responses/Error"},
+                "404": {"$ref": "#/components/responses/Error"},
+            },
+        }
+    },
+)
 
 
 @bp.get("/<job_id>/artifacts/<name>")

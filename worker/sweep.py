@@ -7,8 +7,9 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from api.domain import jobs
+from api.domain import jobs, retention
 from api.domain.db import session_scope
+from api.domain.errors import LiverscanError
 from api.domain.models import JobStatus, WebhookDelivery, utcnow
 from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB
 from worker import webhooks
@@ -20,7 +21,8 @@ BATCH = 500
 
 
 def run(*, context: WorkerContext | None = None) -> dict[str, int]:
-    """Re-enqueue jobs queued/processing past SWEEP_DEADLINE_S and overdue webhook attempts."""
+    """Re-enqueue jobs queued/processing past SWEEP_DEADLINE_S and overdue webhook attempts;
+    delete the bytes of jobs past RETENTION_DAYS."""
     ctx = context or get_context()
     deadline = timedelta(seconds=ctx.settings.sweep_deadline_s)
     now = utcnow()
@@ -55,6 +57,12 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
             log.warning("sweep: could not re-enqueue job %s; next sweep retries", job_id)
     for row_id in delivery_ids:
         webhooks.enqueue(ctx, row_id)
+    if ctx.settings.retention_days > 0:
+        try:
+            with session_scope(ctx.sessions) as session:
+                retention.apply_retention(session, ctx.storage, ctx.settings.retention_days)
+        except LiverscanError as exc:  # store or database down: the next sweep retries
+            log.warning("sweep: retention skipped: %s", exc.code)
     if job_ids or delivery_ids:
         log.info("sweep re-drove %d jobs and %d webhook attempts", len(job_ids), len(delivery_ids))
     return {"jobs": len(job_ids), "webhooks": len(delivery_ids)}

@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, select
+from sqlalchemy import Integer, String, delete, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from api.domain import audit
 from api.domain.errors import EmailTaken, InvalidCredentials, InvalidInput, WeakPassword
-from api.domain.models import Organization, RevokedToken, Role, User, utcnow
+from api.domain.models import Base, Organization, RevokedToken, Role, User, UTCDateTime, utcnow
 from api.domain.settings import Settings
 from api.domain.webhooks import new_secret
 
@@ -24,6 +24,25 @@ log = logging.getLogger(__name__)
 _EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 MIN_PASSWORD_LENGTH = 10
 MAX_PASSWORD_LENGTH = 256
+MAX_LOCKOUT_S = 24 * 3600
+
+
+class LoginThrottle(Base):
+    """Consecutive failed logins per email (known or not, so a lockout reveals no account)."""
+
+    __tablename__ = "login_throttles"
+
+    email: Mapped[str] = mapped_column(String(320), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AccountLocked(InvalidCredentials):
+    """Too many failed logins for this email: refused, even with the right password, for a while."""
+
+    code, http_status = "account_locked", 423
+    message = "Too many failed logins; try again later."
 
 
 def make_hasher(settings: Settings) -> PasswordHasher:
@@ -132,8 +151,44 @@ def add_member(
     return user
 
 
+def check_not_locked(session: Session, email: str) -> None:
+    """Raise AccountLocked (details.retry_after_s) while this email is locked out."""
+    throttle = session.get(LoginThrottle, email.strip().lower()[:320])
+    if throttle is None or throttle.locked_until is None:
+        return
+    remaining = (throttle.locked_until - utcnow()).total_seconds()
+    if remaining > 0:
+        raise AccountLocked(details={"retry_after_s": max(1, int(remaining + 0.999))})
+
+
+def record_failed_login(session: Session, settings: Settings, email: str) -> LoginThrottle:
+    """Count a failed login; from the max-th on, lock for lockout_s doubled per extra failure."""
+    key = email.strip().lower()[:320]
+    throttle = session.get(LoginThrottle, key)
+    if throttle is None:
+        throttle = LoginThrottle(email=key, failures=0)
+        session.add(throttle)
+    now = utcnow()
+    throttle.failures = (throttle.failures or 0) + 1
+    throttle.last_failure_at = now
+    extra = throttle.failures - settings.login_max_failures
+    if extra >= 0:
+        seconds = min(settings.login_lockout_s * 2 ** min(extra, 20), MAX_LOCKOUT_S)
+        throttle.locked_until = now + timedelta(seconds=seconds)
+        log.warning("login locked for %d s after %d failures", seconds, throttle.failures)
+    session.flush()
+    return throttle
+
+
+def clear_failed_logins(session: Session, email: str) -> None:
+    """Forget the failed-login count of this email (after a successful login)."""
+    session.execute(delete(LoginThrottle).where(LoginThrottle.email == email.strip().lower()))
+
+
 def authenticate(session: Session, hasher: PasswordHasher, *, email: str, password: str) -> User:
-    """The user with these credentials, else InvalidCredentials (same answer for unknown emails)."""
+    """The user with these credentials, else InvalidCredentials (same answer for unknown emails);
+    AccountLocked while the email is locked out (the caller records failures and commits them)."""
+    check_not_locked(session, email)
     user = session.scalars(select(User).where(User.email == email.strip().lower())).one_or_none()
     if user is None:
         # Spend the same time as a real check so response times do not reveal which emails exist.
@@ -148,6 +203,7 @@ def authenticate(session: Session, hasher: PasswordHasher, *, email: str, passwo
         raise InvalidCredentials() from exc
     if hasher.check_needs_rehash(user.password_hash):
         user.password_hash = hasher.hash(password)
+    clear_failed_logins(session, user.email)
     audit.record(session, "login", org_id=user.org_id, user_id=user.id)
     return user
 

@@ -76,6 +76,21 @@ class Settings(BaseSettings):
     model_path: Path | None = None  # default: ml_core's shipped model
 
     cors_origins: list[str] = Field(default_factory=list)  # empty = CORS off
+    hsts: bool | None = None  # Strict-Transport-Security; default: on when jwt_cookie_secure
+
+    # Rate limits (flask-limiter syntax, per client address; submit per user). None = on, except
+    # with env=test, where suites that sign up many users opt in explicitly.
+    rate_limit_enabled: bool | None = None
+    rate_limit_storage_url: str = ""  # default: the broker if Redis, else memory:// (one process)
+    rate_limit_login: str = "10/minute,100/hour"
+    rate_limit_signup: str = "5/minute,50/hour"
+    rate_limit_submit: str = "120/minute"
+    # Failed logins per email before a lockout; each further failure doubles it (capped at a day).
+    login_max_failures: int = Field(default=5, ge=1)
+    login_lockout_s: int = Field(default=900, ge=1)
+
+    # Days after a job finishes before the sweep deletes its upload and artifacts; 0 = keep.
+    retention_days: int = Field(default=0, ge=0)
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
@@ -109,6 +124,27 @@ class Settings(BaseSettings):
     def max_upload_bytes(self) -> int:
         """The upload size limit in bytes."""
         return self.max_upload_mb * 1024 * 1024
+
+    @property
+    def rate_limits_on(self) -> bool:
+        """Whether rate limits apply (explicit setting, else on outside env=test)."""
+        if self.rate_limit_enabled is not None:
+            return self.rate_limit_enabled
+        return self.env != "test"
+
+    @property
+    def rate_limit_storage(self) -> str:
+        """The flask-limiter storage URI: explicit, else the Redis broker, else memory."""
+        if self.rate_limit_storage_url:
+            return self.rate_limit_storage_url
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return "memory://"
+
+    @property
+    def hsts_on(self) -> bool:
+        """Whether to send Strict-Transport-Security (explicit, else when cookies are TLS-only)."""
+        return self.jwt_cookie_secure if self.hsts is None else self.hsts
 
     @property
     def is_sqlite(self) -> bool:

@@ -1,0 +1,198 @@
+"""Hardening a client can see: rate limits (429 rate_limited + Retry-After, counted in Redis),
+login lockout (423 account_locked), security headers, no sniffable uploads, a pinned JWT
+algorithm, CORS closed by default, and the audit trail."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from pathlib import Path
+
+import jwt
+import redis
+from flask.testing import FlaskClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.domain.models import AuditEvent
+from api.domain.settings import Settings
+from api.security import CSP
+from tests.api.conftest import PASSWORD, bearer, login, signup, submit
+from tests.security.conftest import REDIS_URL, AppFactory
+
+
+def _login(client: FlaskClient, email: str, password: str = PASSWORD) -> tuple[int, dict, str]:
+    r = client.post("/api/v1/auth/login", json={"email": email, "password": password})
+    return r.status_code, r.get_json(), r.headers.get("Retry-After", "")
+
+
+def test_login_is_rate_limited_across_api_processes_through_redis(
+    make_security_app: AppFactory, redis_db: redis.Redis
+) -> None:
+    limits = {"rate_limit_enabled": True, "rate_limit_storage_url": REDIS_URL}
+    first = make_security_app(rate_limit_login="3/minute", **limits).test_client()
+    second = make_security_app(rate_limit_login="3/minute", **limits).test_client()
+    email = signup(first)["email"]
+    assert _login(first, email)[0] == 200
+    assert _login(second, email)[0] == 200
+    assert _login(first, email)[0] == 200
+    status, body, retry_after = _login(second, email)  # the 4th, on the other "process"
+    assert status == 429
+    assert body["error"]["code"] == "rate_limited"
+    assert 1 <= int(retry_after) <= 61  # the window, rounded
+    assert body["error"]["details"]["retry_after_s"] == int(retry_after)
+    assert any(b"liverscan" in key for key in redis_db.keys("*"))
+
+
+def test_signup_is_rate_limited(make_security_app: AppFactory) -> None:
+    client = make_security_app(
+        rate_limit_enabled=True, rate_limit_storage_url="memory://", rate_limit_signup="2/minute"
+    ).test_client()
+    signup(client)
+    signup(client)
+    r = client.post(
+        "/api/v1/auth/signup",
+        json={"email": "x@clinic.test", "password": PASSWORD, "name": "X", "organization": "O"},
+    )
+    assert r.status_code == 429
+    assert r.get_json()["error"]["code"] == "rate_limited"
+    assert int(r.headers["Retry-After"]) >= 1
+
+
+def test_submit_is_rate_limited_per_user(make_security_app: AppFactory) -> None:
+    client = make_security_app(
+        rate_limit_enabled=True, rate_limit_storage_url="memory://", rate_limit_submit="2/minute"
+    ).test_client()
+    alice = bearer(login(client, signup(client)["email"])["access_token"])
+    bob = bearer(login(client, signup(client)["email"])["access_token"])
+    assert submit(client, alice).status_code == 202
+    assert submit(client, alice, client_ref="2").status_code == 202
+    r = submit(client, alice, client_ref="3")
+    assert r.status_code == 429
+    assert r.get_json()["error"]["code"] == "rate_limited"
+    assert submit(client, bob).status_code == 202  # another user of the same address
+
+
+def test_rate_limit_defaults(tmp_path: Path) -> None:
+    embedded = Settings(env="development", data_dir=tmp_path)
+    assert embedded.rate_limits_on
+    assert embedded.rate_limit_storage == "memory://"
+    production_like = Settings(
+        env="development", data_dir=tmp_path, broker_url="redis://redis:6379/0"
+    )
+    assert production_like.rate_limit_storage == "redis://redis:6379/0"
+    assert not Settings(env="test", data_dir=tmp_path).rate_limits_on
+
+
+def test_repeated_failed_logins_lock_the_account_even_for_the_right_password(
+    make_security_app: AppFactory, session: Session
+) -> None:
+    client = make_security_app(login_max_failures=3, login_lockout_s=600).test_client()
+    email = signup(client)["email"]
+    for _ in range(3):
+        status, body, _ = _login(client, email, "wrong-password-1")
+        assert (status, body["error"]["code"]) == (401, "invalid_credentials")
+    status, body, retry_after = _login(client, email)
+    assert (status, body["error"]["code"]) == (423, "account_locked")
+    assert 590 <= int(retry_after) <= 600
+    failed = session.scalars(select(AuditEvent).where(AuditEvent.action == "login.failed")).all()
+    assert len(failed) == 3
+    assert {e.detail["email"] for e in failed} == {email}
+
+
+def test_unknown_emails_lock_the_same_way(make_security_app: AppFactory) -> None:
+    """A lockout does not reveal whether an account exists."""
+    client = make_security_app(login_max_failures=2).test_client()
+    ghost = f"nobody-{uuid.uuid4().hex[:8]}@clinic.test"
+    assert [_login(client, ghost, "wrong-password-1")[0] for _ in range(3)] == [401, 401, 423]
+
+
+def test_a_successful_login_resets_the_failure_count(make_security_app: AppFactory) -> None:
+    client = make_security_app(login_max_failures=3).test_client()
+    email = signup(client)["email"]
+    for _ in range(2):
+        assert _login(client, email, "wrong-password-1")[0] == 401
+    assert _login(client, email)[0] == 200
+    for _ in range(2):
+        assert _login(client, email, "wrong-password-1")[0] == 401
+    assert _login(client, email)[0] == 200
+
+
+def test_security_headers_on_api_and_pages(make_security_app: AppFactory) -> None:
+    client = make_security_app().test_client()
+    for path in ("/api/v1/jobs", "/login", "/healthz"):
+        headers = client.get(path).headers
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["Referrer-Policy"] == "no-referrer"
+        csp = headers["Content-Security-Policy"]
+        assert "frame-ancestors 'none'" in csp
+        assert "unsafe-inline" not in csp
+        assert "Strict-Transport-Security" not in headers  # not behind TLS
+    assert client.get("/login").headers["Content-Security-Policy"] == CSP
+    tls = make_security_app(hsts=True).test_client()
+    assert tls.get("/healthz").headers["Strict-Transport-Security"].startswith("max-age=")
+    cookies_secure = make_security_app(jwt_cookie_secure=True).test_client()
+    assert "Strict-Transport-Security" in cookies_secure.get("/healthz").headers
+
+
+def test_an_uploaded_file_is_never_served_as_something_a_browser_would_run(
+    client: FlaskClient, user_headers_a: dict[str, str]
+) -> None:
+    # Bytes that start like a PNG but carry HTML: served as image/png, nosniff, sandboxed.
+    data = b"\x89PNG\r\n\x1a\n<html><script>alert(1)</script></html>"
+    r = submit(client, user_headers_a, data, filename="x.html")
+    assert r.status_code == 202, r.get_json()
+    art = client.get(f"/api/v1/jobs/{r.get_json()['id']}/artifacts/input", headers=user_headers_a)
+    assert art.status_code == 200
+    assert art.mimetype in ("image/png", "application/octet-stream")
+    assert art.headers["X-Content-Type-Options"] == "nosniff"
+    assert "sandbox" in art.headers["Content-Security-Policy"]
+
+
+def test_tokens_with_another_algorithm_are_refused(
+    client: FlaskClient, user_headers_a: dict[str, str]
+) -> None:
+    token = user_headers_a["Authorization"].split()[1]
+    claims = jwt.decode(token, options={"verify_signature": False})
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    body = base64.urlsafe_b64encode(json.dumps(claims).encode())
+    unsigned = f"{header.rstrip(b'=').decode()}.{body.rstrip(b'=').decode()}."
+    secret = client.application.config["JWT_SECRET_KEY"]
+    hs512 = jwt.encode(claims, secret, algorithm="HS512")
+    for forged in (unsigned, hs512):
+        r = client.get("/api/v1/jobs", headers=bearer(forged))
+        assert r.status_code == 401
+        assert r.get_json()["error"]["code"] == "invalid_token"
+    assert client.get("/api/v1/jobs", headers=user_headers_a).status_code == 200
+
+
+def test_cors_is_closed_by_default_and_open_only_to_listed_origins(
+    make_security_app: AppFactory,
+) -> None:
+    closed = make_security_app().test_client()
+    r = closed.get("/healthz", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+    open_ = make_security_app(cors_origins=["https://pacs.example.org"]).test_client()
+    r = open_.get("/healthz", headers={"Origin": "https://pacs.example.org"})
+    assert r.headers["Access-Control-Allow-Origin"] == "https://pacs.example.org"
+    r = open_.get("/healthz", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_audit_trail_records_login_submit_view_and_rotate_secret(
+    client: FlaskClient, session: Session
+) -> None:
+    user = signup(client)
+    headers = bearer(login(client, user["email"])["access_token"])
+    job_id = submit(client, headers).get_json()["id"]
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=headers).status_code == 200
+    assert client.post("/api/v1/org/webhook-secret", headers=headers).status_code == 200
+    events = session.scalars(
+        select(AuditEvent).where(AuditEvent.user_id == uuid.UUID(user["id"]))
+    ).all()
+    actions = [e.action for e in events]
+    for action in ("signup", "login", "job.submit", "job.view", "org.rotate_secret"):
+        assert action in actions
+    assert all(str(e.org_id) == user["organization"]["id"] for e in events)

@@ -1,0 +1,136 @@
+"""Data retention: an org admin deletes a job's bytes from the store (local folder and S3 over
+HTTP), the row stays marked; the sweep applies the configured retention period."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.domain.models import AuditEvent, Job, JobStatus, Role, utcnow
+from api.domain.queue import CeleryQueue
+from api.domain.retention import JobDeletion
+from api.domain.storage import LocalStorage, S3Storage, Storage
+from tests.api.conftest import bearer, login, signup, submit
+from tests.security.conftest import REDIS_URL, AppFactory, add_member
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    """The local folder and an S3 bucket on the moto server."""
+    if request.param == "local":
+        yield LocalStorage(tmp_path / "store")
+        return
+    s3 = S3Storage(
+        f"sec-{uuid.uuid4().hex[:12]}",
+        endpoint_url=request.getfixturevalue("s3_endpoint"),
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+    s3.ensure_bucket()
+    yield s3
+
+
+def _finish(session: Session, store: Storage, job_id: str, *, days_ago: float) -> Job:
+    """Make a job succeeded `days_ago` days ago, with a heatmap in the store."""
+    job = session.get(Job, uuid.UUID(job_id))
+    assert job is not None
+    heatmap = f"{job.org_id}/{job.id}/heatmap.png"
+    store.put(heatmap, b"\x89PNG fake heatmap", "image/png")
+    job.status = JobStatus.SUCCEEDED
+    job.heatmap_key = heatmap
+    job.finished_at = utcnow() - timedelta(days=days_ago)
+    session.commit()
+    return job
+
+
+def test_admin_deletes_a_job_and_its_bytes_leave_the_store(
+    make_security_app: AppFactory, store: Storage, session: Session
+) -> None:
+    client = make_security_app(storage=store).test_client()
+    admin = signup(client, organization="Clinic A")
+    admin_h = bearer(login(client, admin["email"])["access_token"])
+    job_id = submit(client, admin_h).get_json()["id"]
+    job = _finish(session, store, job_id, days_ago=0)
+    keys = [job.input_key, job.heatmap_key]
+    assert all(store.exists(k) for k in keys if k)
+
+    clinician = add_member(client, admin_h, Role.CLINICIAN)
+    clinician_h = bearer(login(client, clinician["email"])["access_token"])
+    r = client.delete(f"/api/v1/jobs/{job_id}", headers=clinician_h)
+    assert r.status_code == 403 and r.get_json()["error"]["code"] == "forbidden"
+    other = signup(client, organization="Clinic B")
+    r = client.delete(
+        f"/api/v1/jobs/{job_id}", headers=bearer(login(client, other["email"])["access_token"])
+    )
+    assert r.status_code == 404 and r.get_json()["error"]["code"] == "job_not_found"
+    assert all(store.exists(k) for k in keys if k)
+
+    r = client.delete(f"/api/v1/jobs/{job_id}", headers=admin_h)
+    assert r.status_code == 200
+    assert r.get_json()["deleted"] is True and r.get_json()["reason"] == "admin"
+    assert not any(store.exists(k) for k in keys if k)
+
+    # The row stays, marked; reading it or its artifacts says the data is gone.
+    r = client.get(f"/api/v1/jobs/{job_id}", headers=admin_h)
+    assert r.status_code == 410 and r.get_json()["error"]["code"] == "job_deleted"
+    r = client.get(f"/api/v1/jobs/{job_id}/artifacts/input", headers=admin_h)
+    assert r.status_code == 410
+    mark = session.get(JobDeletion, uuid.UUID(job_id))
+    assert mark is not None and mark.reason == "admin"
+    assert mark.objects_deleted == 2
+    audit = session.scalars(select(AuditEvent).where(AuditEvent.job_id == uuid.UUID(job_id))).all()
+    assert "job.delete" in {e.action for e in audit}
+    # Deleting again is harmless.
+    assert client.delete(f"/api/v1/jobs/{job_id}", headers=admin_h).status_code == 200
+
+
+def test_sweep_purges_jobs_past_the_retention_period_only(
+    make_security_app: AppFactory,
+    store: Storage,
+    session: Session,
+    session_factory: sessionmaker[Session],
+    security_engine: object,
+) -> None:
+    from worker import sweep
+    from worker.context import WorkerContext
+
+    app = make_security_app(storage=store, retention_days=30)
+    client = app.test_client()
+    admin = signup(client)
+    headers = bearer(login(client, admin["email"])["access_token"])
+    old = _finish(session, store, submit(client, headers).get_json()["id"], days_ago=31)
+    recent_id = submit(client, headers, data=None, client_ref="recent").get_json()["id"]
+    recent = _finish(session, store, recent_id, days_ago=29)
+    old_keys = [old.input_key, old.heatmap_key]
+    recent_keys = [recent.input_key, recent.heatmap_key]
+
+    settings = app.extensions["liverscan"].settings
+    ctx = WorkerContext(
+        settings=settings,
+        engine=security_engine,  # type: ignore[arg-type]
+        sessions=session_factory,
+        storage=store,
+        queue=CeleryQueue(REDIS_URL),
+    )
+    sweep.run(context=ctx)
+
+    assert not any(store.exists(k) for k in old_keys if k)
+    assert all(store.exists(k) for k in recent_keys if k)
+    mark = session.get(JobDeletion, old.id)
+    assert mark is not None and mark.reason == "retention"
+    assert session.get(JobDeletion, recent.id) is None
+    r = client.get(f"/api/v1/jobs/{old.id}", headers=headers)
+    assert r.status_code == 410
+    assert client.get(f"/api/v1/jobs/{recent.id}", headers=headers).status_code == 200
+
+
+def test_retention_is_off_by_default(tmp_path: Path) -> None:
+    from api.domain.settings import Settings
+
+    assert Settings(env="test", data_dir=tmp_path).retention_days == 0
