@@ -3,7 +3,8 @@ wait with a progress bar (resumable), fetch results as CSV, check status, valida
 
 Talks to the HTTP API with `requests` only: it never imports Flask or TensorFlow (NIfTI volumes are
 split with ml_core's decoder when ml_core is installed; `validate` runs `python -m ml_core`).
-Credentials live in `$XDG_CONFIG_HOME/liverscan/credentials.json` (else `~/.config/…`), mode 0600.
+Credentials live in the user's config dir (platformdirs: `$XDG_CONFIG_HOME/liverscan/` else
+`~/.config/liverscan/` on Linux), file mode 0600.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from platformdirs import user_config_dir
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -63,9 +65,8 @@ def say(line: str) -> None:
 
 
 def config_dir() -> Path:
-    """Where the client keeps its credentials and its waiting state."""
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "liverscan"
+    """Where the client keeps its credentials and waiting state (Linux: $XDG_CONFIG_HOME/liverscan)."""
+    return Path(user_config_dir("liverscan", appauthor=False))
 
 
 def _write_private(path: Path, data: dict[str, Any]) -> None:

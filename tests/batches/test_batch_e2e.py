@@ -38,7 +38,7 @@ from tests.e2e.e2e_support import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DB_NAME = "liverscan_batches_e2e"
-REDIS_URL = "redis://127.0.0.1:6379/11"  # this suite's own (api 14, worker 13, e2e 12)
+REDIS_URL = "redis://127.0.0.1:6379/10"  # this suite's own (api 14, worker 13, e2e 12, bench 11)
 PASSWORD = "correct-horse-42"
 
 
