@@ -1,4 +1,5 @@
-"""Reports of a job: the PDF, a FHIR R4 DiagnosticReport, and DICOM outputs of DICOM uploads.
+"""Reports of a job: the PDF, a FHIR R4 DiagnosticReport, and DICOM outputs of DICOM uploads;
+and the summary PDF of a batch (rendered here on request from the rows and stored overlays).
 
 The worker renders `report.pdf` (and for DICOM uploads `overlay_sc.dcm` and `sr.dcm`) into the
 store next to the job's other artifacts; the FHIR resource is built here from the job row.
@@ -17,7 +18,7 @@ from flask.typing import ResponseReturnValue
 from flask_jwt_extended import jwt_required
 
 from api.auth import current_user
-from api.domain import audit, jobs
+from api.domain import audit, batches, jobs
 from api.domain.errors import LiverscanError, NotFound, ObjectNotFound
 from api.domain.models import Job, JobStatus
 from api.domain.storage import job_key
@@ -25,7 +26,7 @@ from api.jobs import parse_job_id
 from api.openapi import register_path
 from api.resources import db, resources
 
-bp = Blueprint("reports", __name__, url_prefix="/api/v1/jobs")
+bp = Blueprint("reports", __name__, url_prefix="/api/v1")
 
 DISCLAIMER = "Decision support only, not a diagnosis; review the whole study before acting on it."
 DICOM_OBJECTS = {"overlay": "overlay_sc.dcm", "sr": "sr.dcm"}
@@ -105,7 +106,7 @@ def _serve(job: Job, key: str, mimetype: str, filename: str) -> ResponseReturnVa
     return response
 
 
-@bp.get("/<job_id>/report")
+@bp.get("/jobs/<job_id>/report")
 @jwt_required()
 def report_pdf(job_id: str) -> ResponseReturnValue:
     """The job's PDF report (local store: the bytes; S3: a redirect to a presigned URL)."""
@@ -116,7 +117,7 @@ def report_pdf(job_id: str) -> ResponseReturnValue:
     return _serve(job, job.report_key, "application/pdf", f"liverscan-{job.id}.pdf")
 
 
-@bp.get("/<job_id>/fhir")
+@bp.get("/jobs/<job_id>/fhir")
 @jwt_required()
 def report_fhir(job_id: str) -> tuple[Response, int]:
     """The job's result as a FHIR R4 DiagnosticReport (application/fhir+json)."""
@@ -126,7 +127,7 @@ def report_fhir(job_id: str) -> tuple[Response, int]:
     return Response(body, mimetype=FHIR_JSON), 200
 
 
-@bp.get("/<job_id>/dicom/<kind>")
+@bp.get("/jobs/<job_id>/dicom/<kind>")
 @jwt_required()
 def report_dicom(job_id: str, kind: str) -> ResponseReturnValue:
     """A DICOM output of a DICOM upload: `overlay` (Secondary Capture) or `sr` (Basic Text SR)."""
@@ -262,6 +263,136 @@ def diagnostic_report(job: Job) -> dict[str, Any]:
     return report
 
 
+BATCH_THUMBNAILS = 200  # rows with a thumbnail (highest probability first); the rest are text
+
+
+@bp.get("/batches/<batch_id>/report")
+@jwt_required()
+def batch_report_pdf(batch_id: str) -> Response:
+    """The batch summary PDF: counts, then every job, highest probability first, with thumbnails."""
+    from api.batches import parse_batch_id
+
+    user = current_user()
+    session = db()
+    batch = batches.get_or_raise(session, parse_batch_id(batch_id), org_id=user.org_id)
+    audit.record(
+        session,
+        "report.batch",
+        org_id=user.org_id,
+        user_id=user.id,
+        detail={"batch": str(batch.id)},
+    )
+    session.commit()
+    pdf = render_batch_pdf(
+        batches.summary(session, batch), batches.results_rows(session, batch), _thumbnail
+    )
+    response = Response(pdf, mimetype="application/pdf")
+    response.headers["Content-Disposition"] = (
+        f'attachment; filename="liverscan-batch-{batch.id}.pdf"'
+    )
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Cache-Control"] = "private, no-store"
+    return response
+
+
+def _thumbnail(job: Job) -> bytes | None:
+    """A small PNG of the job's stored overlay, or None (no overlay, or the store lost it)."""
+    if job.overlay_key is None:
+        return None
+    import io
+
+    from PIL import Image
+
+    try:
+        data = resources().storage.get(job.overlay_key)
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image.thumbnail((96, 96))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    except Exception:  # a thumbnail is a nicety: a missing or unreadable overlay leaves "-"
+        return None
+
+
+def _sort_key(row: dict[str, Any]) -> tuple[int, float]:
+    probability = row.get("probability")
+    if probability is not None:
+        return (0, -float(probability))
+    return (1 if row["status"] in ("queued", "processing") else 2, 0.0)
+
+
+def _latin1(text: Any) -> str:
+    out = str(text)
+    for src, dst in {"≥": ">=", "≤": "<=", "—": "-", "–": "-", "…": "..."}.items():
+        out = out.replace(src, dst)
+    return out.encode("latin-1", "replace").decode("latin-1")
+
+
+def render_batch_pdf(summary: dict[str, Any], rows: list[dict[str, Any]], thumbnail: Any) -> bytes:
+    """The batch summary PDF (A4): counts and one row per file, highest probability first."""
+    from fpdf import FPDF
+    from fpdf.fonts import FontFace
+
+    pdf = FPDF(orientation="P", unit="mm", format="A4")
+    pdf.set_title(f"liverscan batch {summary['id']}")
+    pdf.set_author("liverscan")
+    pdf.set_auto_page_break(auto=True, margin=12)
+    pdf.set_margins(12, 12, 12)
+    pdf.add_page()
+    width = pdf.epw
+    pdf.set_font("Helvetica", "B", 15)
+    pdf.cell(width, 8, "liverscan - batch summary", new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("Helvetica", "", 8.5)
+    pdf.multi_cell(width, 4, DISCLAIMER, new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(1)
+    counts = summary["counts"]
+    tumor = sum(1 for r in rows if r.get("label") == "tumor")
+    lines = [
+        f"Batch {summary['id']} - {summary['status']}, created {summary['created_at']}"
+        + (f", completed {summary['completed_at']}" if summary.get("completed_at") else ""),
+        f"Files: {summary['file_count']}   Jobs: {summary['job_count']}   "
+        f"Succeeded: {counts.get('succeeded', 0)} (tumor suspected: {tumor})   "
+        f"Rejected: {counts.get('rejected', 0)}   Failed: {counts.get('failed', 0)}   "
+        f"Refused at intake: {summary['rejected_at_intake']}   "
+        f"Pending: {counts.get('queued', 0) + counts.get('processing', 0)}",
+    ]
+    pdf.set_font("Helvetica", "", 9)
+    for line in lines:
+        pdf.multi_cell(width, 4.5, _latin1(line), new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(2)
+    ordered = sorted(rows, key=_sort_key)
+    pdf.set_font("Helvetica", "", 7.5)
+    with pdf.table(
+        col_widths=(16, 52, 22, 20, 18, 58),
+        text_align="LEFT",
+        line_height=3.6,
+        padding=0.6,
+        headings_style=FontFace(emphasis="BOLD"),
+    ) as table:
+        heading = table.row()
+        for title in ("Overlay", "File / client ref", "Status", "Label", "Probability", "Reason"):
+            heading.cell(title)
+        for index, row in enumerate(ordered):
+            job = row["job"]
+            cells = table.row()
+            thumb = thumbnail(job) if job is not None and index < BATCH_THUMBNAILS else None
+            if thumb is not None:
+                cells.cell(img=thumb, img_fill_width=True)
+            else:
+                cells.cell("-")
+            name = row.get("client_ref") or row.get("filename") or (str(job.id) if job else "-")
+            cells.cell(_latin1(str(name)[:80]))
+            cells.cell(str(row["status"]))
+            cells.cell(str(row.get("label") or "-"))
+            probability = row.get("probability")
+            cells.cell("-" if probability is None else f"{float(probability):.3f}")
+            cells.cell(_latin1(row.get("reason_code") or ""))
+    pdf.ln(2)
+    pdf.set_font("Helvetica", "B", 8.5)
+    pdf.multi_cell(width, 4, DISCLAIMER, new_x="LMARGIN", new_y="NEXT")
+    return bytes(pdf.output())
+
+
 _ERR = {"$ref": "#/components/responses/Error"}
 _ID = {
     "name": "job_id",
@@ -281,6 +412,21 @@ register_path(
             "responses": {
                 "200": {"description": "PDF", "content": {"application/pdf": {}}},
                 "302": {"description": "Presigned URL"},
+                "401": _ERR,
+                "404": _ERR,
+            },
+        }
+    },
+)
+register_path(
+    "/api/v1/batches/{batch_id}/report",
+    {
+        "get": {
+            "summary": "The batch summary PDF: counts and every job, highest probability first",
+            "parameters": [{**_ID, "name": "batch_id"}],
+            "security": _SECURITY,
+            "responses": {
+                "200": {"description": "PDF", "content": {"application/pdf": {}}},
                 "401": _ERR,
                 "404": _ERR,
             },
