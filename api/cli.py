@@ -46,6 +46,7 @@ CSV_COLUMNS = (
 )
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIMEOUT_S = 120.0
+RATE_LIMIT_RETRIES = 10
 
 console = Console(stderr=True, highlight=False)
 
@@ -121,9 +122,14 @@ class Client:
         )
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """Call the API; on an expired access token refresh it once and retry."""
+        """Call the API; refresh an expired access token once; wait out rate limits (429)."""
         response = self._send(method, path, self.access_token, **kwargs)
         if response.status_code == 401 and self._refresh():
+            response = self._send(method, path, self.access_token, **kwargs)
+        for _ in range(RATE_LIMIT_RETRIES):
+            if response.status_code != 429:
+                break
+            time.sleep(_retry_after_s(response))
             response = self._send(method, path, self.access_token, **kwargs)
         if response.status_code >= 400:
             raise api_error(response)
@@ -144,6 +150,14 @@ class Client:
         self.access_token = response.json()["access_token"]
         self.save()
         return True
+
+
+def _retry_after_s(response: requests.Response) -> float:
+    """The server's Retry-After in seconds (1..60; 5 when absent or not a number)."""
+    try:
+        return min(max(float(response.headers.get("Retry-After", "5")), 1.0), 60.0)
+    except ValueError:
+        return 5.0
 
 
 def api_error(response: requests.Response) -> CliError:
