@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import requests
 from platformdirs import user_config_dir
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from urllib3 import encode_multipart_formdata
 
 log = logging.getLogger("liverscan.cli")
 
@@ -137,9 +138,13 @@ class Client:
 
     def _send(self, method: str, path: str, token: str, **kwargs: Any) -> requests.Response:
         url = path if path.startswith("http") else self.server.rstrip("/") + path
-        headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
+        options = dict(kwargs)
+        headers = {"Authorization": f"Bearer {token}", **options.pop("headers", {})}
+        body = options.get("data")
+        if isinstance(body, io.IOBase):
+            body.seek(0)  # a retry sends the streamed body again from its start
         try:
-            return requests.request(method, url, headers=headers, timeout=TIMEOUT_S, **kwargs)
+            return requests.request(method, url, headers=headers, timeout=TIMEOUT_S, **options)
         except requests.RequestException as exc:
             raise CliError(f"Cannot reach {self.server}: {exc}", code="unreachable") from exc
 
@@ -167,6 +172,20 @@ def api_error(response: requests.Response) -> CliError:
         return CliError(str(error["message"]), code=str(error["code"]))
     except (ValueError, KeyError, TypeError):
         return CliError(f"HTTP {response.status_code}", code=f"http_{response.status_code}")
+
+
+class UploadReader(io.BytesIO):
+    """A request body that reports how many bytes the HTTP client has read (the upload bar)."""
+
+    def __init__(self, data: bytes, on_read: Callable[[int], None]) -> None:
+        super().__init__(data)
+        self._on_read = on_read
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Read like BytesIO and report the chunk's size."""
+        chunk = super().read(size)
+        self._on_read(len(chunk))
+        return chunk
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -260,12 +279,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.callback_url:
         form["callback_url"] = args.callback_url
     if as_batch:
-        response = client.request(
-            "POST",
-            "/api/v1/batches",
-            files=[("file", (name, data)) for name, data in files],
-            data=form,
-        )
+        fields: list[tuple[str, Any]] = [("file", (name, data)) for name, data in files]
+        fields += list(form.items())
+        payload, content_type = encode_multipart_formdata(fields)
+        with _progress() as progress:
+            task = progress.add_task("uploading", total=len(payload), detail=f"{len(files)} files")
+            response = client.request(
+                "POST",
+                "/api/v1/batches",
+                data=UploadReader(payload, lambda n: progress.advance(task, n)),
+                headers={"Content-Type": content_type},
+            )
         body = response.json()
         state: dict[str, Any] = {"kind": "batch", "id": body["id"], "out": args.out}
         console.print(f"Batch {body['id']}: {len(body['job_ids'])} jobs queued.")

@@ -126,6 +126,7 @@ def test_submit_batch_waits_with_progress_and_writes_the_csv(
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "3 jobs queued" in stderr
+    assert "uploading" in stderr and "3 files" in stderr  # the upload's progress bar
     assert "3/3" in stderr  # the progress bar's final state
     assert "succeeded 1" in stderr and "rejected 2" in stderr
 
