@@ -227,18 +227,23 @@ def render_pdf(r: ReportInput, overlay_png: bytes) -> bytes:
         pdf.cell(width, 5.5, title, new_x="LMARGIN", new_y="NEXT")
         pdf.set_font("Helvetica", "", 8)
 
+    def fit(text: str, room: float) -> str:
+        # Cells never wrap (fpdf2's wrapping tables cost ~0.5 s a page); long text is shortened.
+        if pdf.get_string_width(text) <= room:
+            return text
+        while text and pdf.get_string_width(text + "...") > room:
+            text = text[:-1]
+        return text + "..."
+
     def table(rows: Sequence[tuple[str, ...]], widths: tuple[float, ...], header: bool) -> None:
-        with pdf.table(
-            col_widths=widths,
-            text_align="LEFT",
-            first_row_as_headings=header,
-            line_height=3.6,
-            padding=0.5,
-        ) as t:
-            for row in rows:
-                cells = t.row()
-                for value in row:
-                    cells.cell(_latin1(value))
+        columns = [width * w / sum(widths) for w in widths]
+        for index, row in enumerate(rows):
+            bold = header and index == 0
+            pdf.set_font("Helvetica", "B" if bold else "", 8)
+            for column, value in zip(columns, row, strict=False):
+                pdf.cell(column, 4.2, fit(_latin1(value), column - 1.2), border=1)
+            pdf.ln(4.2)
+        pdf.set_font("Helvetica", "", 8)
         pdf.ln(1)
 
     section("Validation checks")
