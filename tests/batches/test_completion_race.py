@@ -1,0 +1,112 @@
+"""Two workers finishing a batch's last two jobs at the same moment fire `batch.completed` exactly
+once, never zero times (real PostgreSQL, two connections, READ COMMITTED)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, create_engine, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.domain import batches, jobs
+from api.domain.models import Batch, Job, JobStatus, Organization, WebhookDelivery, utcnow
+from tests.e2e.e2e_support import fresh_postgres_database
+
+
+@pytest.fixture(scope="module")
+def pg_engine() -> Iterator[Engine]:
+    """A freshly migrated PostgreSQL database of this module."""
+    engine = create_engine(fresh_postgres_database("liverscan_batches_race"))
+    yield engine
+    engine.dispose()
+
+
+def sealed_batch_of_two(sessions: sessionmaker[Session]) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A sealed batch with a callback URL and two jobs already processing."""
+    with sessions() as session:
+        org = Organization(name="Race clinic", webhook_secret="whsec_test")
+        session.add(org)
+        session.flush()
+        batch = Batch(
+            org_id=org.id,
+            callback_url="https://hooks.example/batch",
+            file_count=2,
+            rejected=[],
+            sealed_at=utcnow(),
+        )
+        session.add(batch)
+        session.flush()
+        ids = []
+        for n in range(2):
+            job = Job(
+                org_id=org.id,
+                batch_id=batch.id,
+                status=JobStatus.PROCESSING,
+                input_key=f"{org.id}/{uuid.uuid4()}/input",
+                input_sha256=f"{n:064d}",
+            )
+            session.add(job)
+            session.flush()
+            ids.append(job.id)
+        session.commit()
+        return batch.id, ids
+
+
+def finish_concurrently(
+    sessions: sessionmaker[Session], batch_id: uuid.UUID, ids: list[uuid.UUID]
+) -> list[uuid.UUID | None]:
+    """Each job marked terminal in its own transaction; both marks happen before either checks."""
+    both_marked = threading.Barrier(len(ids), timeout=30)
+    results: list[uuid.UUID | None] = [None] * len(ids)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            with sessions() as session:
+                jobs.mark_rejected(
+                    session,
+                    ids[k],
+                    reason_code="not_liver_ct",
+                    validation={"passed": False, "reason_code": "not_liver_ct", "checks": []},
+                    input_meta=None,
+                )
+                session.flush()
+                both_marked.wait()  # neither has committed: each sees the other still processing
+                results[k] = batches.on_job_terminal(session, batch_id)
+                session.commit()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(ids))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    return results
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_last_two_jobs_finishing_together_complete_the_batch_once(
+    pg_engine: Engine, attempt: int
+) -> None:
+    sessions = sessionmaker(bind=pg_engine, expire_on_commit=False)
+    batch_id, ids = sealed_batch_of_two(sessions)
+    results = finish_concurrently(sessions, batch_id, ids)
+    assert sum(r is not None for r in results) == 1  # exactly one finisher fired the event
+
+    with sessions() as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None and batch.completed_at is not None
+        events = session.scalars(
+            select(WebhookDelivery).where(
+                WebhookDelivery.event == batches.COMPLETED_EVENT,
+                WebhookDelivery.job_id.in_(ids),
+            )
+        ).all()
+        assert len(events) == 1
+        assert events[0].payload is not None
+        assert events[0].payload["batch"]["counts"]["rejected"] == 2
