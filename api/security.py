@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from flask import Flask, Response, abort, g, request
@@ -20,7 +21,7 @@ from api.domain.errors import Forbidden, LiverscanError
 from api.domain.models import Role
 from api.domain.settings import Settings
 from api.errors import error_response
-from api.resources import db
+from api.resources import close_db, db
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,26 @@ class JobDeleted(LiverscanError):
 def _token_claims() -> dict[str, Any] | None:
     """The claims of a valid token on this request, or None (views report the exact problem)."""
     if "_liverscan_claims" not in g:
-        try:
-            verify_jwt_in_request(optional=True)
-            claims: dict[str, Any] | None = get_jwt() or None
-        except (JWTExtendedException, PyJWTError, LiverscanError):
-            claims = None
+        with _own_session():
+            try:
+                verify_jwt_in_request(optional=True)
+                claims: dict[str, Any] | None = get_jwt() or None
+            except (JWTExtendedException, PyJWTError, LiverscanError):
+                claims = None
         g._liverscan_claims = claims
     return g._liverscan_claims  # type: ignore[no-any-return]
+
+
+@contextmanager
+def _own_session() -> Iterator[None]:
+    """Close the request session afterwards if this check opened it: an open SQLite
+    transaction (BEGIN IMMEDIATE) would block the web pages' own unit of work."""
+    opened_here = "db_session" not in g
+    try:
+        yield
+    finally:
+        if opened_here:
+            close_db()
 
 
 def client_key() -> str:
@@ -187,7 +201,8 @@ def init_policies(app: Flask) -> None:
             job_id = uuid.UUID(str(raw_id))
         except ValueError:
             return
-        mark = retention.get_deletion(db(), job_id)
+        with _own_session():
+            mark = retention.get_deletion(db(), job_id)
         if mark is not None and str(mark.org_id) == claims.get("org"):
             raise JobDeleted(details={"id": str(job_id), "deleted_at": mark.deleted_at.isoformat()})
 
