@@ -20,6 +20,7 @@ import uuid
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -297,6 +298,35 @@ def seal(
     session.commit()
     if delivery is not None:
         enqueue_delivery(queue, delivery)
+
+
+def seal_stale(session: Session, *, older_than_s: float) -> list[uuid.UUID]:
+    """Seal batches whose submitting request died (unsealed past the deadline); returns deliveries.
+
+    For the periodic sweep: the jobs such a batch got are all it will ever get. Commits per batch;
+    enqueue each returned delivery id with `enqueue_delivery`.
+    """
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    stale = session.scalars(
+        select(Batch.id).where(Batch.sealed_at.is_(None), Batch.created_at < cutoff).limit(100)
+    ).all()
+    deliveries: list[uuid.UUID] = []
+    for batch_id in stale:
+        sealed = session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id, Batch.sealed_at.is_(None))
+            .values(sealed_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if sealed.rowcount != 1:  # type: ignore[attr-defined]
+            continue
+        log.warning("batch %s was never sealed by its request; sealed by the sweep", batch_id)
+        delivery = on_job_terminal(session, batch_id)
+        session.commit()
+        if delivery is not None:
+            deliveries.append(delivery)
+    return deliveries
 
 
 def enqueue_delivery(queue: Queue, delivery_id: uuid.UUID) -> None:

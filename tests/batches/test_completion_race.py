@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import Engine, create_engine, select
@@ -110,3 +111,22 @@ def test_last_two_jobs_finishing_together_complete_the_batch_once(
         assert len(events) == 1
         assert events[0].payload is not None
         assert events[0].payload["batch"]["counts"]["rejected"] == 2
+
+
+def test_a_batch_whose_request_died_is_sealed_and_completed_by_the_sweep(pg_engine: Engine) -> None:
+    sessions = sessionmaker(bind=pg_engine, expire_on_commit=False)
+    batch_id, ids = sealed_batch_of_two(sessions)
+    with sessions() as session:  # as if the API died before sealing, an hour ago
+        batch = session.get(Batch, batch_id)
+        assert batch is not None
+        batch.sealed_at = None
+        batch.created_at = utcnow() - timedelta(hours=1)
+        for job_id in ids:
+            jobs.mark_failed(session, job_id, error_code="internal_error", error_message="x")
+            assert batches.on_job_terminal(session, batch_id) is None  # not sealed: no event
+        session.commit()
+
+        assert batches.seal_stale(session, older_than_s=60)  # one batch.completed delivery
+        session.refresh(batch)
+        assert batch.sealed_at is not None and batch.completed_at is not None
+        assert batches.seal_stale(session, older_than_s=60) == []  # once
