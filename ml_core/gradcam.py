@@ -91,7 +91,14 @@ def cam_to_slice(
     bh, bw = y1 - y0, x1 - x0
     if bh <= 0 or bw <= 0:
         return out
-    up = cv2.resize(cam.astype(np.float32), (bw, bh), interpolation=cv2.INTER_LINEAR)
+    # Zero-pad one cell before the bilinear upsampling so each cell's value peaks at the cell
+    # centre and fades towards the box edge (plain resizing makes flat plateaus up to the box
+    # edge, whose first pixel then wins every argmax: the pointing game would hit the border).
+    ch, cw = cam.shape
+    ph, pw = int(round(bh * (ch + 2) / ch)), int(round(bw * (cw + 2) / cw))
+    padded = cv2.resize(np.pad(cam.astype(np.float32), 1), (pw, ph), interpolation=cv2.INTER_LINEAR)
+    oy, ox = (ph - bh) // 2, (pw - bw) // 2
+    up = padded[oy : oy + bh, ox : ox + bw]
     sy0, sx0 = max(0, y0), max(0, x0)
     sy1, sx1 = min(height, y1), min(width, x1)
     if sy1 > sy0 and sx1 > sx0:
