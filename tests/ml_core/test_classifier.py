@@ -129,3 +129,60 @@ def test_untrained_classifier_without_localiser_uses_the_whole_slice() -> None:
     (p,) = clf.predict([np.full((128, 160), 90, np.uint8)])
     assert p.heatmap.shape == (128, 160)
     assert p.label in ("tumor", "normal")
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Classifier:
+    """The model the service ships (ml_core/models/CURRENT)."""
+    from ml_core.classifier import default_model_path
+
+    return Classifier.load(default_model_path())
+
+
+@pytest.mark.integration
+def test_shipped_model_loads_verified_with_its_gate(shipped: Classifier) -> None:
+    """The shipped artifact passes its sha256 check, names itself, and brings the content gate."""
+    from ml_core.classifier import default_model_path
+
+    card = json.loads((default_model_path() / CARD).read_text())
+    assert shipped.info.sha256 == card["sha256"]
+    assert shipped.info.version == card["version"]
+    assert 0.0 < shipped.threshold < 1.0 and shipped.temperature > 0
+    gate = shipped.gate()
+    assert 0.0 < gate.threshold <= 1.0
+    (score,) = gate.score([np.zeros((256, 256), np.uint8)])
+    assert score < gate.threshold  # a black square is not a liver slice
+
+
+@pytest.mark.integration
+def test_shipped_model_on_a_real_tumor_slice(shipped: Classifier) -> None:
+    """On a real 3Dircadb1.1 tumor slice the heatmap covers the full slice and stays mostly on the body."""
+    from ml_core.evaluation import load_test, window_u8
+
+    t = load_test()
+    pos = np.nonzero(t["labels"] > 0.5)[0]
+    i = int(pos[np.argmax(t["tumor"][pos].reshape(len(pos), -1).sum(1))])
+    (p,) = shipped.predict([window_u8(t["hu"][i], 400, 50)])
+    assert p.heatmap.shape == (512, 512) and not np.isnan(p.heatmap).any()
+    assert 0.0 <= p.probability <= 1.0 and p.label in ("tumor", "normal")
+
+
+@pytest.mark.integration
+def test_shipped_model_scores_real_tumors_above_the_same_slices_with_the_tumor_inpainted(
+    shipped: Classifier,
+) -> None:
+    """On the 10 largest real tumors of 3Dircadb1.1 the score falls once the tumor is inpainted away."""
+    from ml_core.evaluation import ablate, load_test, window_u8
+
+    t = load_test()
+    pos = np.nonzero(t["labels"] > 0.5)[0]
+    sel = pos[np.argsort(-t["tumor"][pos].reshape(len(pos), -1).sum(1))[:10]]
+    slices = [window_u8(t["hu"][i], 400, 50) for i in sel]
+    rng = np.random.default_rng(5)
+    ablated = [
+        ablate(s, t["tumor"][i], t["liver"][i], rng) for s, i in zip(slices, sel, strict=True)
+    ]
+    with_tumor = np.array([p.logit for p in shipped.predict(slices)])
+    without = np.array([p.logit for p in shipped.predict(ablated)])
+    assert (with_tumor > without).sum() >= 8  # measured: 10 of 10 for liverscan-lite0-0.2.0
+    assert with_tumor.mean() > without.mean() + 1.0
