@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import jwt
+import pytest
 import redis
 from flask.testing import FlaskClient
 from sqlalchemy import select
@@ -151,6 +152,7 @@ def test_an_uploaded_file_is_never_served_as_something_a_browser_would_run(
     assert "sandbox" in art.headers["Content-Security-Policy"]
 
 
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 def test_tokens_with_another_algorithm_are_refused(
     client: FlaskClient, user_headers_a: dict[str, str]
 ) -> None:
