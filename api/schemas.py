@@ -69,7 +69,12 @@ def job_read(job: Job, storage: Storage, *, expires_s: int = 900) -> dict[str, A
             },
             "heatmap_url": artifact_url(job, "heatmap", storage, expires_s),
             "overlay_url": artifact_url(job, "overlay", storage, expires_s),
-            "report_url": artifact_url(job, "report", storage, expires_s),
+            # Stable (filed reports outlive presigned URLs); on S3 the route redirects to one.
+            "report_url": (
+                url_for("reports.report_pdf", job_id=job.id, _external=True)
+                if job.report_key
+                else None
+            ),
         }
     error = None
     if job.status is JobStatus.FAILED:
