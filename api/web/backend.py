@@ -19,7 +19,7 @@ from api.domain.errors import LiverscanError
 from api.domain.models import Job, User
 from api.domain.settings import Settings
 from api.domain.storage import job_key
-from api.resources import resources
+from api.resources import db, resources
 from api.web.model_card import DEFAULT_MODELS_DIR
 
 log = logging.getLogger(__name__)
@@ -37,16 +37,18 @@ def settings() -> Settings:
 
 @contextmanager
 def unit_of_work() -> Iterator[Session]:
-    """A session that commits on success and rolls back on error (the page owns the transaction)."""
-    session = resources().session_factory()
+    """The request's session: commits on success, rolls back on error (the page owns the transaction).
+
+    One session per request: the JWT loaders already read through it, and a second connection
+    would wait behind the first one's SQLite write lock (BEGIN IMMEDIATE) until it times out.
+    """
+    session = db()
     try:
         yield session
         session.commit()
     except BaseException:
         session.rollback()
         raise
-    finally:
-        session.close()
 
 
 def _hasher() -> Any:
