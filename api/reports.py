@@ -21,7 +21,7 @@ from api.auth import current_user
 from api.domain import audit, batches, jobs
 from api.domain.errors import LiverscanError, NotFound, ObjectNotFound
 from api.domain.models import Job, JobStatus
-from api.domain.storage import job_key
+from api.domain.storage import DICOM_OVERLAY_NAME, DICOM_SR_NAME, job_key
 from api.jobs import parse_job_id
 from api.openapi import register_path
 from api.resources import db, resources
@@ -29,7 +29,7 @@ from api.resources import db, resources
 bp = Blueprint("reports", __name__, url_prefix="/api/v1")
 
 DISCLAIMER = "Decision support only, not a diagnosis; review the whole study before acting on it."
-DICOM_OBJECTS = {"overlay": "overlay_sc.dcm", "sr": "sr.dcm"}
+DICOM_OBJECTS = {"overlay": DICOM_OVERLAY_NAME, "sr": DICOM_SR_NAME}
 FHIR_JSON = "application/fhir+json"
 
 # Codings (kept in step with worker/reports.py, which writes the same codes into the SR).

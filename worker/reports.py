@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from api.domain.storage import Storage, job_key
+from api.domain.storage import DICOM_OVERLAY_NAME, DICOM_SR_NAME, Storage, job_key
 from ml_core.types import ModelInfo, Prediction, ValidationReport
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
 REPORT_PDF = "report.pdf"
-OVERLAY_SC = "overlay_sc.dcm"
-SR = "sr.dcm"
+OVERLAY_SC = DICOM_OVERLAY_NAME
+SR = DICOM_SR_NAME
 
 DISCLAIMER = (
     "Decision support only, not a diagnosis. This result was produced by a machine-learning model "

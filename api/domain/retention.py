@@ -13,7 +13,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from api.domain import audit
 from api.domain.errors import JobNotFound, ObjectNotFound
 from api.domain.models import TERMINAL_STATUSES, Base, Job, UTCDateTime, utcnow
-from api.domain.storage import Storage
+from api.domain.storage import DICOM_OVERLAY_NAME, DICOM_SR_NAME, Storage, job_key
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,15 @@ class JobDeletion(Base):
 
 
 def job_keys(job: Job) -> list[str]:
-    """Every store key a job owns (upload, heatmap, overlay, report)."""
+    """Every store key a job's row points at (upload, heatmap, overlay, report)."""
     keys = [job.input_key, job.heatmap_key, job.overlay_key, job.report_key]
     return [k for k in keys if k]
+
+
+def derived_keys(storage: Storage, job: Job) -> list[str]:
+    """The DICOM outputs the worker stored for a job (no column points at them)."""
+    keys = [job_key(job.org_id, job.id, n) for n in (DICOM_OVERLAY_NAME, DICOM_SR_NAME)]
+    return [k for k in keys if storage.exists(k)]
 
 
 def get_deletion(session: Session, job_id: uuid.UUID) -> JobDeletion | None:
@@ -52,7 +58,7 @@ def purge(
     if existing is not None:
         return existing
     deleted = 0
-    for key in job_keys(job):
+    for key in job_keys(job) + derived_keys(storage, job):
         try:
             storage.delete(key)
             deleted += 1

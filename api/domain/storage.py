@@ -45,6 +45,12 @@ def check_key(key: str) -> str:
     return key
 
 
+# Objects the worker derives for DICOM uploads; they have no column on the job row, so retention
+# and deletion find them by these names.
+DICOM_OVERLAY_NAME = "overlay_sc.dcm"
+DICOM_SR_NAME = "sr.dcm"
+
+
 def job_key(org_id: UUID, job_id: UUID, name: str) -> str:
     """The key of one object of a job, e.g. "<org>/<job>/input" or "<org>/<job>/overlay.png"."""
     return check_key(f"{org_id}/{job_id}/{name}")

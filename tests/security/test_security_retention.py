@@ -15,7 +15,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.domain.models import AuditEvent, Job, JobStatus, Role, utcnow
 from api.domain.queue import CeleryQueue
 from api.domain.retention import JobDeletion
-from api.domain.storage import LocalStorage, S3Storage, Storage
+from api.domain.storage import (
+    DICOM_OVERLAY_NAME,
+    DICOM_SR_NAME,
+    LocalStorage,
+    S3Storage,
+    Storage,
+    job_key,
+)
 from tests.api.conftest import bearer, login, signup, submit
 from tests.security.conftest import REDIS_URL, AppFactory, add_member
 
@@ -88,6 +95,25 @@ def test_admin_deletes_a_job_and_its_bytes_leave_the_store(
     assert "job.delete" in {e.action for e in audit}
     # Deleting again is harmless.
     assert client.delete(f"/api/v1/jobs/{job_id}", headers=admin_h).status_code == 200
+
+
+def test_deleting_a_dicom_job_also_removes_its_dicom_outputs(
+    make_security_app: AppFactory, store: Storage, session: Session
+) -> None:
+    """The Secondary Capture and SR derived from a DICOM upload carry its pixels: they go too."""
+    client = make_security_app(storage=store).test_client()
+    admin = signup(client, organization="Clinic A")
+    admin_h = bearer(login(client, admin["email"])["access_token"])
+    job_id = submit(client, admin_h).get_json()["id"]
+    job = _finish(session, store, job_id, days_ago=0)
+    derived = [job_key(job.org_id, job.id, n) for n in (DICOM_OVERLAY_NAME, DICOM_SR_NAME)]
+    for key in derived:
+        store.put(key, b"DICM derived output", "application/dicom")
+
+    assert client.delete(f"/api/v1/jobs/{job_id}", headers=admin_h).status_code == 200
+    assert not any(store.exists(k) for k in derived)
+    mark = session.get(JobDeletion, uuid.UUID(job_id))
+    assert mark is not None and mark.objects_deleted == 4
 
 
 def test_sweep_purges_jobs_past_the_retention_period_only(
