@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from api.domain import jobs, retention
+from api.domain import batches, jobs, retention
 from api.domain.db import session_scope
 from api.domain.errors import LiverscanError
 from api.domain.models import JobStatus, WebhookDelivery, utcnow
@@ -22,7 +22,7 @@ BATCH = 500
 
 def run(*, context: WorkerContext | None = None) -> dict[str, int]:
     """Re-enqueue jobs queued/processing past SWEEP_DEADLINE_S and overdue webhook attempts;
-    delete the bytes of jobs past RETENTION_DAYS."""
+    delete the bytes of jobs past RETENTION_DAYS; seal batches whose request died."""
     ctx = context or get_context()
     deadline = timedelta(seconds=ctx.settings.sweep_deadline_s)
     now = utcnow()
@@ -63,6 +63,16 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
                 retention.apply_retention(session, ctx.storage, ctx.settings.retention_days)
         except LiverscanError as exc:  # store or database down: the next sweep retries
             log.warning("sweep: retention skipped: %s", exc.code)
+    try:
+        with session_scope(ctx.sessions) as session:
+            # A batch whose submitting request died is never sealed by it: seal it here, so it can
+            # complete and its batch.completed webhook fires.
+            sealed = batches.seal_stale(session, older_than_s=ctx.settings.sweep_deadline_s)
+    except LiverscanError as exc:
+        log.warning("sweep: sealing stale batches skipped: %s", exc.code)
+    else:
+        for batch_delivery in sealed:
+            batches.enqueue_delivery(ctx.queue, batch_delivery)
     if job_ids or delivery_ids:
         log.info("sweep re-drove %d jobs and %d webhook attempts", len(job_ids), len(delivery_ids))
     return {"jobs": len(job_ids), "webhooks": len(delivery_ids)}

@@ -8,7 +8,7 @@ from sqlalchemy import update
 from worker_support import load_job, make_job, queued_tasks
 
 from api.domain import jobs
-from api.domain.models import Job, JobStatus, WebhookDelivery, utcnow
+from api.domain.models import Batch, Job, JobStatus, WebhookDelivery, utcnow
 from worker import pipeline, sweep, webhooks
 from worker.context import WorkerContext
 
@@ -112,3 +112,35 @@ def test_unknown_job_id_is_dropped(ctx: WorkerContext) -> None:
     import uuid
 
     assert pipeline.run(uuid.uuid4(), context=ctx) is None
+
+
+def test_sweep_seals_a_batch_whose_request_died_and_fires_its_completion(
+    ctx: WorkerContext, broker
+) -> None:
+    """A batch never sealed by its (dead) request completes through the sweep, webhook included."""
+    job_id = make_job(ctx, b"bytes")
+    with ctx.sessions.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        batch = Batch(
+            org_id=job.org_id,
+            callback_url="http://127.0.0.1:9/hook",
+            file_count=1,
+            created_at=utcnow() - timedelta(seconds=ctx.settings.sweep_deadline_s + 5),
+        )
+        session.add(batch)
+        session.flush()
+        job.batch_id = batch.id
+        jobs.mark_processing(session, job_id)
+        jobs.mark_failed(session, job_id, error_code="undecodable", error_message="x")
+        batch_id = batch.id
+
+    sweep.run(context=ctx)
+    with ctx.sessions() as session:
+        sealed = session.get(Batch, batch_id)
+        assert sealed is not None and sealed.sealed_at is not None
+        assert sealed.completed_at is not None
+    tasks = queued_tasks(broker, "webhooks")
+    assert [name for name, _ in tasks] == ["liverscan.deliver_webhook"]
+    sweep.run(context=ctx)  # sealed once: no second completion event
+    assert len(queued_tasks(broker, "webhooks")) == 1
