@@ -184,5 +184,5 @@ def test_shipped_model_scores_real_tumors_above_the_same_slices_with_the_tumor_i
     ]
     with_tumor = np.array([p.logit for p in shipped.predict(slices)])
     without = np.array([p.logit for p in shipped.predict(ablated)])
-    assert (with_tumor > without).sum() >= 8  # measured: 10 of 10 for liverscan-lite0-0.2.0
+    assert (with_tumor > without).sum() >= 8  # measured: 10 of 10 (0.2.0); 0.3.0 passes too
     assert with_tumor.mean() > without.mean() + 1.0
