@@ -43,7 +43,7 @@ def test_batch_summary_lists_every_job_highest_probability_first(
     reader = PdfReader(io.BytesIO(r.get_data()))
     text = "\n".join(page.extract_text() for page in reader.pages)
     succeeded = [j for j in state["jobs"] if j["status"] == "succeeded"]
-    assert len(succeeded) == 2 and f"Succeeded: 2" in text and "Rejected: 1" in text
+    assert len(succeeded) == 2 and "Succeeded: 2" in text and "Rejected: 1" in text
     ranked = sorted(succeeded, key=lambda j: -j["probability"])
     positions = [text.index(j["client_ref"]) for j in ranked]
     assert positions == sorted(positions), "highest probability first"
