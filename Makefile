@@ -48,3 +48,4 @@ lint: $(VENV)/.stamp-test
 bench: $(VENV)/.stamp-test services
 	$(PY) bench/service.py
 	@for f in bench/ml_*.py; do [ -e "$$f" ] || continue; $(PY) "$$f" || exit $$?; done
+	$(PY) bench/batch.py
