@@ -19,8 +19,9 @@ from api.domain.errors import (
     ObjectNotFound,
 )
 from api.domain.models import JobStatus, Role
+from api.domain.serialize import ARTIFACTS, artifact_key
 from api.resources import db, resources
-from api.schemas import ARTIFACTS, artifact_key, job_created, job_read
+from api.schemas import job_created, job_read
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 

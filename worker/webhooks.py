@@ -23,6 +23,7 @@ from api.domain.db import session_scope
 from api.domain.errors import CallbackUrlRefused
 from api.domain.models import Job, JobStatus, Organization, WebhookDelivery, utcnow
 from api.domain.queue import DELIVER_WEBHOOK, WEBHOOKS_QUEUE
+from api.domain.serialize import artifact_key, job_json
 from api.domain.settings import Settings
 from api.domain.webhooks import (
     DELIVERY_HEADER,
@@ -49,75 +50,21 @@ PENDING, SENDING, SUCCEEDED, FAILED, EXHAUSTED = (
 )
 
 
-def _iso(value: Any) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else None
-
-
 def job_payload(job: Job, ctx: WorkerContext) -> dict[str, Any]:
-    """The job JSON of the HTTP contract, as sent in a webhook event.
+    """The job JSON of the HTTP contract, as sent in a webhook event (the API's serializer)."""
 
-    Mirrors `api.schemas.job_read`, which needs Flask's `url_for` and so cannot run in a worker.
-    """
-
-    def url(name: str, key: str | None) -> str | None:
+    def link(name: str) -> str | None:
+        key = artifact_key(job, name)
         if key is None:
             return None
+        if name == "report":  # the same stable route as GET /api/v1/jobs/<id> gives
+            return f"/api/v1/jobs/{job.id}/report"
         # S3: a presigned URL; local store: the authenticated API route (relative: a worker does
         # not know the public host name).
         presigned = ctx.storage.url_for(key, ctx.settings.presign_expires_s)
         return presigned or f"/api/v1/jobs/{job.id}/artifacts/{name}"
 
-    validation: dict[str, Any] | None = None
-    if job.validation is not None or job.status is JobStatus.REJECTED:
-        stored = dict(job.validation or {})
-        validation = {
-            "passed": bool(stored.get("passed", job.status is not JobStatus.REJECTED)),
-            "reason_code": stored.get("reason_code", job.reason_code),
-            "checks": list(stored.get("checks", [])),
-        }
-        if "gate" in stored:
-            validation["gate"] = stored["gate"]
-    result = None
-    if job.status is JobStatus.SUCCEEDED:
-        result = {
-            "label": job.label,
-            "probability": job.probability,
-            "threshold": job.threshold,
-            "model": {
-                "name": job.model_name,
-                "version": job.model_version,
-                "sha256": job.model_sha256,
-            },
-            "heatmap_url": url("heatmap", job.heatmap_key),
-            "overlay_url": url("overlay", job.overlay_key),
-            "report_url": url("report", job.report_key),
-        }
-    error = None
-    if job.status is JobStatus.FAILED:
-        error = {"code": job.error_code, "message": job.error_message}
-    return {
-        "id": str(job.id),
-        "status": job.status.value,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "client_ref": job.client_ref,
-        "batch_id": str(job.batch_id) if job.batch_id else None,
-        "status_url": f"/api/v1/jobs/{job.id}",
-        "input": {
-            "filename": job.input_filename,
-            "sha256": job.input_sha256,
-            "size": job.input_size,
-            "content_type": job.input_content_type,
-            "format": job.input_format,
-            "width": job.input_width,
-            "height": job.input_height,
-            "modality": job.input_modality,
-        },
-        "validation": validation,
-        "result": result,
-        "error": error,
-    }
+    return job_json(job, link=link, status_url=f"/api/v1/jobs/{job.id}")
 
 
 def schedule(session: Session, job: Job, ctx: WorkerContext) -> uuid.UUID | None:
