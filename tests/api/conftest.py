@@ -124,32 +124,6 @@ def engine(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture
-def connection(engine: Engine) -> Iterator[Connection]:
-    """One connection whose outer transaction is rolled back after the test."""
-    with engine.connect() as conn:
-        outer = conn.begin()
-        try:
-            yield conn
-        finally:
-            outer.rollback()
-
-
-@pytest.fixture
-def session_factory(connection: Connection) -> sessionmaker[Session]:
-    """Sessions bound to the test's connection: their commits only release savepoints."""
-    return sessionmaker(
-        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
-    )
-
-
-@pytest.fixture
-def session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A session inside the test's transaction, for direct assertions on rows."""
-    with session_factory() as s:
-        yield s
-
-
-@pytest.fixture
 def broker() -> Iterator[redis.Redis]:
     """The Redis database the API publishes to, empty at the start and end of each test."""
     client = redis.Redis.from_url(BROKER_URL)

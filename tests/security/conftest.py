@@ -17,7 +17,7 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from flask_jwt_extended import create_access_token
-from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.domain import accounts
@@ -66,30 +66,10 @@ def security_engine(
     eng.dispose()
 
 
-@pytest.fixture
-def connection(security_engine: Engine) -> Iterator[Connection]:
-    """One connection whose outer transaction is rolled back after the test."""
-    with security_engine.connect() as conn:
-        outer = conn.begin()
-        try:
-            yield conn
-        finally:
-            outer.rollback()
-
-
-@pytest.fixture
-def session_factory(connection: Connection) -> sessionmaker[Session]:
-    """Sessions bound to the test's connection: their commits only release savepoints."""
-    return sessionmaker(
-        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
-    )
-
-
-@pytest.fixture
-def session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A session inside the test's transaction, for assertions on rows."""
-    with session_factory() as s:
-        yield s
+@pytest.fixture(scope="session")
+def engine(security_engine: Engine) -> Engine:
+    """The engine the shared per-test transaction fixtures (tests/conftest.py) run on."""
+    return security_engine
 
 
 @pytest.fixture
