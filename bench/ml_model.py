@@ -7,6 +7,7 @@ run (shared 2-core machine): compare numbers from the same run only. Uses the sh
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -42,23 +43,45 @@ def rate(fn: Any, n_items: int, min_s: float = 3.0) -> float:
 
 
 def main() -> int:
-    """Run every measurement and print JSON lines."""
+    """Measure each --model (default: the shipped one) in this one run; print JSON lines."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="artifact folder; repeat to compare models within one run (default: CURRENT)",
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    for folder in args.model or [None]:
+        measure(folder)
+    return 0
+
+
+def load_classifier(folder: str | None) -> tuple[Any, str]:
+    """The artifact at ``folder`` (default CURRENT) and its name; random B0 weights if none ships."""
+    from ml_core.classifier import Classifier, default_model_path
+
+    try:
+        clf = Classifier.load(folder or default_model_path())
+        return clf, f"{clf.info.name}-{clf.info.version}"
+    except Exception as exc:  # no shipped model in this checkout: measure the architecture
+        if folder:
+            raise
+        log.warning("no shipped model (%s); random weights", exc)
+        return Classifier.build_untrained(input_size=128), "b0-random-128"
+
+
+def measure(folder: str | None) -> None:
+    """Forward, forward+CAM at batch 1/8/32 and ml_core end to end for one model."""
     import tensorflow as tf
 
-    from ml_core.classifier import Classifier, default_model_path
     from ml_core.decoding import decode
     from ml_core.evaluation import load_test, window_u8
     from ml_core.overlay import encode_png, overlay_png
     from ml_core.preprocessing import to_slice_u8
 
-    logging.basicConfig(level=logging.WARNING)
-    try:
-        clf = Classifier.load(default_model_path())
-        model = f"{clf.info.name}-{clf.info.version}"
-    except Exception as exc:  # no shipped model in this checkout: measure the architecture
-        log.warning("no shipped model (%s); random weights", exc)
-        clf = Classifier.build_untrained(input_size=128)
-        model = "b0-random-128"
+    clf, model = load_classifier(folder)
     size = clf._spec.input_size
     net = clf._network
     cfg = {
@@ -102,7 +125,6 @@ def main() -> int:
             "steps": "decode PNG -> to_slice_u8 -> localise+crop -> predict+CAM -> overlay PNG",
         },
     )
-    return 0
 
 
 if __name__ == "__main__":
