@@ -249,6 +249,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="write an artifact from the run's best checkpoint and stop",
     )
+    parser.add_argument(
+        "--no-current",
+        action="store_true",
+        help="with --export: leave ml_core/models/CURRENT as it is (e.g. a comparison model)",
+    )
     parser.add_argument("--checkpoints", default=str(CHECKPOINTS))
     parser.add_argument(
         "--val-pairs", type=int, default=96, help="synthetic validation pairs (fixed seed)"
@@ -260,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     ckpt = Path(args.checkpoints) / args.run
     if args.export:
-        folder = export_artifact(ckpt, args.export)
+        folder = export_artifact(ckpt, args.export, set_current=not args.no_current)
         log.info("artifact written to %s", folder)
         return 0
     train_loop(args, ckpt)

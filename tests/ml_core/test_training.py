@@ -92,3 +92,6 @@ def test_a_few_training_steps_write_a_loadable_artifact(tmp_path: Path) -> None:
     clf = Classifier.load(folder)
     (pred,) = clf.predict([np.zeros((100, 120), np.uint8)])
     assert pred.heatmap.shape == (100, 120)
+    second = export_artifact(ckpts / "tiny", "0.0.2", models_dir=models, set_current=False)
+    assert Classifier.load(second).info.version == "0.0.2"
+    assert (models / "CURRENT").read_text().strip() == folder.name  # a comparison export
