@@ -156,6 +156,30 @@ def test_sweep_purges_jobs_past_the_retention_period_only(
     assert client.get(f"/api/v1/jobs/{recent.id}", headers=headers).status_code == 200
 
 
+def test_the_job_list_leaves_deleted_jobs_out(
+    make_security_app: AppFactory, session: Session
+) -> None:
+    """The list must not show what GET /jobs/<id> answers 410 for: a deleted job's result."""
+    app = make_security_app()
+    client = app.test_client()
+    headers = bearer(login(client, signup(client)["email"])["access_token"])
+    store = app.extensions["liverscan"].storage
+    kept, gone = (submit(client, headers, client_ref=ref).get_json()["id"] for ref in "ab")
+    for job_id, probability in ((kept, 0.25), (gone, 0.875)):
+        job = _finish(session, store, job_id, days_ago=0)
+        job.label, job.probability, job.threshold = "normal", probability, 0.5
+    session.commit()
+    assert client.delete(f"/api/v1/jobs/{gone}", headers=headers).status_code == 200
+
+    for query in ("", "?status=succeeded", "?limit=1"):
+        r = client.get(f"/api/v1/jobs{query}", headers=headers)
+        assert r.status_code == 200
+        assert [item["id"] for item in r.get_json()["items"]] == [kept], query
+        assert r.get_json()["next_cursor"] is None
+        assert b"0.875" not in r.data
+    assert client.get(f"/api/v1/jobs/{kept}", headers=headers).status_code == 200
+
+
 def test_retention_is_off_by_default(tmp_path: Path) -> None:
     from api.domain.settings import Settings
 
