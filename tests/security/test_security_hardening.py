@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import uuid
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from api.domain.models import AuditEvent
 from api.domain.settings import Settings
 from api.security import CSP
 from tests.api.conftest import PASSWORD, bearer, login, signup, submit
-from tests.security.conftest import REDIS_URL, AppFactory
+from tests.security.conftest import REDIS_URL, AppFactory, form_token
 
 
 def _login(client: FlaskClient, email: str, password: str = PASSWORD) -> tuple[int, dict, str]:
@@ -123,12 +122,8 @@ def test_a_successful_login_resets_the_failure_count(make_security_app: AppFacto
 
 def _web_login(client: FlaskClient, email: str, password: str) -> tuple[int, str, str]:
     """Sign in through the web form (with its CSRF token); status, page text, Retry-After."""
-    form_page = client.get("/login").get_data(as_text=True)
-    token = re.search(r'name="csrf_token" value="([^"]+)"', form_page)
-    assert token is not None
-    r = client.post(
-        "/login", data={"email": email, "password": password, "csrf_token": token.group(1)}
-    )
+    token = form_token(client, "/login")
+    r = client.post("/login", data={"email": email, "password": password, "csrf_token": token})
     return r.status_code, r.get_data(as_text=True), r.headers.get("Retry-After", "")
 
 

@@ -5,21 +5,13 @@ answers with the ordinary error for a bad field, on PostgreSQL (the security sui
 from __future__ import annotations
 
 import io
-import re
 
 import pytest
-from flask.testing import FlaskClient
 
 from tests.api.conftest import PASSWORD, bearer, login, png_bytes, signup
-from tests.security.conftest import AppFactory
+from tests.security.conftest import AppFactory, form_token
 
 NUL_EMAIL = "dr\x00x@clinic.test"
-
-
-def _form_token(client: FlaskClient, path: str) -> str:
-    found = re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).get_data(as_text=True))
-    assert found is not None
-    return found.group(1)
 
 
 @pytest.mark.parametrize(
@@ -77,10 +69,10 @@ def test_web_login_and_signup_answer_nul_like_any_bad_field(
         data={
             "email": NUL_EMAIL,
             "password": PASSWORD,
-            "csrf_token": _form_token(client, "/login"),
+            "csrf_token": form_token(client, "/login"),
         },
     )
     assert r.status_code == 401 and "Email or password is wrong." in r.get_data(as_text=True)
     form = {"name": "Dr A", "email": NUL_EMAIL, "organization": "Clinic", "password": PASSWORD}
-    r = client.post("/signup", data={**form, "csrf_token": _form_token(client, "/signup")})
+    r = client.post("/signup", data={**form, "csrf_token": form_token(client, "/signup")})
     assert r.status_code == 422, r.status_code
