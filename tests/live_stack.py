@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,12 +24,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 
 from api.domain.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, verify
-from tests.e2e.e2e_support import ROOT, spawn, wait_until
+from tests.e2e.e2e_support import DATA, ROOT, spawn, wait_until
 
 log = logging.getLogger(__name__)
+
+
+def liver_slice_png() -> bytes:
+    """A real liver CT slice (3Dircadb1.7, the slice with the most liver) windowed W400/L50 as PNG."""
+    from ml_core.overlay import encode_png
+    from ml_core.preprocessing import window
+
+    volume = np.load(DATA / "ircadb" / "3Dircadb1.7.npz")
+    z = int(volume["liver"].sum(axis=(1, 2)).argmax())
+    return encode_png(window(volume["ct_hu"][z].astype(np.float32), width=400.0, level=50.0))
 
 
 def port_in(first: int, last: int) -> int:
@@ -192,6 +204,7 @@ class Delivery:
     path: str
     headers: dict[str, str]
     body: bytes
+    received_at: float  # unix seconds: signatures are checked for freshness at this moment
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -226,8 +239,13 @@ class Receiver:
 
     @staticmethod
     def signed(delivery: Delivery, secret: str) -> bool:
-        """Whether the POST carries a valid signature under `secret`."""
-        return verify(secret, delivery.body, delivery.headers[SIGNATURE_HEADER])
+        """Whether the POST carried a valid, fresh signature under `secret` when it arrived."""
+        return verify(
+            secret,
+            delivery.body,
+            delivery.headers[SIGNATURE_HEADER],
+            now=int(delivery.received_at),
+        )
 
 
 @contextmanager
@@ -238,7 +256,8 @@ def running_receiver(port: int) -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server API)
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            state.received.append(Delivery(self.path, dict(self.headers.items()), body))
+            headers = dict(self.headers.items())
+            state.received.append(Delivery(self.path, headers, body, time.time()))
             self.send_response(204)
             self.end_headers()
 
@@ -396,6 +415,7 @@ __all__ = [
     "TcpProxy",
     "WorkerProcess",
     "api_command",
+    "liver_slice_png",
     "port_in",
     "running_receiver",
     "worker_command",

@@ -4,6 +4,7 @@ the receiver (deduplicated by delivery id) with a valid signature, and nothing i
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import uuid
@@ -18,9 +19,10 @@ from sqlalchemy.orm import Session
 
 from api.domain.models import TERMINAL_STATUSES, Job, WebhookDelivery
 from api.domain.storage import S3Storage
+from tests.e2e.e2e_support import Client
 from tests.live_stack import Receiver, RedisServer, TcpProxy, WorkerProcess
 
-RESULTS_ENV = "LIVERSCAN_RELIABILITY_RESULTS"
+RESULTS_ENV = "RELIABILITY_RESULTS"  # set by `make reliability`
 EVENTS = {"succeeded": "job.succeeded", "rejected": "job.rejected", "failed": "job.failed"}
 
 
@@ -104,6 +106,45 @@ class Stack:
                 if {d.payload["job"]["id"] for d in delivered.values()} >= set(ids):
                     return
             time.sleep(0.5)
+
+
+@dataclass
+class ResultsFile:
+    """Where each scenario appends its books as one JSON line (None: nowhere)."""
+
+    path: Path | None
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append `row` as one JSON line."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def submit_raw(
+    stack: Stack, client: Client, data: bytes, callback_url: str | None = None
+) -> requests.Response:
+    """POST one upload; the response as it is (202, or an error envelope)."""
+    form = {"callback_url": callback_url} if callback_url else {}
+    return requests.post(
+        f"{stack.base_url}/api/v1/jobs",
+        headers=client.headers,
+        files={"file": ("slice.png", data, "image/png")},
+        data=form,
+        timeout=60,
+    )
+
+
+def submit_many(stack: Stack, client: Client, data: bytes, n: int) -> list[str]:
+    """Submit `n` uploads with the stack's receiver as callback; each must be accepted (202)."""
+    ids = []
+    for _ in range(n):
+        response = submit_raw(stack, client, data, callback_url=stack.receiver.url)
+        assert response.status_code == 202, response.text
+        ids.append(str(response.json()["id"]))
+    return ids
 
 
 @dataclass

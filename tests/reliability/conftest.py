@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import requests
 from sqlalchemy import create_engine
 
 from api.domain.settings import Settings
 from api.domain.storage import S3Storage
-from tests.e2e.e2e_support import DATA, Client, base_env, fresh_postgres_database, spawn, wait_ready
+from tests.e2e.e2e_support import Client, base_env, fresh_postgres_database, spawn, wait_ready
 from tests.live_stack import (
     Periodic,
     Receiver,
@@ -36,10 +32,11 @@ from tests.live_stack import (
     TcpProxy,
     WorkerProcess,
     api_command,
+    liver_slice_png,
     port_in,
     running_receiver,
 )
-from tests.reliability.accounting import RESULTS_ENV, Stack
+from tests.reliability.accounting import RESULTS_ENV, ResultsFile, Stack
 
 DB_NAME = "liverscan_reliability"
 BUCKET = "liverscan-reliability"
@@ -52,15 +49,12 @@ SWEEP_EVERY_S = 1.0
 def tiny_model(folder: Path) -> Path:
     """ml_core's tiny random-weight artifact plus a gate that admits every decodable slice
     (threshold 0), so jobs run the whole pipeline (validate → predict → PNGs → PDF) in well
-    under a second. Built once and cached in var/ (model writing costs a TensorFlow import)."""
+    under a second. Written fresh for each session (a few seconds), so it always matches ml_core."""
     from ml_core.classifier import write_untrained_artifact
     from ml_core.gate import CARD_NAME, WEIGHTS_NAME, build_gate_cnn
     from ml_core.localiser import CARD_NAME as LOCALISER_CARD
     from ml_core.localiser import sha256_file
 
-    if (folder / "gate" / CARD_NAME).is_file():
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
     write_untrained_artifact(folder)
     gate = folder / "gate"
     gate.mkdir()
@@ -79,13 +73,8 @@ def tiny_model(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def liver_png() -> bytes:
-    """A real liver CT slice (3Dircadb1.7, most liver) windowed W400/L50, as PNG."""
-    from ml_core.overlay import encode_png
-    from ml_core.preprocessing import window
-
-    volume = np.load(DATA / "ircadb" / "3Dircadb1.7.npz")
-    z = int(volume["liver"].sum(axis=(1, 2)).argmax())
-    return encode_png(window(volume["ct_hu"][z].astype(np.float32), width=400.0, level=50.0))
+    """A real liver CT slice, as PNG (every job of these tests submits it)."""
+    return liver_slice_png()
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +83,7 @@ def reliability_stack(
 ) -> Iterator[Stack]:
     """The whole stack, started once for the package and torn down at the end."""
     logs = tmp_path_factory.mktemp("reliability-stack")
-    model = tiny_model(Path(__file__).resolve().parents[2] / "var" / "reliability-model")
+    model = tiny_model(tmp_path_factory.mktemp("reliability-model") / "liverscan-untrained")
     pg = TcpProxy(5432, port_in(15433, 15440))
     s3 = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]), port_in(18001, 18049))
     hook_port = port_in(18050, 18074)
@@ -200,37 +189,8 @@ def receiver(stack: Stack) -> Receiver:
     return stack.receiver
 
 
-@dataclass
-class ResultsFile:
-    """Where each scenario appends one JSON line (LIVERSCAN_RELIABILITY_RESULTS; unset: nowhere)."""
-
-    path: Path | None
-
-    def write(self, row: dict[str, Any]) -> None:
-        """Append `row` as one JSON line."""
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
-
-
 @pytest.fixture(scope="session")
 def results() -> ResultsFile:
-    """The results file of `make reliability`."""
+    """The results file of `make reliability` (RELIABILITY_RESULTS; unset: nowhere)."""
     raw = os.environ.get(RESULTS_ENV)
     return ResultsFile(Path(raw) if raw else None)
-
-
-def submit_raw(
-    stack: Stack, client: Client, data: bytes, callback_url: str | None = None
-) -> requests.Response:
-    """POST one upload; the response as it is (202, or an error envelope)."""
-    form = {"callback_url": callback_url} if callback_url else {}
-    return requests.post(
-        f"{stack.base_url}/api/v1/jobs",
-        headers=client.headers,
-        files={"file": ("slice.png", data, "image/png")},
-        data=form,
-        timeout=60,
-    )

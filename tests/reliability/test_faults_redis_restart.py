@@ -13,8 +13,7 @@ import redis
 from api.domain.models import JobStatus
 from tests.e2e.e2e_support import Client
 from tests.live_stack import Receiver
-from tests.reliability.accounting import Stack, audit
-from tests.reliability.conftest import ResultsFile, submit_raw
+from tests.reliability.accounting import ResultsFile, Stack, audit, submit_many, submit_raw
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
@@ -24,11 +23,7 @@ JOBS = 16
 def test_jobs_queued_in_a_dead_redis_finish_after_it_returns(
     stack: Stack, clinic: Client, receiver: Receiver, liver_png: bytes, results: ResultsFile
 ) -> None:
-    ids = []
-    for _ in range(JOBS):
-        response = submit_raw(stack, clinic, liver_png, callback_url=receiver.url)
-        assert response.status_code == 202, response.text
-        ids.append(response.json()["id"])
+    ids = submit_many(stack, clinic, liver_png, JOBS)
     waiting = redis.Redis.from_url(stack.redis.url).llen("inference")
     stack.redis.kill()
     still_queued = sum(1 for j in stack.jobs(ids).values() if j.status is JobStatus.QUEUED)

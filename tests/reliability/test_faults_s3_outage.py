@@ -11,25 +11,21 @@ import requests
 
 from tests.e2e.e2e_support import Client
 from tests.live_stack import Receiver
-from tests.reliability.accounting import Stack, audit
-from tests.reliability.conftest import ResultsFile, submit_raw
+from tests.reliability.accounting import ResultsFile, Stack, audit, submit_many, submit_raw
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
-BEFORE, AFTER = 4, 4
+BEFORE, AFTER = 6, 4
 OUTAGE_S = 4.0
 
 
 def test_store_outage_refuses_uploads_and_never_leaves_a_row_without_bytes(
     stack: Stack, clinic: Client, receiver: Receiver, liver_png: bytes, results: ResultsFile
 ) -> None:
-    ids = []
-    for _ in range(BEFORE):
-        response = submit_raw(stack, clinic, liver_png, callback_url=receiver.url)
-        assert response.status_code == 202, response.text
-        ids.append(response.json()["id"])
+    ids = submit_many(stack, clinic, liver_png, BEFORE)
 
     answers = []
+    in_flight = sum(1 for job in stack.jobs(ids).values() if not job.status.is_terminal)
     with stack.s3.outage():
         started = time.monotonic()
         while time.monotonic() - started < OUTAGE_S:
@@ -41,16 +37,14 @@ def test_store_outage_refuses_uploads_and_never_leaves_a_row_without_bytes(
             time.sleep(0.5)
     assert set(answers) == {(503, "storage_unavailable")}, set(answers)
 
-    for _ in range(AFTER):
-        response = submit_raw(stack, clinic, liver_png, callback_url=receiver.url)
-        assert response.status_code == 202, response.text
-        ids.append(response.json()["id"])
+    ids += submit_many(stack, clinic, liver_png, AFTER)
 
     stack.wait_settled(ids, timeout_s=180)
     books = audit(stack, "s3 endpoint down", ids, clinic.webhook_secret())
-    books.extra["refused_during_outage"] = len(answers)
+    books.extra.update(refused_during_outage=len(answers), in_flight_at_outage=in_flight)
     results.write(books.row())
 
+    assert in_flight > 0  # the outage caught accepted jobs on their way through the worker
     assert books.problems == [], books.problems[:10]
     assert (books.terminal, books.lost, books.duplicated) == (len(ids), 0, 0)
     assert books.webhooks_delivered == len(ids) and books.statuses == {"succeeded": len(ids)}

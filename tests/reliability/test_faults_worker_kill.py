@@ -1,8 +1,8 @@
-"""kill -9 the worker mid-job, ten times, over 100 jobs: every job ends in exactly one
+"""kill -9 the worker mid-job, six times, over 100 jobs: every job ends in exactly one
 terminal state, its result is written once, and its webhook arrives once (by delivery id), signed.
 
 Most kills hit the prefork child running the job (Celery requeues its message: late ack, reject on
-worker lost); every fifth kill takes the whole worker down (its message waits unacked in Redis, the
+worker lost); every third kill takes the whole worker down (its message waits unacked in Redis, the
 sweep re-drives the job from the database) and a new worker is started.
 """
 
@@ -15,15 +15,14 @@ import pytest
 from api.domain.models import JobStatus
 from tests.e2e.e2e_support import Client
 from tests.live_stack import Receiver
-from tests.reliability.accounting import Stack, audit
-from tests.reliability.conftest import ResultsFile, submit_raw
+from tests.reliability.accounting import ResultsFile, Stack, audit, submit_raw
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
 JOBS = 100
 IN_FLIGHT = 6  # a steady producer: at most this many unfinished jobs at a time
-KILL_EVERY = 10  # kill while every 10th job is processing (10 kills; each costs a model load)
-WHOLE_WORKER_EVERY = 5  # every 5th kill is of the whole worker, not just the child
+KILL_EVERY = 16  # kill while every 16th job is processing: 6 kills (each costs a model load)
+WHOLE_WORKER_EVERY = 3  # every 3rd kill is of the whole worker, not just the child
 SCENARIO_TIMEOUT_S = 420.0
 
 
