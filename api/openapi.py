@@ -81,7 +81,12 @@ SPEC: dict[str, Any] = {
         "/api/v1/auth/login": {
             "post": _op(
                 "Exchange email and password for tokens",
-                {"200": _json({"$ref": "#/components/schemas/Tokens"}), "401": _ERR, "400": _ERR},
+                {
+                    "200": _json({"$ref": "#/components/schemas/Tokens"}),
+                    "401": _ERR,
+                    "400": _ERR,
+                    "422": _ERR,
+                },
                 auth=False,
                 requestBody=_body(
                     {
@@ -153,6 +158,7 @@ SPEC: dict[str, Any] = {
                             },
                         }
                     ),
+                    "400": _ERR,
                     "401": _ERR,
                     "422": _ERR,
                 },
