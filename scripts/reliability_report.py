@@ -30,6 +30,8 @@ def _describe(row: dict[str, Any]) -> str:
         notes.append(f"{kills['child']} child + {kills['worker']} whole-worker kills")
     if "messages_lost_with_redis" in row:
         notes.append(f"{row['messages_lost_with_redis']} queued messages lost")
+    if row.get("batches_completed"):
+        notes.append(f"{row['batches_completed']} batch completed once")
     if row.get("in_flight_at_outage"):
         notes.append(f"{row['in_flight_at_outage']} jobs in flight")
     if "refused_during_outage" in row:

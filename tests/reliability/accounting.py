@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from api.domain.models import TERMINAL_STATUSES, Job, WebhookDelivery
 from api.domain.storage import S3Storage
 from tests.e2e.e2e_support import Client
-from tests.live_stack import Receiver, RedisServer, TcpProxy, WorkerProcess
+from tests.live_stack import Delivery, Receiver, RedisServer, TcpProxy, WorkerProcess
 
 RESULTS_ENV = "RELIABILITY_RESULTS"  # set by `make reliability`
 EVENTS = {"succeeded": "job.succeeded", "rejected": "job.rejected", "failed": "job.failed"}
@@ -72,12 +72,16 @@ class Stack:
             return list(session.scalars(select(Job).where(Job.org_id == uuid.UUID(org_id))))
 
     def deliveries(self, ids: list[str]) -> dict[str, list[WebhookDelivery]]:
-        """The delivery log (every attempt) per job id, oldest attempt first."""
+        """The delivery log (every attempt) of the jobs' own events per job id, oldest first
+        (a batch's `batch.completed` rows hang off the job that completed the batch)."""
         out: dict[str, list[WebhookDelivery]] = defaultdict(list)
         with Session(self.db) as session:
             rows = session.scalars(
                 select(WebhookDelivery)
-                .where(WebhookDelivery.job_id.in_([uuid.UUID(i) for i in ids]))
+                .where(
+                    WebhookDelivery.job_id.in_([uuid.UUID(i) for i in ids]),
+                    WebhookDelivery.event.in_(list(EVENTS.values())),
+                )
                 .order_by(WebhookDelivery.attempt, WebhookDelivery.created_at)
             )
             for row in rows:
@@ -145,6 +149,31 @@ def submit_many(stack: Stack, client: Client, data: bytes, n: int) -> list[str]:
         assert response.status_code == 202, response.text
         ids.append(str(response.json()["id"]))
     return ids
+
+
+def submit_batch(stack: Stack, client: Client, data: bytes, n: int) -> dict[str, Any]:
+    """One batch of `n` copies of `data`, with per-job events and `batch.completed` sent to the
+    stack's receiver; the 202 body (id, job_ids, status_url)."""
+    files = [("file", (f"slice-{i}.png", data, "image/png")) for i in range(n)]
+    response = requests.post(
+        f"{stack.base_url}/api/v1/batches",
+        headers=client.headers,
+        files=files,
+        data={"callback_url": stack.receiver.url, "job_events": "true"},
+        timeout=60,
+    )
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def batch_events(receiver: Receiver, batch_id: str) -> dict[str, Delivery]:
+    """The `batch.completed` deliveries of one batch, deduplicated by delivery id."""
+    posts = [
+        d
+        for d in list(receiver.received)
+        if d.payload.get("event") == "batch.completed" and d.payload["batch"]["id"] == batch_id
+    ]
+    return Receiver.unique(posts)
 
 
 @dataclass
