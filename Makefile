@@ -1,4 +1,5 @@
-# The front door: `make run` (embedded default), `make test`, `make lint`, `make bench`, `make migrate`.
+# The front door: `make run` (embedded default), `make test`, `make lint`, `make bench`, `make migrate`,
+# `make reliability` (fault injection + fuzz suites, then their table).
 # Idempotent: the venv is (re)installed only when pyproject.toml is newer than its stamp.
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -9,7 +10,7 @@ LIVERSCAN_DATA_DIR ?= ./var
 PYTEST_ARGS ?=
 export PORT LIVERSCAN_DATA_DIR
 
-.PHONY: run test lint bench migrate services
+.PHONY: run test lint bench migrate services reliability
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +50,13 @@ bench: $(VENV)/.stamp-test services
 	$(PY) bench/service.py
 	@for f in bench/ml_*.py; do [ -e "$$f" ] || continue; $(PY) "$$f" || exit $$?; done
 	$(PY) bench/batch.py
+
+# Fault injection (tests/reliability) and the fuzz suites (schemathesis, hypothesis), then the table
+# of jobs submitted / terminal / lost / duplicated / webhooks delivered and the fuzz case counts.
+RELIABILITY_RESULTS ?= $(LIVERSCAN_DATA_DIR)/reliability/results.jsonl
+RELIABILITY_SUITES := tests/reliability tests/security/test_security_schemathesis.py tests/ml_core/test_fuzz_validation.py
+reliability: $(VENV)/.stamp-test services
+	mkdir -p $(dir $(RELIABILITY_RESULTS)) && rm -f $(RELIABILITY_RESULTS)
+	RELIABILITY_RESULTS=$(abspath $(RELIABILITY_RESULTS)) $(PY) -m pytest -p tests.reliability.fuzz_counts \
+		$(RELIABILITY_SUITES) $(PYTEST_ARGS); rc=$$?; \
+	$(PY) scripts/reliability_report.py $(RELIABILITY_RESULTS); exit $$rc

@@ -194,9 +194,18 @@ def login() -> tuple[Response, int]:
     data = json_body()
     email = required_str(data, "email", max_length=320)
     password = required_str(data, "password", max_length=1000)
+    user = authenticate_counted(email, password)
+    db().commit()
+    return jsonify(issue_tokens(user)), 200
+
+
+def authenticate_counted(email: str, password: str) -> User:
+    """accounts.authenticate on the request's session, with every failure counted toward the
+    lockout and audited. The API and the web login both sign in through here, so one lockout
+    covers both doors. The success is left for the caller to commit."""
     session, settings = db(), resources().settings
     try:
-        user = accounts.authenticate(
+        return accounts.authenticate(
             session, accounts.make_hasher(settings), email=email, password=password
         )
     except accounts.AccountLocked:
@@ -212,8 +221,6 @@ def login() -> tuple[Response, int]:
         audit.record(session, "login.failed", org_id=None, user_id=None, detail=detail)
         session.commit()
         raise
-    session.commit()
-    return jsonify(issue_tokens(user)), 200
 
 
 def _who(email: str) -> dict[str, Any]:

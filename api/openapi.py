@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from html import escape
 from typing import Any
 
@@ -80,7 +81,12 @@ SPEC: dict[str, Any] = {
         "/api/v1/auth/login": {
             "post": _op(
                 "Exchange email and password for tokens",
-                {"200": _json({"$ref": "#/components/schemas/Tokens"}), "401": _ERR, "400": _ERR},
+                {
+                    "200": _json({"$ref": "#/components/schemas/Tokens"}),
+                    "401": _ERR,
+                    "400": _ERR,
+                    "422": _ERR,
+                },
                 auth=False,
                 requestBody=_body(
                     {
@@ -152,6 +158,7 @@ SPEC: dict[str, Any] = {
                             },
                         }
                     ),
+                    "400": _ERR,
                     "401": _ERR,
                     "422": _ERR,
                 },
@@ -397,6 +404,53 @@ SPEC: dict[str, Any] = {
 }
 
 
+# Answers that the policies in api/security.py give before any view runs, so no view declares
+# them: a deleted job answers 410 to its own organization on every route that names it (except
+# DELETE, which stays idempotent); the rate-limited operations answer 429 with Retry-After; the
+# API login answers 423 with Retry-After while an email is locked out.
+RATE_LIMITED_OPERATIONS = frozenset(
+    {
+        ("/api/v1/auth/login", "post"),
+        ("/api/v1/auth/signup", "post"),
+        ("/api/v1/jobs", "post"),
+        ("/api/v1/batches", "post"),
+    }
+)
+LOCKOUT_OPERATIONS = frozenset({("/api/v1/auth/login", "post")})
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}
+}
+POLICY_RESPONSES: dict[str, Any] = {
+    "Gone": {
+        **_json({"$ref": "#/components/schemas/Error"}, "The job's data was deleted (job_deleted)"),
+    },
+    "Locked": {
+        **_json({"$ref": "#/components/schemas/Error"}, "Too many failed logins (account_locked)"),
+        "headers": _RETRY_AFTER,
+    },
+    "RateLimited": {
+        **_json({"$ref": "#/components/schemas/Error"}, "Too many requests (rate_limited)"),
+        "headers": _RETRY_AFTER,
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    """The document with the policy answers (410, 423, 429) added to the operations that give them."""
+    spec = copy.deepcopy(SPEC)
+    spec["components"]["responses"].update(POLICY_RESPONSES)
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            if "{job_id}" in path and method != "delete":
+                responses.setdefault("410", {"$ref": "#/components/responses/Gone"})
+            if (path, method) in LOCKOUT_OPERATIONS:
+                responses.setdefault("423", {"$ref": "#/components/responses/Locked"})
+            if (path, method) in RATE_LIMITED_OPERATIONS:
+                responses.setdefault("429", {"$ref": "#/components/responses/RateLimited"})
+    return spec
+
+
 def register_path(path: str, operations: dict[str, Any]) -> None:
     """Let another blueprint (batches, reports) add its operations to the document."""
     SPEC["paths"].setdefault(path, {}).update(operations)
@@ -405,14 +459,14 @@ def register_path(path: str, operations: dict[str, Any]) -> None:
 @bp.get("/openapi.json")
 def openapi_json() -> tuple[Response, int]:
     """The OpenAPI 3.1 document."""
-    return jsonify(SPEC), 200
+    return jsonify(document()), 200
 
 
 @bp.get("/docs")
 def docs() -> Response:
     """A plain HTML list of every operation (no CDN, no JavaScript)."""
     rows = []
-    for path, ops in sorted(SPEC["paths"].items()):
+    for path, ops in sorted(document()["paths"].items()):
         for method, op in ops.items():
             codes = ", ".join(sorted(op.get("responses", {})))
             rows.append(

@@ -29,4 +29,6 @@ def required_str(data: dict[str, Any], field: str, *, max_length: int = 1000) ->
         raise InvalidInput(f"'{field}' is required.", details={"field": field})
     if len(value) > max_length:
         raise InvalidInput(f"'{field}' is too long.", details={"field": field})
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL: refuse it here, not as a 500 later
+        raise InvalidInput(f"'{field}' must not contain NUL characters.", details={"field": field})
     return value

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 # broker_transport_options go to create_engine and fail. 0.1 s keeps the embedded runner snappy.
 kombu.transport.sqlalchemy.Transport.polling_interval = 0.1
 
+PROC_ALIVE_TIMEOUT_S = 300  # TensorFlow import + model load, on two shared cores
+
 TASK_ROUTES = {
     PROCESS_JOB: {"queue": INFERENCE_QUEUE},
     DELIVER_WEBHOOK: {"queue": WEBHOOKS_QUEUE},
@@ -42,6 +44,10 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # A prefork child loads the model before it reports "up" (worker_process_init). Celery
+        # SIGKILLs a replacement child that is not up within 4 s by default, so after one child
+        # crash on a busy CPU the pool killed every replacement, forever (tests/reliability).
+        worker_proc_alive_timeout=float(PROC_ALIVE_TIMEOUT_S),
         task_ignore_result=True,  # the job row is the result
         result_backend=None,
         broker_transport_options=transport_options,

@@ -2,7 +2,8 @@
 
 One event of one job is one `delivery_id` (sent as X-Liverscan-Delivery, stable across retries);
 each attempt is its own `WebhookDelivery` row with its status code and latency. The SSRF guard is
-re-checked at delivery time because DNS may have changed since submit.
+re-checked at delivery time because DNS may have changed since submit, and the POST goes to the
+address that was checked (no second lookup a rebinding name could answer differently).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-import requests
+import urllib3
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -29,7 +30,8 @@ from api.domain.webhooks import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     SIGNATURE_HEADER,
-    check_callback_url,
+    post_pinned,
+    resolve_callback,
     sign,
 )
 from worker.context import WorkerContext, get_context
@@ -106,6 +108,20 @@ def backoff_s(settings: Settings, attempt: int) -> float:
     return settings.webhook_backoff_base_s * 2 ** (attempt - 1)
 
 
+def _error_name(exc: urllib3.exceptions.HTTPError) -> str:
+    """The delivery log's name for a failed connection (the names requests used to give)."""
+    errors = urllib3.exceptions
+    if isinstance(exc, errors.SSLError):
+        return "SSLError"
+    if isinstance(exc, errors.NewConnectionError):  # a subclass of ConnectTimeoutError
+        return "ConnectionError"
+    if isinstance(exc, errors.ConnectTimeoutError):
+        return "ConnectTimeout"
+    if isinstance(exc, errors.ReadTimeoutError):
+        return "ReadTimeout"
+    return "ConnectionError"
+
+
 def deliver(row_id: str | uuid.UUID, *, context: WorkerContext | None = None) -> str | None:
     """Make one attempt; record it; schedule the next attempt on failure. Returns the row status."""
     ctx = context or get_context()
@@ -129,7 +145,8 @@ def deliver(row_id: str | uuid.UUID, *, context: WorkerContext | None = None) ->
     refused = False
     start = time.perf_counter()
     try:
-        check_callback_url(url, ctx.settings.webhook_allow_private)
+        # Resolved and checked once, then connected to that very address (DNS-rebinding safe).
+        target = resolve_callback(url, ctx.settings.webhook_allow_private)
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "liverscan-webhooks/1",
@@ -137,18 +154,11 @@ def deliver(row_id: str | uuid.UUID, *, context: WorkerContext | None = None) ->
             DELIVERY_HEADER: str(delivery_id),
             SIGNATURE_HEADER: sign(secret, body, int(time.time())),
         }
-        response = requests.post(
-            url,
-            data=body,
-            headers=headers,
-            timeout=ctx.settings.webhook_timeout_s,
-            allow_redirects=False,
-        )
-        status_code = response.status_code
+        status_code = post_pinned(target, body, headers, ctx.settings.webhook_timeout_s)
     except CallbackUrlRefused as exc:
         refused, error = True, f"callback_url_refused: {exc.details.get('reason', exc.message)}"
-    except requests.RequestException as exc:
-        error = type(exc).__name__
+    except urllib3.exceptions.HTTPError as exc:
+        error = _error_name(exc)
     latency_ms = (time.perf_counter() - start) * 1000.0
     ok = status_code is not None and 200 <= status_code < 300
 

@@ -70,7 +70,7 @@ def check_password_strength(password: str) -> None:
 def normalise_email(email: str) -> str:
     """Lower-cased, trimmed email, or InvalidInput if it does not look like one."""
     email = email.strip().lower()
-    if not _EMAIL_RE.match(email) or len(email) > 320:
+    if not _EMAIL_RE.match(email) or len(email) > 320 or "\x00" in email:
         raise InvalidInput("The email address is invalid.", details={"field": "email"})
     return email
 
@@ -88,9 +88,9 @@ def signup(
     email = normalise_email(email)
     check_password_strength(password)
     name, organization = name.strip(), organization.strip()
-    if not name or len(name) > 200:
+    if not name or len(name) > 200 or "\x00" in name:
         raise InvalidInput("A name (1-200 characters) is required.", details={"field": "name"})
-    if not organization or len(organization) > 200:
+    if not organization or len(organization) > 200 or "\x00" in organization:
         raise InvalidInput(
             "An organization name (1-200 characters) is required.",
             details={"field": "organization"},
@@ -128,7 +128,7 @@ def add_member(
     email = normalise_email(email)
     check_password_strength(password)
     name = name.strip()
-    if not name or len(name) > 200:
+    if not name or len(name) > 200 or "\x00" in name:
         raise InvalidInput("A name (1-200 characters) is required.", details={"field": "name"})
     if session.scalars(select(User.id).where(User.email == email)).first() is not None:
         raise EmailTaken(details={"field": "email"})
@@ -163,7 +163,7 @@ def check_not_locked(session: Session, email: str) -> None:
 
 def record_failed_login(session: Session, settings: Settings, email: str) -> LoginThrottle:
     """Count a failed login; from the max-th on, lock for lockout_s doubled per extra failure."""
-    key = email.strip().lower()[:320]
+    key = email.strip().lower()[:320].replace("\x00", "")
     throttle = session.get(LoginThrottle, key)
     if throttle is None:
         throttle = LoginThrottle(email=key, failures=0)
@@ -188,6 +188,8 @@ def clear_failed_logins(session: Session, email: str) -> None:
 def authenticate(session: Session, hasher: PasswordHasher, *, email: str, password: str) -> User:
     """The user with these credentials, else InvalidCredentials (same answer for unknown emails);
     AccountLocked while the email is locked out (the caller records failures and commits them)."""
+    if "\x00" in email:  # no account has one (signup refuses it), and PostgreSQL cannot compare it
+        raise InvalidCredentials()
     check_not_locked(session, email)
     user = session.scalars(select(User).where(User.email == email.strip().lower())).one_or_none()
     if user is None:

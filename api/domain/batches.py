@@ -39,6 +39,7 @@ from api.domain.errors import (
 )
 from api.domain.models import TERMINAL_STATUSES, Batch, Job, JobStatus, WebhookDelivery, utcnow
 from api.domain.queue import DELIVER_WEBHOOK, WEBHOOKS_QUEUE, Queue
+from api.domain.retention import JobDeletion
 from api.domain.settings import Settings
 from api.domain.storage import Storage
 from api.domain.webhooks import check_callback_url
@@ -351,10 +352,14 @@ def get_or_raise(session: Session, batch_id: uuid.UUID, *, org_id: uuid.UUID) ->
 
 
 def jobs_of(session: Session, batch_id: uuid.UUID) -> list[Job]:
-    """The batch's jobs in submission order."""
+    """The batch's jobs in submission order, without deleted ones (their rows still hold the
+    result that GET /jobs/<id> answers 410 for; `counts` still counts them)."""
     return list(
         session.scalars(
-            select(Job).where(Job.batch_id == batch_id).order_by(Job.created_at, Job.id)
+            select(Job)
+            .outerjoin(JobDeletion, JobDeletion.job_id == Job.id)
+            .where(Job.batch_id == batch_id, JobDeletion.job_id.is_(None))
+            .order_by(Job.created_at, Job.id)
         )
     )
 

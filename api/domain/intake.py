@@ -85,12 +85,18 @@ def submit(
         raise MissingFile()
     if len(upload.data) > settings.max_upload_bytes:
         raise PayloadTooLarge(details={"max_bytes": settings.max_upload_bytes})
-    if idempotency_key is not None and not (0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY):
+    if idempotency_key is not None and (
+        not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY or "\x00" in idempotency_key
+    ):
         raise InvalidInput(
             "Idempotency-Key must be 1-255 characters.", details={"field": "Idempotency-Key"}
         )
     if client_ref is not None and len(client_ref) > MAX_CLIENT_REF:
         raise InvalidInput("client_ref is at most 200 characters.", details={"field": "client_ref"})
+    if client_ref is not None and "\x00" in client_ref:  # PostgreSQL text cannot hold NUL
+        raise InvalidInput(
+            "client_ref must not contain NUL characters.", details={"field": "client_ref"}
+        )
     if callback_url:
         check_callback_url(callback_url, settings.webhook_allow_private)
     sha256 = hashlib.sha256(upload.data).hexdigest()
@@ -117,7 +123,7 @@ def submit(
             user_id=user_id,
             job_id=job_id,
             upload=stored,
-            filename=(upload.filename or None) and upload.filename[:255],
+            filename=(upload.filename or "").replace("\x00", "")[:255] or None,
             callback_url=callback_url or None,
             client_ref=client_ref or None,
             idempotency_key=idempotency_key,

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from api.domain.errors import BadRequest, InvalidTransition, JobNotFound
 from api.domain.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
+from api.domain.retention import JobDeletion
 from api.domain.storage import StoredObject
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,16 @@ def list_for_org(
     cursor: str | None = None,
     batch_id: uuid.UUID | None = None,
 ) -> tuple[list[Job], str | None]:
-    """One page of the organization's jobs, newest first, and the cursor of the next page."""
+    """One page of the organization's jobs, newest first, and the cursor of the next page.
+
+    Deleted jobs (their bytes removed by an admin or by retention) are left out: their rows still
+    hold the result, and listing it would leak what `GET /jobs/<id>` answers 410 for."""
     limit = max(1, min(limit, MAX_PAGE))
-    query = select(Job).where(Job.org_id == org_id)
+    query = (
+        select(Job)
+        .outerjoin(JobDeletion, JobDeletion.job_id == Job.id)
+        .where(Job.org_id == org_id, JobDeletion.job_id.is_(None))
+    )
     if status is not None:
         query = query.where(Job.status == status)
     if batch_id is not None:

@@ -63,8 +63,14 @@ def signup(session: Session, *, email: str, password: str, name: str, organizati
 
 
 def authenticate(session: Session, *, email: str, password: str) -> User:
-    """The user with these credentials, else InvalidCredentials."""
-    return accounts.authenticate(session, _hasher(), email=email, password=password)
+    """The user with these credentials, else InvalidCredentials (AccountLocked while locked out).
+
+    Failures count toward the same lockout as the API login's (`api.auth.authenticate_counted`
+    commits them on the request's session, which is `session`), so the web form is no side door
+    for guessing passwords."""
+    from api import auth as api_auth  # the API's login, so both doors share one lockout
+
+    return api_auth.authenticate_counted(email, password)
 
 
 def load_user(session: Session, identity: Any) -> User | None:

@@ -22,6 +22,7 @@ from flask import (
 from flask_jwt_extended import set_access_cookies, set_refresh_cookies, unset_jwt_cookies
 
 from api.domain import jobs as job_service
+from api.domain.accounts import AccountLocked
 from api.domain.errors import (
     EmailTaken,
     InvalidCredentials,
@@ -188,6 +189,21 @@ def login() -> Response:
                 with backend.unit_of_work() as session:
                     user = backend.authenticate(session, email=form["email"], password=password)
                     access, refresh = backend.issue_tokens(session, user)
+            except AccountLocked as exc:
+                minutes = max(1, round(int(exc.details.get("retry_after_s", 60)) / 60))
+                errors["password"] = f"Too many failed sign-ins. Try again in {minutes} minute" + (
+                    "s." if minutes > 1 else "."
+                )
+                response = page(
+                    "web/login.html",
+                    status=423,
+                    form=form,
+                    errors=errors,
+                    next_url=next_url,
+                    active="login",
+                )
+                response.headers["Retry-After"] = str(exc.details.get("retry_after_s", 60))
+                return response
             except InvalidCredentials:
                 errors["password"] = "Email or password is wrong."
             else:

@@ -16,7 +16,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import redis
 import requests
@@ -34,6 +33,7 @@ from tests.e2e.e2e_support import (
     wait_ready,
     wait_until,
 )
+from tests.live_stack import liver_slice_png
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -116,12 +116,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def liver_png() -> bytes:
     """A real liver CT slice (3Dircadb1.7, the slice with the most liver) windowed W400/L50 as PNG."""
-    from ml_core.overlay import encode_png
-    from ml_core.preprocessing import window
-
-    volume = np.load(DATA / "ircadb" / "3Dircadb1.7.npz")
-    z = int(volume["liver"].sum(axis=(1, 2)).argmax())
-    return encode_png(window(volume["ct_hu"][z].astype(np.float32), width=400.0, level=50.0))
+    return liver_slice_png()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
 import redis
 from e2e_support import (
@@ -28,6 +27,8 @@ from e2e_support import (
     spawn,
     wait_ready,
 )
+
+from tests.live_stack import liver_slice_png
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,12 +49,7 @@ def require_model() -> None:
 @pytest.fixture(scope="session")
 def liver_png() -> bytes:
     """A real liver CT slice (3Dircadb1.7, the slice with the most liver) windowed W400/L50 as PNG."""
-    from ml_core.overlay import encode_png
-    from ml_core.preprocessing import window
-
-    volume = np.load(DATA / "ircadb" / "3Dircadb1.7.npz")
-    z = int(volume["liver"].sum(axis=(1, 2)).argmax())
-    return encode_png(window(volume["ct_hu"][z].astype(np.float32), width=400.0, level=50.0))
+    return liver_slice_png()
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ organizations with every role and one submitted job."""
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -175,6 +176,13 @@ class World:
                 expires_at=utcnow() + timedelta(days=1),
             )
             db().commit()
+
+
+def form_token(client: FlaskClient, path: str) -> str:
+    """The CSRF token of a pre-session web form (GET the page; the client keeps its cookie)."""
+    found = re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).get_data(as_text=True))
+    assert found is not None, path
+    return found.group(1)
 
 
 def add_member(client: FlaskClient, admin_headers: dict[str, str], role: Role) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from api.domain.models import AuditEvent
 from api.domain.settings import Settings
 from api.security import CSP
 from tests.api.conftest import PASSWORD, bearer, login, signup, submit
-from tests.security.conftest import REDIS_URL, AppFactory
+from tests.security.conftest import REDIS_URL, AppFactory, form_token
 
 
 def _login(client: FlaskClient, email: str, password: str = PASSWORD) -> tuple[int, dict, str]:
@@ -118,6 +118,39 @@ def test_a_successful_login_resets_the_failure_count(make_security_app: AppFacto
     for _ in range(2):
         assert _login(client, email, "wrong-password-1")[0] == 401
     assert _login(client, email)[0] == 200
+
+
+def _web_login(client: FlaskClient, email: str, password: str) -> tuple[int, str, str]:
+    """Sign in through the web form (with its CSRF token); status, page text, Retry-After."""
+    token = form_token(client, "/login")
+    r = client.post("/login", data={"email": email, "password": password, "csrf_token": token})
+    return r.status_code, r.get_data(as_text=True), r.headers.get("Retry-After", "")
+
+
+def test_web_and_api_logins_share_one_lockout(
+    make_security_app: AppFactory, session: Session
+) -> None:
+    """Failures on the web form count like API failures: neither door is a side door."""
+    client = make_security_app(login_max_failures=3, login_lockout_s=600).test_client()
+    email = signup(client)["email"]
+    assert _web_login(client, email, "wrong-password-1")[0] == 401
+    assert _login(client, email, "wrong-password-1")[0] == 401
+    assert _web_login(client, email, "wrong-password-1")[0] == 401
+    status, body, retry_after = _login(client, email)  # the right password, on the API
+    assert (status, body["error"]["code"]) == (423, "account_locked")
+    status, text, web_retry_after = _web_login(client, email, PASSWORD)  # and on the web form
+    assert status == 423 and "Too many failed sign-ins. Try again in 10 minutes." in text
+    assert 590 <= int(web_retry_after) <= 600 and 590 <= int(retry_after) <= 600
+    failed = session.scalars(select(AuditEvent).where(AuditEvent.action == "login.failed")).all()
+    assert [e.detail["failures"] for e in failed] == [1, 2, 3]
+
+
+def test_web_failures_alone_lock_the_api_login(make_security_app: AppFactory) -> None:
+    client = make_security_app(login_max_failures=2).test_client()
+    email = signup(client)["email"]
+    for _ in range(2):
+        assert _web_login(client, email, "wrong-password-1")[0] == 401
+    assert _login(client, email)[0] == 423
 
 
 def test_security_headers_on_api_and_pages(make_security_app: AppFactory) -> None:

@@ -3,6 +3,7 @@ HTTP), the row stays marked; the sweep applies the configured retention period."
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -23,7 +24,7 @@ from api.domain.storage import (
     Storage,
     job_key,
 )
-from tests.api.conftest import bearer, login, signup, submit
+from tests.api.conftest import bearer, login, png_bytes, signup, submit
 from tests.security.conftest import REDIS_URL, AppFactory, add_member
 
 
@@ -154,6 +155,58 @@ def test_sweep_purges_jobs_past_the_retention_period_only(
     r = client.get(f"/api/v1/jobs/{old.id}", headers=headers)
     assert r.status_code == 410
     assert client.get(f"/api/v1/jobs/{recent.id}", headers=headers).status_code == 200
+
+
+def test_the_job_list_leaves_deleted_jobs_out(
+    make_security_app: AppFactory, session: Session
+) -> None:
+    """The list must not show what GET /jobs/<id> answers 410 for: a deleted job's result."""
+    app = make_security_app()
+    client = app.test_client()
+    headers = bearer(login(client, signup(client)["email"])["access_token"])
+    store = app.extensions["liverscan"].storage
+    kept, gone = (submit(client, headers, client_ref=ref).get_json()["id"] for ref in "ab")
+    for job_id, probability in ((kept, 0.25), (gone, 0.875)):
+        job = _finish(session, store, job_id, days_ago=0)
+        job.label, job.probability, job.threshold = "normal", probability, 0.5
+    session.commit()
+    assert client.delete(f"/api/v1/jobs/{gone}", headers=headers).status_code == 200
+
+    for query in ("", "?status=succeeded", "?limit=1"):
+        r = client.get(f"/api/v1/jobs{query}", headers=headers)
+        assert r.status_code == 200
+        assert [item["id"] for item in r.get_json()["items"]] == [kept], query
+        assert r.get_json()["next_cursor"] is None
+        assert b"0.875" not in r.data
+    assert client.get(f"/api/v1/jobs/{kept}", headers=headers).status_code == 200
+
+
+def test_a_batch_leaves_its_deleted_jobs_out_of_its_job_list_and_csv(
+    make_security_app: AppFactory, session: Session
+) -> None:
+    app = make_security_app()
+    client = app.test_client()
+    headers = bearer(login(client, signup(client)["email"])["access_token"])
+    files = [(io.BytesIO(png_bytes(seed=i)), f"slice-{i}.png", "image/png") for i in range(2)]
+    r = client.post(
+        "/api/v1/batches",
+        headers=headers,
+        data={"file": files},
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 202, r.get_json()
+    kept, gone = r.get_json()["job_ids"]
+    store = app.extensions["liverscan"].storage
+    for job_id in (kept, gone):
+        job = _finish(session, store, job_id, days_ago=0)
+        job.label, job.probability, job.threshold = "normal", 0.875, 0.5
+    session.commit()
+    assert client.delete(f"/api/v1/jobs/{gone}", headers=headers).status_code == 200
+
+    batch = client.get(r.get_json()["status_url"], headers=headers).get_json()
+    assert [job["id"] for job in batch["jobs"]] == [kept]
+    csv_text = client.get(r.get_json()["results_url"], headers=headers).get_data(as_text=True)
+    assert kept in csv_text and gone not in csv_text and "slice-1.png" not in csv_text
 
 
 def test_retention_is_off_by_default(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """schemathesis against /api/v1/openapi.json on a live server (loopback): cases generated from the
-document for every operation, sent with a fresh valid token; no answer may be a 5xx. The number
+document for every operation, sent with a fresh valid token; no answer may be a 5xx, a status
+code the document does not list for the operation, or a body its schema rejects. The number
 of cases tried is logged and attached to the test report (`record_property`)."""
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import redis
 import schemathesis
 from flask_jwt_extended import create_access_token
 from hypothesis import HealthCheck, given, settings
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from schemathesis.core.failures import FailureGroup
 from werkzeug.serving import make_server
 
@@ -29,6 +34,9 @@ log = logging.getLogger(__name__)
 
 pytestmark = pytest.mark.slow
 
+# No 5xx, every status code documented for its operation, every JSON body valid against the
+# operation's schema (the error envelope included).
+CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 EXAMPLES_PER_OPERATION = 25  # ~20 operations: a few hundred cases, well under a minute here
 
 
@@ -89,7 +97,7 @@ def test_no_generated_request_gets_a_server_error(
             tried[label] = tried.get(label, 0) + 1
             try:
                 case.call_and_validate(
-                    base_url=base_url, headers=token(), checks=[not_a_server_error], timeout=30
+                    base_url=base_url, headers=token(), checks=CHECKS, timeout=30
                 )
             except FailureGroup as exc:
                 server_errors.append(f"{label}: {str(exc)[:300]}")
