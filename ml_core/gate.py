@@ -5,21 +5,27 @@ P(liver slice) per slice from one batched compiled call, ``threshold`` comes fro
 
 How the evidence is combined: score = P_cnn x ramp(liver area). A small CNN on the grey
 slice letterboxed to 128 px gives P_cnn, "an axial abdominal CT/MR slice in an abdominal
-window" (it rejects photos, documents, other body parts, wrong windows, montages, viewer
-screenshots). The shipped liver localiser (trained on every liver mask here, many patients)
-gives the liver area in pixels at 512x512 scale; the ramp is 0 below 500 px and 1 from
-``MIN_LIVER_PX_512`` (1500 px) on, so a slice far above or below the liver scores 0 whatever
-the CNN says. The two run in one compiled call. The localiser's sha256 is in the gate's card:
-the threshold is only valid with that localiser. Without a localiser (tests) score = P_cnn.
+window" (it rejects photos, documents, brains and other body parts, wrong windows, montages,
+viewer screenshots). The shipped liver localiser gives the liver area in pixels at 512x512
+scale; the ramp rises from 0 to 1 over ``AREA_RAMP_PX512`` (150-600 px; the localiser finds
+0 px on every slice far from the liver here), so a slice far above or below the liver scores 0
+whatever the CNN says. CNN and U-Net run in one compiled call; the U-Net's output goes into
+the localiser's content-keyed cache, so the classifier's crop of the same slice reuses it
+(the localiser runs once per upload). The localiser's sha256 is in the gate's card: the
+threshold is only valid with that localiser. Without a localiser (tests) score = P_cnn.
 
 Training data (``python -m ml_core.gate``): positives are liver slices (liver area
 >= ``MIN_LIVER_PX_512`` px at 512 px) of every train source in abdominal windows, MR
-included; the CNN's negatives are the train files of ``negatives/``, lung and bone windows
-of liver slices, coronal and sagittal reformats, and generated documents, textures, noise,
-gradients, montages and viewer screenshots. Slices more than ``FAR_MM`` from the liver's
-extent are negatives of the whole gate (validation, test, bench) and are left to the
-localiser's evidence. The threshold is chosen on the validation split so that every
-validation negative is rejected and >= 99% of the liver slices are accepted when possible.
+included, with window, contrast, scale and shift jitter and JPEG re-encoding; the CNN's
+negatives are the train files of ``negatives/``, lung and bone windows of liver slices,
+coronal and sagittal reformats, brains (generated MR/CT brains in every orientation, some
+skull-stripped like atlas renders, and the brain MR volumes bundled with nibabel), pieces of
+real slices on black, organ-like blobs, and generated documents, textures, noise, gradients,
+montages and viewer screenshots. Slices more than ``FAR_MM`` from the liver's extent are
+negatives of the whole gate (validation, test, bench) and are left to the localiser's
+evidence. The threshold is chosen on the validation split (rule in ``choose_threshold``);
+acceptance is reported on liver slices whose true liver area is at least
+``MIN_EVAL_LIVER_PX_512`` px at 512x512.
 """
 
 from __future__ import annotations
@@ -52,8 +58,10 @@ FAR_MM = 25.0
 EVAL_WINDOWS = ((350.0, 40.0), (350.0, 60.0), (400.0, 40.0), (400.0, 50.0), (400.0, 60.0))
 LUNG_WINDOWS = ((1500.0, -600.0), (1200.0, -500.0), (1600.0, -700.0))
 #: Negative groups reported but not used to set the threshold nor counted in
-#: ``negatives_rejected``: non-axial reformats (not in issue 4's list; the gate's known weakness).
-EXTRA_NEGATIVES = ("neg/reformat",)
+#: ``negatives_rejected``: our own hard cases (not in issue 4's list), non-axial reformats and
+#: pieces of real slices on black (``gen_cutout``; a large piece can be a fair liver view);
+#: and the negative files that the rule layers already reject (the gate never sees them).
+EXTRA_NEGATIVES = ("neg/reformat", "neg/cutout", "neg/files_rule_rejected")
 #: Localiser liver area (px at 512x512) where the gate's liver evidence starts / is complete.
 #: The localiser finds no liver at all (0 px) on every slice > FAR_MM from the liver here, and
 #: under-segments small liver sections: the ramp ends well below MIN_LIVER_PX_512.
@@ -120,7 +128,7 @@ class LiverGate:
         def forward(x: Any) -> Any:
             return tf.sigmoid(cnn(x, training=False))[:, 0]
 
-        self._forward = tf.function(forward, input_signature=[spec])
+        self._forward = tf.function(forward, input_signature=[spec], autograph=False)
         self._joint: Any = None
         if localiser is not None:
             unet = localiser.model
@@ -131,7 +139,7 @@ class LiverGate:
                 return forward(x), tf.sigmoid(unet(xl, training=False))[..., 0]
 
             # CNN and U-Net in one compiled call when the localiser has not seen the slice yet
-            self._joint = tf.function(joint, input_signature=[spec, loc_spec])
+            self._joint = tf.function(joint, input_signature=[spec, loc_spec], autograph=False)
 
     @classmethod
     def load(cls, path: str | Path, localiser: Localiser | None = None) -> LiverGate:
@@ -369,13 +377,21 @@ def gen_brain(rng: np.random.Generator, size: int = 256) -> np.ndarray:
         rx, cy = ry * rng.uniform(1.15, 1.35), cy - 0.06 * s
     rx = min(rx, 0.47 * s)
     r = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
+    theta = np.arctan2(yy - cy, xx - cx)
+    wobble = sum(
+        rng.uniform(0, 0.05) * np.sin(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5)
+    )
+    r = r / (1.0 + wobble)  # lobes: not a perfect ellipse
     if view == 2:  # flatter skull base towards the back (the image's right or left)
         r = r + 0.25 * np.clip((yy - cy) / ry, 0, None) * (xx - cx) / rx * rng.choice([-1, 1])
     brain = r < 1.0
     noise = cv2.GaussianBlur(
         rng.normal(0, 1, (s, s)).astype(np.float32), (0, 0), float(rng.uniform(2.0, 4.5))
     )
-    white = (noise > rng.uniform(-0.2, 0.3)) & (r < 0.88)
+    if rng.random() < 0.5:  # blotchy grey/white pattern
+        white = (noise > rng.uniform(-0.2, 0.3)) & (r < 0.88)
+    else:  # template-like: white matter core with gyral fingers into a grey cortical ribbon
+        white = r < 0.78 + noise / max(float(noise.std()), 1e-6) * rng.uniform(0.05, 0.1)
     mr = rng.random() < 0.75
     grey_v, white_v = (rng.uniform(90, 130), rng.uniform(140, 190)) if mr else (120.0, 105.0)
     if mr and rng.random() < 0.3:  # T2: CSF bright, white matter darker
@@ -396,6 +412,17 @@ def gen_brain(rng: np.random.Generator, size: int = 256) -> np.ndarray:
             360,
             float(csf),
             -1,
+        )
+    if view > 0 and rng.random() < 0.7:  # corpus callosum: a bright arc above the ventricles
+        cv2.ellipse(
+            img,
+            (int(cx), int(cy + rng.uniform(-0.02, 0.06) * s)),
+            (int(rng.uniform(0.35, 0.55) * rx), int(rng.uniform(0.12, 0.25) * ry)),
+            0,
+            180,
+            360,
+            float(white_v),
+            int(rng.integers(2, 7)),
         )
     if view == 2:  # cerebellum (striped) and brainstem
         side = 1 if rng.random() < 0.5 else -1
@@ -421,6 +448,80 @@ def gen_brain(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.5, 1.5)))
     img += rng.normal(0, rng.uniform(1, 8), img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def gen_blob(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """One to three irregular organ-like textured blobs on black: an organ or specimen alone,
+    without the body wall, fat and spine that every axial abdominal slice shows."""
+    import cv2
+
+    s = size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    img = np.zeros((s, s), np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        cy, cx = rng.uniform(0.3, 0.7, 2) * s
+        ry, rx = rng.uniform(0.12, 0.4, 2) * s
+        theta = np.arctan2(yy - cy, xx - cx)
+        wobble = sum(
+            rng.uniform(0, 0.2) * np.sin(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4)
+        )
+        inside = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) < 1.0 + wobble
+        tex = cv2.GaussianBlur(
+            rng.normal(0, 1, (s, s)).astype(np.float32), (0, 0), float(rng.uniform(1, 6))
+        )
+        level = rng.uniform(60, 200)
+        img = np.where(inside, level + tex * rng.uniform(5, 40), img)
+    for _ in range(int(rng.integers(0, 4))):  # a few bright or dark structures inside
+        cv2.ellipse(
+            img,
+            (int(rng.uniform(0.3, 0.7) * s), int(rng.uniform(0.3, 0.7) * s)),
+            (int(rng.uniform(0.02, 0.08) * s), int(rng.uniform(0.02, 0.08) * s)),
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            float(rng.choice([rng.uniform(0, 40), rng.uniform(200, 255)])),
+            -1,
+        )
+    img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.5, 2.0)))
+    return np.clip(img + rng.normal(0, rng.uniform(0.5, 5), img.shape), 0, 255).astype(np.uint8)
+
+
+def gen_cutout(rng: np.random.Generator, ct: Sequence[np.ndarray]) -> np.ndarray:
+    """An irregular piece of a real CT slice's interior on black: real tissue texture without
+    the body wall, fat ring and spine (what atlas renders and organ crops look like)."""
+    import cv2
+
+    src = ct[int(rng.integers(len(ct)))]
+    h, w = src.shape
+    body = np.zeros((h, w), np.uint8)
+    contours, _ = cv2.findContours(
+        (src > 5).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    if contours:  # the body outline, filled (fat and gas inside count)
+        cv2.drawContours(body, [max(contours, key=cv2.contourArea)], -1, 1, -1)
+    body = cv2.erode(body, np.ones((3, 3), np.uint8), iterations=max(2, int(0.06 * min(h, w))))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ys, xs = np.nonzero(body)
+    if ys.size == 0:
+        return gen_blob(rng)
+    k = int(rng.integers(ys.size))
+    cy, cx = float(ys[k]), float(xs[k])
+    ry, rx = rng.uniform(0.1, 0.25, 2) * (h, w)
+    theta = np.arctan2(yy - cy, xx - cx)
+    wobble = sum(
+        rng.uniform(0, 0.25) * np.sin(j * theta + rng.uniform(0, 2 * np.pi)) for j in (2, 3, 5)
+    )
+    keep = (np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) < 1.0 + wobble) & (body > 0)
+    soft = cv2.GaussianBlur(keep.astype(np.float32), (0, 0), float(rng.uniform(0.5, 3.0)))
+    out = np.clip(src.astype(np.float32) * soft, 0, 255).astype(np.uint8)
+    ys, xs = np.nonzero(keep)
+    if ys.size < 16:
+        return out
+    # framed like a render: the piece fills most of the image
+    m = int(rng.uniform(0.05, 0.3) * max(np.ptp(ys), np.ptp(xs)))
+    return np.ascontiguousarray(
+        out[max(0, ys.min() - m) : ys.max() + m + 1, max(0, xs.min() - m) : xs.max() + m + 1]
+    )
 
 
 _BRAIN_CACHE: list[np.ndarray] = []
@@ -627,9 +728,15 @@ class GatePools:
                     _liver_px_512(m) >= 3 * MIN_LIVER_PX_512
                 ):  # pseudo-label: a clearly visible liver
                     self._pos(img, meta["source"], _liver_px_512(m))
+        from ml_core.validation import validate
+
+        #: whether each negative file passes the rule layers, i.e. reaches the gate at all
+        self.neg_rules_pass: list[bool] = []
         for img, rel in D.iter_negatives(split, splits=splits):
             self.neg_files.append(_shrink(img, 2 * self.shrink))
             self.neg_names.append(rel)
+            data = (D.default_root() / "negatives" / rel).read_bytes()
+            self.neg_rules_pass.append(validate(data, gate=None).passed)
         self.ct_u8 = [_win(h, 400, 50) for h in self.pos_hu[::3] + self.far_hu[::2]] + self.pos_u8[
             ::4
         ]
@@ -713,11 +820,17 @@ def _sample_negative(p: GatePools, rng: np.random.Generator) -> np.ndarray:
         return _augment_u8(gen_photo_crop(rng, p.neg_files), rng, contrast=True)
     if r < 0.72:  # brains (MR and CT, every orientation): the hardest look-alikes
         brains = p.brain_mr
-        if brains and rng.random() < 0.35:
-            return _augment_u8(brains[int(rng.integers(len(brains)))], rng, contrast=True)
-        return _augment_u8(gen_brain(rng), rng, contrast=False)
+        if brains and rng.random() < 0.3:
+            img = brains[int(rng.integers(len(brains)))]
+        elif p.ct_u8 and rng.random() < 0.35:
+            img = gen_cutout(rng, p.ct_u8)
+        else:
+            img = gen_brain(rng)
+        img = np.ascontiguousarray(np.rot90(img, int(rng.integers(4))))  # any orientation
+        return _augment_u8(img, rng, contrast=True)
     gens: list[Callable[[], np.ndarray]] = [
         lambda: gen_head(rng),
+        lambda: gen_blob(rng),
         lambda: gen_document(rng),
         lambda: gen_texture(rng),
         lambda: gen_noise_or_gradient(rng),
@@ -771,7 +884,12 @@ def evaluation_set(
     groups["pos/u8/jpeg"] = [
         cv2.imdecode(cv2.imencode(".jpg", x, [cv2.IMWRITE_JPEG_QUALITY, 85])[1], 0) for x in pos_u8
     ]
-    groups["neg/files"] = list(p.neg_files)
+    # Only files that pass the rule layers ever reach the gate: they set the threshold; the
+    # others (colour, wrong modality, ...) are reported with the gate's score alone.
+    groups["neg/files"] = [x for x, ok in zip(p.neg_files, p.neg_rules_pass, strict=True) if ok]
+    groups["neg/files_rule_rejected"] = [
+        x for x, ok in zip(p.neg_files, p.neg_rules_pass, strict=True) if not ok
+    ]
     groups["neg/far_slices"] = [_win(h, w, lvl) for h in p.far_hu for (w, lvl) in EVAL_WINDOWS[::2]]
     groups["neg/lung_bone_window"] = [
         _win(h, w, lvl) for h in p.pos_hu[::3] for (w, lvl) in (LUNG_WINDOWS[0], BONE_WINDOWS[0])
@@ -781,6 +899,9 @@ def evaluation_set(
     groups["neg/document"] = [gen_document(rng) for _ in range(k)]
     groups["neg/head"] = [gen_head(rng) for _ in range(k)]
     groups["neg/brain"] = [gen_brain(rng) for _ in range(k)]
+    groups["neg/blob"] = [gen_blob(rng) for _ in range(k)]
+    if p.ct_u8:
+        groups["neg/cutout"] = [gen_cutout(rng, p.ct_u8) for _ in range(k)]
     groups["neg/texture_noise"] = [gen_texture(rng) for _ in range(k)] + [
         gen_noise_or_gradient(rng) for _ in range(k)
     ]
@@ -984,7 +1105,10 @@ def run(args: argparse.Namespace) -> int:
         "score": "P_cnn x clip((localiser liver px at 512 - ramp[0]) / (ramp[1] - ramp[0]), 0, 1)",
         "threshold": threshold,
         "threshold_rule": "on validation: midpoint (logit) between the highest negative score and the 1% quantile "
-        "of liver slices; if they overlap, just above the highest negative (strictness first)",
+        "of liver slices; if they overlap, just above the highest negative (strictness first); negatives: "
+        "all but "
+        + ", ".join(EXTRA_NEGATIVES)
+        + " (files the rule layers reject never reach the gate)",
         "parameters": int(cnn.count_params()),
         "min_liver_px_512": MIN_LIVER_PX_512,
         "min_eval_liver_px_512": MIN_EVAL_LIVER_PX_512,
@@ -992,6 +1116,7 @@ def run(args: argparse.Namespace) -> int:
         "far_mm": FAR_MM,
         "metrics": {"val": val_rates, "test": test_rates},
         "splits_sha256": sha256_file(D.SPLITS_PATH),
+        "init_sha256": sha256_file(args.init) if args.init is not None else None,
         "training_command": f"python -m ml_core.gate --epochs {args.epochs} --steps {args.steps} "
         f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}"
         + (f" --init {args.init}" if args.init is not None else ""),
