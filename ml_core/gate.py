@@ -174,6 +174,29 @@ class LiverGate:
             out[i] = min(max((px512 - lo) / (hi - lo), 0.0), 1.0)
         return out
 
+    def score_batch(self, batch: np.ndarray, content_frac: np.ndarray | None = None) -> np.ndarray:
+        """Scores float32 (N,) for a letterboxed batch (N, S, S, 1) 0..255 (kept for callers of 0.3.0).
+
+        ``content_frac`` is the image's share of each square (1 = no padding). The localiser
+        sees the batch resized to its input size, as in 0.3.0, and nothing is cached: prefer
+        ``score``, which the threshold was chosen with.
+        """
+        import tensorflow as tf
+
+        if batch.shape[0] == 0:
+            return np.zeros((0,), np.float32)
+        x = tf.constant(batch, tf.float32)
+        p_cnn = self._forward(x).numpy()
+        if self.localiser is None:
+            return p_cnn
+        size = self.localiser.input_size
+        xl = x if size == self.input_size else tf.image.resize(x, (size, size), "area")
+        probs = self.localiser.probabilities_small(xl.numpy())
+        frac = np.ones(len(probs), np.float32) if content_frac is None else content_frac
+        px512 = (probs >= self.localiser.threshold).mean(axis=(1, 2)) / np.maximum(frac, 1e-3)
+        lo, hi = self.area_ramp
+        return p_cnn * np.clip((px512 * 512.0 * 512.0 - lo) / (hi - lo), 0.0, 1.0)
+
     def score(self, slices_u8: Sequence[np.ndarray]) -> list[float]:
         """P(liver slice) in [0, 1] for each uint8 (H, W) slice, in one batched compiled call.
 

@@ -82,3 +82,10 @@ def test_the_cache_keeps_only_the_most_recent_slices() -> None:
     assert loc.runs == 3
     loc.segment([a])
     assert loc.runs == 4
+
+
+def test_the_batch_api_of_0_3_0_still_scores_like_score(parts) -> None:
+    _loc, gate, _clf = parts
+    slices = _slices(2, seed=15, shape=(64, 64))
+    batch, _ = L.to_input(slices, 32)
+    np.testing.assert_allclose(gate.score_batch(batch), gate.score(slices), atol=0.05)
