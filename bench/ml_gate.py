@@ -17,7 +17,8 @@ Prints JSON lines {"name", "value", "unit", "config"}:
   two ml_core calls), and upload_ms_localiser_twice/<format> the same with the cache emptied
   between the two calls (as before the localiser output was shared);
 - validator_liver_accepted/dicom: held-out liver slices written as CT DICOM through the
-  whole validator; validator_negatives_rejected: the files of ../shared/data/negatives
+  whole validator; validator_liver_accepted/real_dicom_<split>: the real DICOM liver slices
+  (pydicom's abdomen CT and MR: test; TotalSegmentator's 20-slice CT series: val); validator_negatives_rejected: the files of ../shared/data/negatives
   through the whole validator (rules, then gate), test split and all files.
 Runtimes vary up to 2x from run to run on this shared 2-core machine: compare within a run.
 
@@ -142,6 +143,22 @@ def bench_validator_rates(gate: Any, cfg: dict[str, Any]) -> None:
         "fraction",
         {**cfg, "n": n, "min_liver_px_512": G.MIN_EVAL_LIVER_PX_512, "window": "W400/L50"},
     )
+    real = {  # real DICOM files of liver slices, by split
+        "test": sorted((D.default_root() / "pydicom_abdomen").glob("*.dcm")),
+        "val": sorted((D.default_root() / "totalsegmentator" / "example_ct_dicom").iterdir()),
+    }
+    for split, files in real.items():
+        passed = [validate(f.read_bytes(), gate=gate).passed for f in files]
+        emit(
+            f"validator_liver_accepted/real_dicom_{split}",
+            float(np.mean(passed)),
+            "fraction",
+            {
+                **cfg,
+                "n": len(files),
+                "rejected": [f.name for f, ok in zip(files, passed, strict=True) if not ok],
+            },
+        )
     splits = D.load_splits()["negatives"]
     root = D.default_root() / "negatives"
     rejected: dict[str, list[bool]] = {"test": [], "all": []}
