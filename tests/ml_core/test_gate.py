@@ -210,3 +210,20 @@ def test_validator_reports_not_liver_ct_for_a_far_slice_and_passes_a_liver_slice
     ok = validate(_png(D.window_u8(vol.hu[z])), gate=gate)
     assert far.reason_code == "not_liver_ct" and not far.passed
     assert ok.passed and ok.gate_threshold == gate.threshold
+
+
+@pytest.mark.integration
+def test_gate_accepts_99_percent_of_the_held_out_patients_liver_slices_in_every_window(
+    gate: G.LiverGate, ircadb11
+) -> None:
+    """The stated figure: liver >= MIN_EVAL_LIVER_PX_512 px, PNG at W350-400/L40-60, 3Dircadb1.1."""
+    from ml_core import datasets as D
+
+    vol, _dist, _z = ircadb11
+    px = vol.liver.reshape(vol.liver.shape[0], -1).sum(axis=1) * (512.0 * 512.0)
+    zs = np.flatnonzero(px / (vol.liver.shape[1] * vol.liver.shape[2]) >= G.MIN_EVAL_LIVER_PX_512)
+    assert zs.size > 50
+    for w, lvl in G.EVAL_WINDOWS:
+        slices = [_slice_u8(_png(D.window_u8(vol.hu[z], w, lvl))) for z in zs]
+        scores = np.concatenate([gate.score(slices[i : i + 32]) for i in range(0, len(slices), 32)])
+        assert (scores >= gate.threshold).mean() >= 0.99, f"W{w}/L{lvl}"
