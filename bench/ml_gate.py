@@ -9,10 +9,20 @@ Prints JSON lines {"name", "value", "unit", "config"}:
   as PNG and JPEG at W350-400/L40-60 and the 8-bit test sources; negatives = the test files of
   ../shared/data/negatives, slices > 25 mm from the liver, lung/bone windows, coronal/sagittal
   reformats, generated documents, textures, noise, montages and viewer screenshots;
-- gate_rate/<group>: the rate per group (acceptance for liver groups, rejection otherwise).
+- gate_rate/<group>: the rate per group (acceptance for liver groups, rejection otherwise);
+- validate_ms/<format>: median wall time of the whole ``validate(data, gate=gate)`` (decode,
+  rule layers, content gate with its localiser run) on one 512x512 liver slice as PNG, JPEG
+  and DICOM, the localiser's cache emptied before each call (every upload is a new slice);
+- upload_ms/<format>: validate + ``Classifier.predict`` on the validated slice (the worker's
+  two ml_core calls), and upload_ms_localiser_twice/<format> the same with the cache emptied
+  between the two calls (as before the localiser output was shared);
+- validator_liver_accepted/dicom: held-out liver slices written as CT DICOM through the
+  whole validator; validator_liver_accepted/real_dicom_<split>: the real DICOM liver slices
+  (pydicom's abdomen CT and MR: test; TotalSegmentator's 20-slice CT series: val); validator_negatives_rejected: the files of ../shared/data/negatives
+  through the whole validator (rules, then gate), test split and all files.
 Runtimes vary up to 2x from run to run on this shared 2-core machine: compare within a run.
 
-Usage: python bench/ml_gate.py [--models ml_core/models/_staging] [--no-rates]
+Usage: python bench/ml_gate.py [--models DIR (default: the shipped model, ml_core/models/CURRENT)] [--no-rates]
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 log = logging.getLogger("bench.ml_gate")
 
@@ -51,6 +62,123 @@ def ms_per_item(fn: Any, n_items: int, min_s: float = 2.0) -> float:
             return 1000.0 * dt / (k * n_items)
 
 
+def median_ms(fn: Any, repeats: int = 30, before: Any = None) -> float:
+    """Median ms of ``fn()`` over ``repeats`` calls after one warm-up (``before()`` untimed, each time)."""
+    times = []
+    for k in range(repeats + 1):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        if k:
+            times.append(1000.0 * (time.perf_counter() - t0))
+    return float(np.median(times))
+
+
+def bench_validate(gate: Any, folder: Path, cfg: dict[str, Any]) -> None:
+    """Whole-validator and validate+predict cost per 512x512 upload (PNG, JPEG, DICOM)."""
+    from ml_validation import ct_dicom, encode
+
+    from ml_core import datasets as D
+    from ml_core.classifier import Classifier
+    from ml_core.validation import validate
+
+    vol = D.load_hu_volume("ircadb", "3Dircadb1.1")
+    z = int(np.argmax(vol.liver.reshape(vol.liver.shape[0], -1).sum(axis=1)))
+    u8 = D.window_u8(vol.hu[z], 400, 50)
+    uploads = {"png": encode("png", u8), "jpeg": encode("jpeg", u8), "dicom": ct_dicom(vol.hu[z])}
+    loc = gate.localiser
+    clf = None
+    if (folder / "model_card.json").is_file():
+        clf = Classifier.load(folder)
+        gate = clf.gate()  # the worker's objects: one localiser shared by gate and classifier
+        loc = gate.localiser
+    for fmt, data in uploads.items():
+        c = {**cfg, "format": fmt, "repeats": 30}
+        emit(
+            f"validate_ms/{fmt}",
+            median_ms(lambda d=data: validate(d, gate=gate), before=loc.clear_cache),
+            "ms",
+            c,
+        )
+        if clf is None:
+            continue
+
+        def upload(d: bytes = data, twice: bool = False) -> None:
+            report = validate(d, gate=gate)
+            if twice:
+                loc.clear_cache()
+            clf.predict([report.slice_u8])
+
+        emit(f"upload_ms/{fmt}", median_ms(upload, before=loc.clear_cache), "ms", c)
+        emit(
+            f"upload_ms_localiser_twice/{fmt}",
+            median_ms(lambda: upload(twice=True), before=loc.clear_cache),
+            "ms",
+            c,
+        )
+
+
+def bench_validator_rates(gate: Any, cfg: dict[str, Any]) -> None:
+    """Held-out liver slices as CT DICOM, and the negative files, through the whole validator."""
+    from ml_validation import ct_dicom
+
+    from ml_core import datasets as D
+    from ml_core import gate as G
+    from ml_core.validation import validate
+
+    ok = n = 0
+    for split in ("test", "holdout"):
+        for vol in D.iter_hu_volumes(split):
+            if vol.liver is None:
+                continue
+            px = vol.liver.reshape(vol.liver.shape[0], -1).sum(axis=1) * (512.0 * 512.0)
+            px /= vol.liver.shape[1] * vol.liver.shape[2]
+            for zi in np.flatnonzero(px >= G.MIN_EVAL_LIVER_PX_512):
+                n += 1
+                ok += validate(ct_dicom(vol.hu[zi]), gate=gate).passed
+    emit(
+        "validator_liver_accepted/dicom",
+        ok / max(n, 1),
+        "fraction",
+        {**cfg, "n": n, "min_liver_px_512": G.MIN_EVAL_LIVER_PX_512, "window": "W400/L50"},
+    )
+    real = {  # real DICOM files of liver slices, by split
+        "test": sorted((D.default_root() / "pydicom_abdomen").glob("*.dcm")),
+        "val": sorted((D.default_root() / "totalsegmentator" / "example_ct_dicom").iterdir()),
+    }
+    for split, files in real.items():
+        passed = [validate(f.read_bytes(), gate=gate).passed for f in files]
+        emit(
+            f"validator_liver_accepted/real_dicom_{split}",
+            float(np.mean(passed)),
+            "fraction",
+            {
+                **cfg,
+                "n": len(files),
+                "rejected": [f.name for f, ok in zip(files, passed, strict=True) if not ok],
+            },
+        )
+    splits = D.load_splits()["negatives"]
+    root = D.default_root() / "negatives"
+    rejected: dict[str, list[bool]] = {"test": [], "all": []}
+    passed_names = []
+    for rel, split in sorted(splits.items()):
+        r = validate((root / rel).read_bytes(), gate=gate)
+        rejected["all"].append(not r.passed)
+        if split == "test":
+            rejected["test"].append(not r.passed)
+        if r.passed:
+            passed_names.append(rel)
+    for k, v in rejected.items():
+        emit(
+            f"validator_negatives_rejected/{k}",
+            float(np.mean(v)),
+            "fraction",
+            {**cfg, "n": len(v), "passed": passed_names if k == "all" else None},
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the gate/localiser benchmark and print JSON lines."""
     parser = argparse.ArgumentParser(prog="bench/ml_gate.py")
@@ -63,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ml_core import gate as G
     from ml_core import localiser as L
+    from ml_core.classifier import default_model_path
 
-    folder = args.models or G.STAGING_DIR.parent
+    folder = args.models or default_model_path()
     gate = G.LiverGate.load(folder / "gate")
     loc = L.Localiser.load(folder / "localiser")
     cfg = {"models": str(folder), "threshold": round(gate.threshold, 4), "size": "512x512"}
@@ -73,19 +202,24 @@ def main(argv: list[str] | None = None) -> int:
     base = rng.integers(0, 255, (512, 512), dtype=np.uint8)
     for n in (1, 8, 32):
         batch = [base.copy() for _ in range(n)]
-        emit(
-            f"gate_ms_per_slice/batch{n}", ms_per_item(lambda b=batch: gate.score(b), n), "ms", cfg
-        )
+
+        def fresh_gate(b: list[np.ndarray] = batch) -> None:
+            gate.localiser.clear_cache()
+            gate.score(b)
+
+        emit(f"gate_ms_per_slice/batch{n}", ms_per_item(fresh_gate, n), "ms", cfg)
     for n in (1, 8, 32):
         batch = [base.copy() for _ in range(n)]
-        emit(
-            f"localiser_ms_per_slice/batch{n}",
-            ms_per_item(lambda b=batch: loc.segment(b), n),
-            "ms",
-            cfg,
-        )
+
+        def fresh_segment(b: list[np.ndarray] = batch) -> None:
+            loc.clear_cache()
+            loc.segment(b)
+
+        emit(f"localiser_ms_per_slice/batch{n}", ms_per_item(fresh_segment, n), "ms", cfg)
+    bench_validate(gate, folder, cfg)
     if args.no_rates:
         return 0
+    bench_validator_rates(gate, cfg)
 
     test = G.GatePools("test", loc, seed=2, shrink=4096)
     hold = G.GatePools("holdout", loc, seed=3, shrink=4096)

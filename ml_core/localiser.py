@@ -17,8 +17,9 @@ import argparse
 import hashlib
 import json
 import logging
+import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ CHECKPOINT_DIR = Path("/work/checkpoints/localiser")
 #: Minimum liver area (pixels at 512x512, i.e. 0.57% of the slice) for a slice to count as a
 #: liver slice in the slice-level Dice figures and in the gate's positives.
 MIN_LIVER_PX_512 = 1500
+#: Localiser outputs kept per loaded model (LRU, keyed by the slice's content): the gate and the
+#: classifier see the same slice of one upload, so the U-Net runs once for both.
+CACHE_SLICES = 64
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -139,6 +143,24 @@ def build_unet(input_size: int = INPUT_SIZE, base: int = BASE_FILTERS) -> Any:
     return keras.Model(inp, out, name="liver_unet")
 
 
+def slice_key(slice_u8: np.ndarray) -> bytes:
+    """Content key of a slice: a 16-byte BLAKE2b digest of its shape and uint8 pixels."""
+    a = np.ascontiguousarray(np.asarray(slice_u8, dtype=np.uint8))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(a.shape).encode())
+    h.update(memoryview(a).cast("B"))
+    return h.digest()
+
+
+def letterbox_box(height: int, width: int, size: int) -> Any:
+    """The ``Letterbox`` that ``preprocessing.letterbox`` gives an (height, width) image, without resizing."""
+    from ml_core.preprocessing import Letterbox
+
+    scale = size / float(max(height, width))
+    ih, iw = Letterbox(height, width, size, scale, 0, 0).inner
+    return Letterbox(height, width, size, scale, (size - ih) // 2, (size - iw) // 2)
+
+
 def to_input(
     slices_u8: Sequence[np.ndarray], size: int = INPUT_SIZE
 ) -> tuple[np.ndarray, list[Any]]:
@@ -155,10 +177,21 @@ def to_input(
 
 
 class Localiser:
-    """A loaded liver localiser; ``segment`` runs one batched compiled call."""
+    """A loaded liver localiser; ``segment`` runs one batched compiled call.
+
+    Outputs are cached by slice content (``CACHE_SLICES``, LRU): asking again for a slice it
+    has already seen (the content gate, then the classifier's crop, on one upload) reuses
+    the first run. ``runs`` counts the slices that actually went through the network.
+    """
 
     def __init__(
-        self, model: Any, *, input_size: int, threshold: float, card: dict[str, Any] | None = None
+        self,
+        model: Any,
+        *,
+        input_size: int,
+        threshold: float,
+        card: dict[str, Any] | None = None,
+        cache_slices: int = CACHE_SLICES,
     ) -> None:
         import tensorflow as tf
 
@@ -166,6 +199,10 @@ class Localiser:
         self.input_size = input_size
         self.threshold = threshold
         self.card = card or {}
+        self.runs = 0
+        self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._cache_slices = int(cache_slices)
+        self._lock = threading.Lock()
         spec = tf.TensorSpec((None, input_size, input_size, 1), tf.float32)
 
         def forward(x: Any) -> Any:
@@ -198,13 +235,56 @@ class Localiser:
             return np.zeros((0, self.input_size, self.input_size), np.float32)
         return self._forward(batch).numpy()[..., 0]
 
+    def clear_cache(self) -> None:
+        """Forget every cached output (benchmarks measuring the network itself)."""
+        with self._lock:
+            self._cache.clear()
+
+    def cached(self, keys: Sequence[bytes]) -> list[np.ndarray | None]:
+        """The cached letterboxed probability maps (S, S) for these slice keys (None where absent)."""
+        with self._lock:
+            out = []
+            for k in keys:
+                hit = self._cache.get(k)
+                if hit is not None:
+                    self._cache.move_to_end(k)
+                out.append(hit)
+            return out
+
+    def remember(self, keys: Sequence[bytes], probs: np.ndarray) -> None:
+        """Cache letterboxed probability maps (N, S, S) computed elsewhere (the gate's joint call)."""
+        with self._lock:
+            self.runs += len(keys)
+            for k, p in zip(keys, probs, strict=True):
+                self._cache[k] = np.asarray(p, np.float32)
+                self._cache.move_to_end(k)
+            while len(self._cache) > self._cache_slices:
+                self._cache.popitem(last=False)
+
+    def small_probabilities(
+        self, slices_u8: Sequence[np.ndarray], keys: Sequence[bytes] | None = None
+    ) -> list[np.ndarray]:
+        """Letterboxed probability maps float32 (S, S), from the cache or one batched call for the rest."""
+        keys = [slice_key(s) for s in slices_u8] if keys is None else list(keys)
+        probs = self.cached(keys)
+        todo = [i for i, p in enumerate(probs) if p is None]
+        if todo:
+            batch, _ = to_input([slices_u8[i] for i in todo], self.input_size)
+            fresh = self.probabilities_small(batch)
+            self.remember([keys[i] for i in todo], fresh)
+            for i, p in zip(todo, fresh, strict=True):
+                probs[i] = p
+        return [p for p in probs if p is not None]
+
     def probabilities(self, slices_u8: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Liver probability maps float32 (H, W) in [0, 1] at each input's full resolution."""
         from ml_core.preprocessing import unletterbox
 
-        batch, boxes = to_input(slices_u8, self.input_size)
-        probs = self.probabilities_small(batch)
-        return [unletterbox(p, box) for p, box in zip(probs, boxes, strict=True)]
+        out = []
+        for s, p in zip(slices_u8, self.small_probabilities(slices_u8), strict=True):
+            h, w = np.shape(s)[:2]
+            out.append(unletterbox(p, letterbox_box(h, w, self.input_size)))
+        return out
 
     def segment(self, slices_u8: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Liver masks bool (H, W) at each input's full resolution (one batched forward pass)."""
