@@ -26,8 +26,11 @@ log = logging.getLogger(__name__)
 PROCESS_JOB = "liverscan.process_job"
 DELIVER_WEBHOOK = "liverscan.deliver_webhook"
 SWEEP = "liverscan.sweep"
+RENDER_REPORT = "liverscan.render_report"
 INFERENCE_QUEUE = "inference"
 WEBHOOKS_QUEUE = "webhooks"
+REPORTS_QUEUE = "reports"
+QUEUES = (INFERENCE_QUEUE, WEBHOOKS_QUEUE, REPORTS_QUEUE)
 
 _RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
