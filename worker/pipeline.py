@@ -26,9 +26,9 @@ from api.domain.models import Job, JobStatus
 from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB
 from api.domain.storage import job_key
 from ml_core.errors import MLCoreError
-from ml_core.overlay import heatmap_png, overlay_png
 from ml_core.validation import validate
 from worker import metrics, model_cache, webhooks
+from worker.artifacts import heatmap_and_overlay_png
 from worker.context import WorkerContext, get_context
 from worker.model_cache import BatchedGate
 
@@ -147,8 +147,7 @@ def _process(ctx: WorkerContext, jid: uuid.UUID, org_id: uuid.UUID, input_key: s
     start = time.perf_counter()
     heatmap_key = job_key(org_id, jid, "heatmap.png")
     overlay_key = job_key(org_id, jid, "overlay.png")
-    overlay = overlay_png(report.slice_u8, prediction.heatmap)
-    heatmap = heatmap_png(prediction.heatmap)
+    heatmap, overlay = heatmap_and_overlay_png(report.slice_u8, prediction.heatmap)
     timings["explain_s"] = time.perf_counter() - start
     start = time.perf_counter()
     ctx.storage.put(heatmap_key, heatmap, "image/png")

@@ -21,20 +21,29 @@ BATCH = 500
 
 
 def run(*, context: WorkerContext | None = None) -> dict[str, int]:
-    """Re-enqueue jobs queued/processing past SWEEP_DEADLINE_S and overdue webhook attempts;
-    delete the bytes of jobs past RETENTION_DAYS; seal batches whose request died."""
+    """Re-enqueue jobs processing past SWEEP_DEADLINE_S, jobs queued past it whose message is not
+    waiting in the inference queue (lost), and overdue webhook attempts; delete the bytes of jobs
+    past RETENTION_DAYS; seal batches whose request died."""
     ctx = context or get_context()
     deadline = timedelta(seconds=ctx.settings.sweep_deadline_s)
     now = utcnow()
+    waiting: set[str] | None = None  # ids whose message still waits in the inference queue
     with session_scope(ctx.sessions) as session:
         job_ids = []
-        for job in jobs.stuck_jobs(session, deadline, limit=BATCH):
+        stuck = jobs.stuck_jobs(session, deadline, limit=BATCH)
+        if any(job.status is JobStatus.QUEUED for job in stuck):
+            waiting = ctx.queue.waiting_args(INFERENCE_QUEUE, PROCESS_JOB)
+        for job in stuck:
             # Back to queued with a fresh updated_at: not swept again before another deadline.
             # The attempts counter (bumped by each processing) bounds a job that kills workers.
             if job.status is JobStatus.PROCESSING:
                 jobs.requeue(session, job.id)
             else:
                 jobs.touch(session, job.id)
+                if waiting is not None and str(job.id) in waiting:
+                    # Still in line behind a backlog, not lost: another message would only be a
+                    # duplicate (and inflate the queue length the autoscaler reads).
+                    continue
             job_ids.append(job.id)
         overdue = session.scalars(
             select(WebhookDelivery)
