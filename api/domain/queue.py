@@ -158,7 +158,6 @@ class CeleryQueue:
             log.debug("queue depth of %s unavailable: %s", queue, exc)
             return None
 
-
     def waiting_args(self, queue: str, task_name: str) -> set[str] | None:
         """First arguments of the `task_name` messages waiting (not yet delivered) in `queue`.
 

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     presign_expires_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    # A direct-to-store upload (POST /api/v1/uploads) must become a job within this; the sweep
+    # then expires it and deletes whatever bytes arrived.
+    upload_expires_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
     jwt_secret_key: str = "dev-insecure-jwt-secret-change-me"
     jwt_cookie_secure: bool = False
