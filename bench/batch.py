@@ -146,6 +146,32 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds consumed so far by these processes (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def pids_named(fragment: str) -> list[int]:
+    """Processes whose command line contains `fragment` (e.g. the PostgreSQL backends)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if fragment in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
 def start_moto(port: int, log: Any) -> subprocess.Popen[bytes]:
     """moto's S3 server in its own process (production-like: the store is a network service)."""
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
@@ -240,6 +266,14 @@ def bench_end_to_end(pngs: list[bytes], workers: int, batch: int, config: dict[s
                 stop.wait(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
+        groups = {
+            "api": [procs[1].pid],
+            "store": [procs[0].pid],
+            "workers": [p.pid for p in worker_procs],
+            "postgres": pids_named("postgres: "),
+            "redis": pids_named("redis-server"),
+        }
+        cpu_before = {name: cpu_s(pids) for name, pids in groups.items()}
         sampler.start()
         files = [("file", (f"s{k:05d}.png", data)) for k, data in enumerate(pngs)]
         t0 = time.perf_counter()
@@ -263,6 +297,10 @@ def bench_end_to_end(pngs: list[bytes], workers: int, batch: int, config: dict[s
         sampler.join()
         n = len(pngs)
         cfg = {**config, "workers": workers, "batch": batch, "n": n, "counts": state["counts"]}
+        groups["postgres"] = sorted(set(groups["postgres"]) | set(pids_named("postgres: ")))
+        for name, pids in groups.items():
+            used = cpu_s(pids) - cpu_before.get(name, 0.0)
+            emit(f"cpu_ms_per_image/{name}/workers{workers}", 1000 * used / n, "ms", cfg)
         throughput = n / elapsed
         emit(f"e2e_img_per_s/workers{workers}", throughput, "img/s", cfg)
         emit(f"e2e_submit_s/workers{workers}", submitted_s, "s", cfg)

@@ -19,6 +19,8 @@ from worker.context import WorkerContext
 
 pytestmark = [pytest.mark.integration]
 
+METRICS_PORT = 18121  # this suite's loopback range: 18100-18199
+
 
 def _calls(model: str) -> tuple[float, float]:
     """(batched calls, slices) the worker's metrics counted so far for `model`."""
@@ -60,3 +62,24 @@ def test_concurrent_jobs_share_model_calls_and_bad_ones_fail_alone(
     assert {"fetch_s", "decode_s", "validate_s", "infer_s", "explain_s", "store_s"} <= set(
         job.timings or {}
     )
+
+
+def test_worker_metrics_endpoint_serves_batches_stages_and_utilisation(
+    ctx: WorkerContext, liver_slices: list[np.ndarray]
+) -> None:
+    """After a job, the worker's own /metrics (LIVERSCAN_WORKER_METRICS_PORT) has the batch-size
+    and stage histograms and the busy-seconds counter an operator charts."""
+    import requests
+
+    from worker import metrics
+
+    org = make_org(ctx)
+    pipeline.run(make_job(ctx, org, encode_png(liver_slices[0])), context=ctx)
+    metrics.serve(METRICS_PORT, capacity=8)
+    text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    for stage in ("fetch", "decode", "validate", "infer", "explain", "store"):
+        assert f'liverscan_worker_stage_seconds_count{{stage="{stage}"}}' in text
+    assert 'liverscan_worker_batch_size_bucket{le="16.0",model="classifier"}' in text
+    assert "liverscan_worker_capacity 8.0" in text
+    busy = REGISTRY.get_sample_value("liverscan_worker_busy_seconds_total")
+    assert busy is not None and busy > 0
