@@ -276,6 +276,7 @@ def bench_end_to_end(pngs: list[bytes], workers: int, batch: int, config: dict[s
         cpu_before = {name: cpu_s(pids) for name, pids in groups.items()}
         sampler.start()
         files = [("file", (f"s{k:05d}.png", data)) for k, data in enumerate(pngs)]
+        wall0 = time.time()
         t0 = time.perf_counter()
         created = requests.post(
             base + "/api/v1/batches", headers=headers, files=files, timeout=3600
@@ -283,12 +284,9 @@ def bench_end_to_end(pngs: list[bytes], workers: int, batch: int, config: dict[s
         created.raise_for_status()
         submitted_s = time.perf_counter() - t0
         url = created.json()["status_url"]
-        first = None
         while True:
             state = requests.get(url, headers=headers, timeout=60).json()
             done["n"] = int(state["done"])
-            if first is None and state["done"] > 0:
-                first = time.perf_counter() - t0
             if state["status"] == "completed":
                 break
             time.sleep(0.5)
@@ -304,7 +302,10 @@ def bench_end_to_end(pngs: list[bytes], workers: int, batch: int, config: dict[s
         throughput = n / elapsed
         emit(f"e2e_img_per_s/workers{workers}", throughput, "img/s", cfg)
         emit(f"e2e_submit_s/workers{workers}", submitted_s, "s", cfg)
-        emit(f"e2e_first_result_s/workers{workers}", first or elapsed, "s", cfg)
+        stages, first_finished = job_figures(env["LIVERSCAN_DATABASE_URL"], created.json()["id"])
+        emit(f"e2e_first_result_s/workers{workers}", first_finished - wall0, "s", cfg)
+        for stage, ms in stages.items():  # wall time per job; concurrent jobs overlap
+            emit(f"stage_ms_mean/{stage}/workers{workers}", ms, "ms", cfg)
         peak = max(max(rss) for _, rss in samples) if samples else 0
         emit(f"worker_rss_mib_peak/workers{workers}", peak / 1024, "MiB", cfg)
         early = [rss for d, rss in samples if d >= 0.1 * n]
@@ -320,6 +321,25 @@ def bench_end_to_end(pngs: list[bytes], workers: int, batch: int, config: dict[s
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def job_figures(database_url: str, batch_id: str) -> tuple[dict[str, float], float]:
+    """Mean stage milliseconds of the batch's jobs (their `timings`) and its first finish (epoch s)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    stages = ("fetch", "decode", "validate", "infer", "explain", "store")
+    cols = ", ".join(f"avg((timings->>'{st}_s')::float)" for st in stages)
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(
+                f"SELECT {cols}, extract(epoch from min(finished_at)) FROM jobs WHERE batch_id = :b"
+            ),
+            {"b": batch_id},
+        ).one()
+    engine.dispose()
+    means = {st: 1000 * float(v) for st, v in zip(stages, row[:-1], strict=True) if v is not None}
+    return means, float(row[-1])
 
 
 def _wait_completed(url: str, headers: dict[str, str], timeout_s: float) -> None:
