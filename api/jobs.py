@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, redirect, request
 from flask.typing import ResponseReturnValue
@@ -58,7 +59,10 @@ def submit_job() -> tuple[Response, int]:
     """
     user = current_user()
     res = resources()
-    fields = request.form if request.form or request.files else request.get_json(silent=True) or {}
+    fields: Any = request.form
+    if not (request.form or request.files):
+        body = request.get_json(silent=True)
+        fields = body if isinstance(body, dict) else {}
     raw_upload_id = fields.get("upload_id")
     stored, job_id = None, None
     if raw_upload_id and "file" not in request.files:
@@ -83,7 +87,7 @@ def submit_job() -> tuple[Response, int]:
         user_id=user.id,
         upload=upload,
         callback_url=(str(fields.get("callback_url") or "")).strip() or None,
-        client_ref=fields.get("client_ref") or None,
+        client_ref=str(fields.get("client_ref") or "") or None,
         idempotency_key=request.headers.get("Idempotency-Key") or None,
         stored=stored,
         job_id=job_id,

@@ -33,7 +33,8 @@ def create_upload() -> tuple[Response, int]:
     """Open a direct-to-store upload slot: where to PUT the file, and until when."""
     user = current_user()
     res = resources()
-    body = request.get_json(silent=True) or {}
+    body = request.get_json(silent=True)
+    body = body if isinstance(body, dict) else {}
     session = db()
     row, presigned = uploads.create(
         session,

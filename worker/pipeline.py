@@ -123,26 +123,29 @@ def _process(ctx: WorkerContext, jid: uuid.UUID, org_id: uuid.UUID, input_key: s
         validation = report.to_dict()
         input_meta = _input_meta(report.image)
 
-        if not report.passed or report.slice_u8 is None:
-            reason = report.reason_code or "validation_failed"
-            log.info("job %s rejected: %s", jid, reason)
-            return _finish(
-                ctx,
-                jid,
-                lambda s: jobs.mark_rejected(
-                    s,
-                    jid,
-                    reason_code=reason,
-                    validation=validation,
-                    input_meta=input_meta,
-                    timings=timings,
-                ),
-                timings,
-            )
+        prediction = None
+        if report.passed and report.slice_u8 is not None:
+            start = time.perf_counter()
+            prediction = place.submit(report.slice_u8)
+            timings["infer_s"] = time.perf_counter() - start
+    # Out of both reservations from here: batch-mates no longer wait for this job.
 
-        start = time.perf_counter()
-        prediction = place.submit(report.slice_u8)
-        timings["infer_s"] = time.perf_counter() - start
+    if prediction is None or report.slice_u8 is None:
+        reason = report.reason_code or "validation_failed"
+        log.info("job %s rejected: %s", jid, reason)
+        return _finish(
+            ctx,
+            jid,
+            lambda s: jobs.mark_rejected(
+                s,
+                jid,
+                reason_code=reason,
+                validation=validation,
+                input_meta=input_meta,
+                timings=timings,
+            ),
+            timings,
+        )
 
     start = time.perf_counter()
     heatmap_key = job_key(org_id, jid, "heatmap.png")

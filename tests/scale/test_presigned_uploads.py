@@ -200,3 +200,13 @@ def test_an_upload_never_used_is_swept_and_then_expired(api: Api) -> None:
     assert api.storage.size(key) is None
     r = api.create_job(headers, slot["id"])
     assert r.status_code == 410 and r.get_json()["error"]["code"] == "upload_expired"
+
+
+def test_a_job_request_without_file_or_upload_id_is_missing_file(api: Api) -> None:
+    """A JSON body that is not an object, or names no upload: 422 missing_file (never a 500)."""
+    headers = api.account()
+    for body in ([1, 2], {"client_ref": 7}):
+        r = api.client.post("/api/v1/jobs", headers=headers, json=body)
+        assert r.status_code == 422 and r.get_json()["error"]["code"] == "missing_file"
+    r = api.client.post("/api/v1/uploads", headers=headers, json=["not", "an", "object"])
+    assert r.status_code == 201  # filename and content type are optional
