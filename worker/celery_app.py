@@ -77,7 +77,8 @@ def _load_model_after_fork(**_: object) -> None:
     """Load the model in each prefork child, after fork (TensorFlow state must not cross a fork)."""
     from worker import model_cache
 
-    model_cache.preload()
+    if get_settings().worker_preload_model:
+        model_cache.preload()
 
 
 @worker_ready.connect
@@ -87,5 +88,5 @@ def _start_in_process_pool(sender: Any = None, **_: object) -> None:
 
     settings = get_settings()
     metrics.serve(settings.worker_metrics_port, settings.worker_threads)
-    if settings.worker_pool != "prefork":
+    if settings.worker_pool != "prefork" and settings.worker_preload_model:
         model_cache.preload()

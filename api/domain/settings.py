@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     worker_concurrency: int | None = Field(default=None, ge=1)  # default: 2 x batch (threads)
     device: Literal["cpu", "gpu", "auto"] = "auto"  # where the model runs; gpu: fail without one
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # worker /metrics; 0 = off
+    # Load the model when a worker process starts (off for webhook/report-only workers, which
+    # never classify: saves ~0.7 GB per process).
+    worker_preload_model: bool = True
     # GET of a job's report renders it on first request (a `reports` worker task); the request
     # waits this long for it before answering 202 with Retry-After.
     report_wait_s: float = Field(default=20.0, ge=0)
