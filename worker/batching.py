@@ -128,7 +128,10 @@ class MicroBatcher(Generic[In, Out]):
             outcomes = [self._run_one(s.item) for s in batch]
         elapsed = time.perf_counter() - start
         if self.on_batch is not None:
-            self.on_batch(self.name, len(batch), elapsed)
+            try:
+                self.on_batch(self.name, len(batch), elapsed)
+            except Exception:  # metrics must never strand the batch's waiting callers
+                log.exception("%s: recording a batch failed", self.name)
         with self._cond:
             for slot, (result, error) in zip(batch, outcomes, strict=True):
                 slot.result, slot.error, slot.done = result, error, True
