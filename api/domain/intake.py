@@ -98,6 +98,8 @@ def submit(
         )
     if client_ref is not None and len(client_ref) > MAX_CLIENT_REF:
         raise InvalidInput("client_ref is at most 200 characters.", details={"field": "client_ref"})
+    if client_ref is not None and "\x00" in client_ref:  # PostgreSQL text cannot hold NUL
+        raise InvalidInput("client_ref may not contain NUL.", details={"field": "client_ref"})
     if callback_url:
         check_callback_url(callback_url, settings.webhook_allow_private)
     sha256 = stored.sha256 if stored is not None else hashlib.sha256(upload.data).hexdigest()

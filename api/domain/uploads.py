@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import uuid
 from datetime import timedelta
 
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.domain.errors import (
+    InvalidInput,
     PayloadTooLarge,
     UploadAlreadyUsed,
     UploadExpired,
@@ -32,6 +34,8 @@ from api.domain.storage import Storage, StoredObject, upload_key
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]{0,62}/[A-Za-z0-9][\w.+-]{0,62}")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def create(
@@ -44,7 +48,18 @@ def create(
     filename: str | None,
     content_type: str | None,
 ) -> tuple[PendingUpload, str | None]:
-    """Open an upload slot; (row, presigned PUT URL or None for the local store)."""
+    """Open an upload slot; (row, presigned PUT URL or None for the local store).
+
+    `content_type` must look like a MIME type (`type/subtype`), else invalid_input; control
+    characters are dropped from `filename`.
+    """
+    if content_type and not MIME_TYPE.fullmatch(content_type):
+        raise InvalidInput(
+            "content_type must be a MIME type such as image/png.",
+            details={"field": "content_type"},
+        )
+    if filename:
+        filename = CONTROL_CHARS.sub("", filename).strip() or None
     upload_id = uuid.uuid4()
     now = utcnow()
     row = PendingUpload(

@@ -210,3 +210,27 @@ def test_a_job_request_without_file_or_upload_id_is_missing_file(api: Api) -> No
         assert r.status_code == 422 and r.get_json()["error"]["code"] == "missing_file"
     r = api.client.post("/api/v1/uploads", headers=headers, json=["not", "an", "object"])
     assert r.status_code == 201  # filename and content type are optional
+
+
+def test_a_content_type_that_is_not_a_mime_type_is_invalid_input(api: Api) -> None:
+    """422 invalid_input naming the field; control characters in a filename are dropped."""
+    headers = api.account()
+    r = api.client.post("/api/v1/uploads", headers=headers, json={"content_type": "png\x00"})
+    assert r.status_code == 422 and r.get_json()["error"]["details"]["field"] == "content_type"
+    r = api.client.post("/api/v1/uploads", headers=headers, json={"filename": "a\x00b.png"})
+    assert r.status_code == 201
+    with api.ctx.sessions() as session:
+        row = session.get(PendingUpload, uuid.UUID(r.get_json()["id"]))
+        assert row is not None and row.filename == "ab.png"
+
+
+def test_a_client_ref_with_nul_is_invalid_input(api: Api) -> None:
+    """The JSON job route passes client_ref through: NUL is 422 invalid_input, not a 500."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    r = api.client.post(
+        "/api/v1/jobs", headers=headers, json={"upload_id": slot["id"], "client_ref": "a\x00"}
+    )
+    assert r.status_code == 422 and r.get_json()["error"]["details"]["field"] == "client_ref"
+    assert api.create_job(headers, slot["id"]).status_code == 202  # the upload is still usable
