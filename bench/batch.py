@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -189,8 +190,16 @@ def _wait_http(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} did not answer in {timeout_s} s")
 
 
-def bench_end_to_end(pngs: list[bytes], workers: int, batch: int, config: dict[str, Any]) -> float:
-    """One batch through API → Redis → K workers → PostgreSQL, bytes on S3; returns img/s."""
+def bench_end_to_end(
+    pngs: list[bytes], workers: int, batch: int, config: dict[str, Any], *, drain: bool = False
+) -> float:
+    """One batch through API → Redis → K workers → PostgreSQL, bytes on S3; returns img/s.
+
+    drain: the workers are frozen (SIGSTOP) while the batch is uploaded and thawed (SIGCONT) once
+    the POST answered, and the clock starts then: queue → worker → database throughput without
+    the upload competing for the cores (figures named `drain_*`).
+    """
+    prefix = "drain_" if drain else ""
     from api.domain.storage import S3Storage
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-batch-"))
@@ -272,9 +281,13 @@ def bench_end_to_end(pngs: list[bytes], workers: int, batch: int, config: dict[s
             "postgres": pids_named("postgres: "),
             "redis": pids_named("redis-server"),
         }
-        cpu_before = {name: cpu_s(pids) for name, pids in groups.items()}
-        sampler.start()
         files = [("file", (f"s{k:05d}.png", data)) for k, data in enumerate(pngs)]
+        if drain:
+            for proc in worker_procs:
+                proc.send_signal(signal.SIGSTOP)
+        else:
+            cpu_before = {name: cpu_s(pids) for name, pids in groups.items()}
+            sampler.start()
         wall0 = time.time()
         t0 = time.perf_counter()
         created = requests.post(
@@ -282,14 +295,23 @@ def bench_end_to_end(pngs: list[bytes], workers: int, batch: int, config: dict[s
         )
         created.raise_for_status()
         submitted_s = time.perf_counter() - t0
+        if drain:
+            cpu_before = {name: cpu_s(pids) for name, pids in groups.items()}
+            sampler.start()
+            wall0 = time.time()
+            t0 = time.perf_counter()
+            for proc in worker_procs:
+                proc.send_signal(signal.SIGCONT)
         url = created.json()["status_url"]
+        # Poll the rows, not the API: GET /batches/<id> over 2,000 jobs costs the API more CPU
+        # than the figure should include (a client polls every 2 s; the CLI does).
         while True:
-            state = requests.get(url, headers=headers, timeout=60).json()
-            done["n"] = int(state["done"])
-            if state["status"] == "completed":
+            done["n"] = terminal_count(env["LIVERSCAN_DATABASE_URL"], created.json()["id"])
+            if done["n"] >= len(pngs):
                 break
             time.sleep(0.5)
         elapsed = time.perf_counter() - t0
+        state = requests.get(url, headers=headers, timeout=60).json()
         stop.set()
         sampler.join()
         n = len(pngs)
@@ -297,20 +319,25 @@ def bench_end_to_end(pngs: list[bytes], workers: int, batch: int, config: dict[s
         groups["postgres"] = sorted(set(groups["postgres"]) | set(pids_named("postgres: ")))
         for name, pids in groups.items():
             used = cpu_s(pids) - cpu_before.get(name, 0.0)
-            emit(f"cpu_ms_per_image/{name}/workers{workers}", 1000 * used / n, "ms", cfg)
+            emit(f"{prefix}cpu_ms_per_image/{name}/workers{workers}", 1000 * used / n, "ms", cfg)
         throughput = n / elapsed
-        emit(f"e2e_img_per_s/workers{workers}", throughput, "img/s", cfg)
-        emit(f"e2e_submit_s/workers{workers}", submitted_s, "s", cfg)
+        emit(f"{prefix}e2e_img_per_s/workers{workers}", throughput, "img/s", cfg)
+        emit(f"{prefix}e2e_submit_s/workers{workers}", submitted_s, "s", cfg)
         stages, first_finished = job_figures(env["LIVERSCAN_DATABASE_URL"], created.json()["id"])
-        emit(f"e2e_first_result_s/workers{workers}", first_finished - wall0, "s", cfg)
+        emit(f"{prefix}e2e_first_result_s/workers{workers}", first_finished - wall0, "s", cfg)
         for stage, ms in stages.items():  # wall time per job; concurrent jobs overlap
-            emit(f"stage_ms_mean/{stage}/workers{workers}", ms, "ms", cfg)
+            emit(f"{prefix}stage_ms_mean/{stage}/workers{workers}", ms, "ms", cfg)
         peak = max(max(rss) for _, rss in samples) if samples else 0
-        emit(f"worker_rss_mib_peak/workers{workers}", peak / 1024, "MiB", cfg)
+        emit(f"{prefix}worker_rss_mib_peak/workers{workers}", peak / 1024, "MiB", cfg)
         early = [rss for d, rss in samples if d >= 0.1 * n]
         if early:
             growth = max(b - a for a, b in zip(early[0], samples[-1][1], strict=True))
-            emit(f"worker_rss_growth_mib_10_to_100pct/workers{workers}", growth / 1024, "MiB", cfg)
+            emit(
+                f"{prefix}worker_rss_growth_mib_10_to_100pct/workers{workers}",
+                growth / 1024,
+                "MiB",
+                cfg,
+            )
         return throughput
     finally:
         for proc in reversed(procs):
@@ -320,6 +347,28 @@ def bench_end_to_end(pngs: list[bytes], workers: int, batch: int, config: dict[s
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+_engines: dict[str, Any] = {}
+
+
+def terminal_count(database_url: str, batch_id: str) -> int:
+    """Jobs of the batch in a terminal state (one cheap query)."""
+    from sqlalchemy import create_engine, text
+
+    if database_url not in _engines:  # pre-ping: the next run drops and recreates the database
+        _engines[database_url] = create_engine(database_url, pool_size=1, pool_pre_ping=True)
+    engine = _engines[database_url]
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM jobs WHERE batch_id = :b "
+                    "AND status IN ('succeeded', 'rejected', 'failed')"
+                ),
+                {"b": batch_id},
+            ).scalar_one()
+        )
 
 
 def job_figures(database_url: str, batch_id: str) -> tuple[dict[str, float], float]:
@@ -360,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=Settings().worker_batch_size)
     parser.add_argument("--device-note", default="CPU", help="recorded in every line's config")
     parser.add_argument("--skip-e2e", action="store_true", help="model figures only")
+    parser.add_argument(
+        "--no-drain",
+        dest="drain",
+        action="store_false",
+        help="skip the 1-worker drain run (queue → worker → database without the upload)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from ml_core.overlay import encode_png
@@ -372,6 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     pngs = [encode_png(s) for s in slices[: args.n]]
     for workers in (int(w) for w in args.workers.split(",")):
         throughput = bench_end_to_end(pngs, workers, args.batch, config)
+        if workers == 1 and args.drain:
+            drained = bench_end_to_end(pngs, 1, args.batch, config, drain=True)
+            emit(
+                f"drain_over_model_batch{args.batch}",
+                drained / bare[f"model{args.batch}"],
+                "ratio",
+                {**config, "n": args.n},
+            )
         if workers == 1:
             cfg = {**config, "n": args.n}
             emit(
