@@ -34,10 +34,11 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     register_error_handlers(app)
     app.teardown_appcontext(close_db)
 
-    from api import batches, reports
+    from api import batches, reports, uploads
     from api.web import bp as web_bp  # registered unconditionally; the web UI fills it
 
-    for blueprint in (auth.bp, jobs.bp, org.bp, ops.bp, openapi.bp, batches.bp, reports.bp, web_bp):
+    blueprints = (auth.bp, jobs.bp, org.bp, ops.bp, openapi.bp, batches.bp, reports.bp, uploads.bp)
+    for blueprint in (*blueprints, web_bp):
         app.register_blueprint(blueprint)
     ops.init_metrics(app)
 

@@ -47,6 +47,8 @@ CSV_COLUMNS = (
 )
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIMEOUT_S = 120.0
+CONNECT_TIMEOUT_S = 10.0
+BATCH_S_PER_FILE = 0.5  # extra seconds a batch POST may take per file (2,000 files: 20 min)
 RATE_LIMIT_RETRIES = 10
 
 console = Console(stderr=True, highlight=False)
@@ -143,8 +145,9 @@ class Client:
         body = options.get("data")
         if isinstance(body, io.IOBase):
             body.seek(0)  # a retry sends the streamed body again from its start
+        timeout = options.pop("timeout", TIMEOUT_S)
         try:
-            return requests.request(method, url, headers=headers, timeout=TIMEOUT_S, **options)
+            return requests.request(method, url, headers=headers, timeout=timeout, **options)
         except requests.RequestException as exc:
             raise CliError(f"Cannot reach {self.server}: {exc}", code="unreachable") from exc
 
@@ -289,6 +292,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 "/api/v1/batches",
                 data=UploadReader(payload, lambda n: progress.advance(task, n)),
                 headers={"Content-Type": content_type},
+                # The server stores, commits and enqueues every file before it answers: minutes
+                # for thousands of slices on a busy server, so the wait grows with the batch.
+                timeout=(CONNECT_TIMEOUT_S, TIMEOUT_S + BATCH_S_PER_FILE * len(files)),
             )
         body = response.json()
         state: dict[str, Any] = {"kind": "batch", "id": body["id"], "out": args.out}

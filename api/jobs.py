@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, redirect, request
 from flask.typing import ResponseReturnValue
@@ -10,7 +11,7 @@ from flask_jwt_extended import jwt_required
 
 from api import openapi
 from api.auth import current_user, require_role
-from api.domain import audit, intake, jobs, retention
+from api.domain import audit, intake, jobs, retention, uploads
 from api.domain.errors import (
     ArtifactNotFound,
     InvalidInput,
@@ -22,6 +23,7 @@ from api.domain.models import JobStatus, Role
 from api.domain.serialize import ARTIFACTS, artifact_key
 from api.resources import db, resources
 from api.schemas import job_created, job_read
+from api.uploads import parse_upload_id
 
 bp = Blueprint("jobs", __name__, url_prefix="/api/v1/jobs")
 
@@ -50,10 +52,32 @@ def read_upload() -> intake.Upload:
 @bp.post("")
 @jwt_required()
 def submit_job() -> tuple[Response, int]:
-    """Accept one image for screening (202), or replay an idempotent submit (200)."""
+    """Accept one image for screening (202), or replay an idempotent submit (200).
+
+    The image is the multipart `file`, or a completed direct-to-store upload named by `upload_id`
+    (form field or JSON body; see api/uploads.py).
+    """
     user = current_user()
     res = resources()
-    upload = read_upload()
+    fields: Any = request.form
+    if not (request.form or request.files):
+        body = request.get_json(silent=True)
+        fields = body if isinstance(body, dict) else {}
+    raw_upload_id = fields.get("upload_id")
+    stored, job_id = None, None
+    if raw_upload_id and "file" not in request.files:
+        job_id = uuid.uuid4()
+        row, stored = uploads.claim(
+            db(),
+            settings=res.settings,
+            storage=res.storage,
+            org_id=user.org_id,
+            upload_id=parse_upload_id(raw_upload_id),
+            job_id=job_id,
+        )
+        upload = intake.Upload(data=b"", filename=row.filename, content_type=row.content_type)
+    else:
+        upload = read_upload()
     submission = intake.submit(
         db(),
         settings=res.settings,
@@ -62,9 +86,11 @@ def submit_job() -> tuple[Response, int]:
         org_id=user.org_id,
         user_id=user.id,
         upload=upload,
-        callback_url=(request.form.get("callback_url") or "").strip() or None,
-        client_ref=request.form.get("client_ref") or None,
+        callback_url=(str(fields.get("callback_url") or "")).strip() or None,
+        client_ref=str(fields.get("client_ref") or "") or None,
         idempotency_key=request.headers.get("Idempotency-Key") or None,
+        stored=stored,
+        job_id=job_id,
     )
     body = job_created(submission.job)
     response = jsonify(body)

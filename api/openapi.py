@@ -116,7 +116,9 @@ SPEC: dict[str, Any] = {
                     "202": _json({"$ref": "#/components/schemas/JobCreated"}, "Accepted"),
                     "200": _json({"$ref": "#/components/schemas/JobCreated"}, "Idempotent replay"),
                     "401": _ERR,
+                    "404": _ERR,
                     "409": _ERR,
+                    "410": _ERR,
                     "413": _ERR,
                     "422": _ERR,
                     "503": _ERR,
@@ -135,14 +137,29 @@ SPEC: dict[str, Any] = {
                         "multipart/form-data": {
                             "schema": {
                                 "type": "object",
-                                "required": ["file"],
+                                "description": "`file`, or `upload_id` of a completed "
+                                "POST /api/v1/uploads (404 upload_not_found, 409 "
+                                "upload_incomplete / upload_already_used, 410 upload_expired, "
+                                "413 payload_too_large)",
                                 "properties": {
                                     "file": {"type": "string", "format": "binary"},
+                                    "upload_id": {"type": "string", "format": "uuid"},
                                     "callback_url": {"type": "string", "format": "uri"},
                                     "client_ref": {"type": "string", "maxLength": 200},
                                 },
                             }
-                        }
+                        },
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["upload_id"],
+                                "properties": {
+                                    "upload_id": {"type": "string", "format": "uuid"},
+                                    "callback_url": {"type": "string", "format": "uri"},
+                                    "client_ref": {"type": "string", "maxLength": 200},
+                                },
+                            }
+                        },
                     },
                 },
             ),

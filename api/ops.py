@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from api.domain.db import ping as db_ping
 from api.domain.errors import LiverscanError
 from api.domain.models import Job, JobStatus
-from api.domain.queue import INFERENCE_QUEUE, WEBHOOKS_QUEUE
+from api.domain.queue import QUEUES
 from api.errors import error_response
 from api.resources import Resources, resources
 
@@ -120,7 +120,7 @@ class LiverscanCollector(Collector):
         except Exception as exc:
             log.warning("metrics: database unavailable: %s", exc)
             up.add_metric([], 0.0)
-        for queue in (INFERENCE_QUEUE, WEBHOOKS_QUEUE):
+        for queue in QUEUES:
             n = res.queue.depth(queue)
             if n is not None:
                 depth.add_metric([queue], float(n))

@@ -1,8 +1,11 @@
 """Reports of a job: the PDF, a FHIR R4 DiagnosticReport, and DICOM outputs of DICOM uploads;
 and the summary PDF of a batch (rendered here on request from the rows and stored overlays).
 
-The worker renders `report.pdf` (and for DICOM uploads `overlay_sc.dcm` and `sr.dcm`) into the
-store next to the job's other artifacts; the FHIR resource is built here from the job row.
+`report.pdf` (and for DICOM uploads `overlay_sc.dcm` and `sr.dcm`) are rendered lazily: the first
+GET of a succeeded job's report enqueues `liverscan.render_report` (queue `reports`; a worker
+renders from the stored upload and overlay) and waits up to LIVERSCAN_REPORT_WAIT_S for it, then
+serves it; a render still running after that is a 202 with Retry-After (ask again). The FHIR
+resource is built here from the job row.
 A job that did not succeed has no report (404 `report_not_found`); another organization's job
 is a 404 `job_not_found`; DICOM outputs of a non-DICOM upload are a 409 `not_dicom`.
 """
@@ -10,17 +13,20 @@ is a 404 `job_not_found`; DICOM outputs of a non-DICOM upload are a 409 `not_dic
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from typing import Any
 
-from flask import Blueprint, Response, redirect, url_for
+from flask import Blueprint, Response, jsonify, redirect, url_for
 from flask.typing import ResponseReturnValue
 from flask_jwt_extended import jwt_required
+from sqlalchemy import select
 
 from api.auth import current_user
 from api.domain import audit, batches, jobs
 from api.domain.errors import LiverscanError, NotFound, ObjectNotFound
 from api.domain.models import Job, JobStatus
+from api.domain.queue import RENDER_REPORT, REPORTS_QUEUE
 from api.domain.storage import DICOM_OVERLAY_NAME, DICOM_SR_NAME, job_key
 from api.jobs import parse_job_id
 from api.openapi import register_path
@@ -106,15 +112,48 @@ def _serve(job: Job, key: str, mimetype: str, filename: str) -> ResponseReturnVa
     return response
 
 
+RENDER_POLL_S = 0.1
+RETRY_AFTER_S = 2
+
+
+def _rendered_report_key(job: Job) -> str | None:
+    """The job's report key, asking a worker to render it first if it was never rendered."""
+    if job.report_key is not None:
+        return job.report_key
+    res = resources()
+    res.queue.enqueue(RENDER_REPORT, str(job.id), queue=REPORTS_QUEUE)  # idempotent task
+    deadline = time.monotonic() + res.settings.report_wait_s
+    while True:
+        with res.session_factory() as session:
+            key = session.scalar(select(Job.report_key).where(Job.id == job.id))
+        if key is not None or time.monotonic() >= deadline:
+            return key
+        time.sleep(RENDER_POLL_S)
+
+
+def _rendering(job: Job) -> ResponseReturnValue:
+    response = jsonify(
+        {
+            "id": str(job.id),
+            "status": "rendering",
+            "message": "The report is being rendered; ask again shortly.",
+        }
+    )
+    response.status_code = 202
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
 @bp.get("/jobs/<job_id>/report")
 @jwt_required()
 def report_pdf(job_id: str) -> ResponseReturnValue:
     """The job's PDF report (local store: the bytes; S3: a redirect to a presigned URL)."""
     job = _job_for_report(job_id, "report.pdf")
     _require_succeeded(job)
-    if job.report_key is None:
-        raise ReportNotFound(details={"id": str(job.id)})
-    return _serve(job, job.report_key, "application/pdf", f"liverscan-{job.id}.pdf")
+    key = _rendered_report_key(job)
+    if key is None:
+        return _rendering(job)
+    return _serve(job, key, "application/pdf", f"liverscan-{job.id}.pdf")
 
 
 @bp.get("/jobs/<job_id>/fhir")
@@ -139,6 +178,8 @@ def report_dicom(job_id: str, kind: str) -> ResponseReturnValue:
     if job.input_format is not None and job.input_format != "dicom":
         raise NotDicom(details={"id": str(job.id), "format": job.input_format})
     _require_succeeded(job)
+    if _rendered_report_key(job) is None:  # rendered together with the PDF
+        return _rendering(job)
     name = DICOM_OBJECTS[kind]
     key = job_key(job.org_id, job.id, name)
     return _serve(job, key, "application/dicom", f"liverscan-{job.id}-{name}")
@@ -252,7 +293,7 @@ def diagnostic_report(job: Job) -> dict[str, Any]:
             }
         )
         report["media"] = [{"comment": "Grad-CAM overlay", "link": {"reference": "#overlay"}}]
-    if job.report_key:
+    if job.report_key or job.overlay_key:  # rendered on the first GET of the URL
         report["presentedForm"] = [
             {
                 "contentType": "application/pdf",
@@ -401,6 +442,10 @@ _ID = {
     "schema": {"type": "string", "format": "uuid"},
 }
 _SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"cookie": []}]
+_RENDERING = {
+    "description": "Rendered on first request and not ready within LIVERSCAN_REPORT_WAIT_S: "
+    '`{id, status: "rendering", message}` with Retry-After; ask again',
+}
 
 register_path(
     "/api/v1/jobs/{job_id}/report",
@@ -412,6 +457,7 @@ register_path(
             "responses": {
                 "200": {"description": "PDF", "content": {"application/pdf": {}}},
                 "302": {"description": "Presigned URL"},
+                "202": _RENDERING,
                 "401": _ERR,
                 "404": _ERR,
             },
@@ -466,6 +512,7 @@ register_path(
             "responses": {
                 "200": {"description": "DICOM Part 10 file", "content": {"application/dicom": {}}},
                 "302": {"description": "Presigned URL"},
+                "202": _RENDERING,
                 "401": _ERR,
                 "404": _ERR,
                 "409": _ERR,

@@ -33,7 +33,8 @@ def job_read(job: Job, storage: Storage, *, expires_s: int = 900) -> dict[str, A
     def link(name: str) -> str | None:
         if name == "report":
             # Stable (filed reports outlive presigned URLs); on S3 the route redirects to one.
-            if not job.report_key:
+            # Rendered on the first GET (api/reports.py), so a job with an overlay has one.
+            if not (job.report_key or job.overlay_key):
                 return None
             return url_for("reports.report_pdf", job_id=job.id, _external=True)
         return artifact_url(job, name, storage, expires_s)

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import kombu.transport.sqlalchemy
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 from kombu import Exchange, Queue
 
-from api.domain.queue import DELIVER_WEBHOOK, INFERENCE_QUEUE, PROCESS_JOB, SWEEP, WEBHOOKS_QUEUE
+from api.domain.queue import (
+    DELIVER_WEBHOOK,
+    INFERENCE_QUEUE,
+    PROCESS_JOB,
+    QUEUES,
+    RENDER_REPORT,
+    REPORTS_QUEUE,
+    SWEEP,
+    WEBHOOKS_QUEUE,
+)
 from api.domain.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -23,6 +33,7 @@ PROC_ALIVE_TIMEOUT_S = 300  # TensorFlow import + model load, on two shared core
 TASK_ROUTES = {
     PROCESS_JOB: {"queue": INFERENCE_QUEUE},
     DELIVER_WEBHOOK: {"queue": WEBHOOKS_QUEUE},
+    RENDER_REPORT: {"queue": REPORTS_QUEUE},
     # The sweep is a short query + enqueue: keep it off the queue where slow model jobs wait.
     SWEEP: {"queue": WEBHOOKS_QUEUE},
 }
@@ -36,9 +47,7 @@ def make_celery(settings: Settings) -> Celery:
         # A message not acked within this many seconds is redelivered: longer than any job.
         transport_options["visibility_timeout"] = settings.visibility_timeout_s
     app.conf.update(
-        task_queues=tuple(
-            Queue(q, Exchange(q), routing_key=q) for q in (INFERENCE_QUEUE, WEBHOOKS_QUEUE)
-        ),
+        task_queues=tuple(Queue(q, Exchange(q), routing_key=q) for q in QUEUES),
         task_default_queue=INFERENCE_QUEUE,
         task_routes=TASK_ROUTES,
         task_acks_late=True,
@@ -48,6 +57,10 @@ def make_celery(settings: Settings) -> Celery:
         # SIGKILLs a replacement child that is not up within 4 s by default, so after one child
         # crash on a busy CPU the pool killed every replacement, forever (tests/reliability).
         worker_proc_alive_timeout=float(PROC_ALIVE_TIMEOUT_S),
+        # Micro-batching (worker/batching.py): the threads pool runs `worker_threads` jobs side by
+        # side, so up to that many messages are reserved; each is acked after its own job ends.
+        worker_pool=settings.worker_pool,
+        worker_concurrency=settings.worker_threads,
         task_ignore_result=True,  # the job row is the result
         result_backend=None,
         broker_transport_options=transport_options,
@@ -70,4 +83,16 @@ def _load_model_after_fork(**_: object) -> None:
     """Load the model in each prefork child, after fork (TensorFlow state must not cross a fork)."""
     from worker import model_cache
 
-    model_cache.preload()
+    if get_settings().worker_preload_model:
+        model_cache.preload()
+
+
+@worker_ready.connect
+def _start_in_process_pool(sender: Any = None, **_: object) -> None:
+    """threads/solo pools have no child processes: load the model and serve metrics here."""
+    from worker import metrics, model_cache
+
+    settings = get_settings()
+    metrics.serve(settings.worker_metrics_port, settings.worker_threads)
+    if settings.worker_pool != "prefork" and settings.worker_preload_model:
+        model_cache.preload()

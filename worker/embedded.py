@@ -26,7 +26,8 @@ STOP_GRACE_S = 30.0
 
 
 def child_commands(settings: Settings, host: str, port: int) -> dict[str, list[str]]:
-    """The API server and the single worker process (solo pool: one job at a time, no fork)."""
+    """The API server and the single worker process (the settings' pool: threads by default, so
+    its jobs share micro-batched model calls; it also serves webhooks and report rendering)."""
     return {
         "api": [
             sys.executable,
@@ -45,8 +46,9 @@ def child_commands(settings: Settings, host: str, port: int) -> dict[str, list[s
             "-A",
             "worker.celery_app:celery_app",
             "worker",
-            "--pool=solo",
-            "--queues=inference,webhooks",
+            f"--pool={settings.worker_pool}",
+            f"--concurrency={settings.worker_threads}",
+            "--queues=inference,webhooks,reports",
             "--hostname=embedded@%h",
             f"--loglevel={settings.log_level}",
             "--without-gossip",

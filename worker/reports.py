@@ -1,9 +1,12 @@
 """Reports a clinic can file: a PDF per job, and for DICOM uploads a Secondary Capture of the
 Grad-CAM overlay and a Basic Text SR with the finding (both in the source study, de-identified).
 
-Rendered by the worker after classification, before the job is marked succeeded, so the job row
-never points at a report that is not in the store. A rendering failure is logged and leaves the
-job without a report (the classification stands); it never fails the job.
+Rendered lazily: the first GET of a succeeded job's report enqueues `liverscan.render_report`
+(queue `reports`), which rebuilds the slice from the stored upload, reads the stored overlay and
+the result row, writes the objects, then sets `report_key` — so the row never points at a report
+that is not in the store, and the ~0.2 s of PDF layout per job stays off the inference path (most
+screening results are never opened as PDF). A rendering failure is logged and leaves the job
+without a report (the classification stands); it never fails the job.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from api.domain.storage import DICOM_OVERLAY_NAME, DICOM_SR_NAME, Storage, job_key
-from ml_core.types import ModelInfo, Prediction, ValidationReport
+from ml_core.types import ModelInfo
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ class ReportInput:
     model: ModelInfo
     checks: list[dict[str, Any]]
     slice_u8: np.ndarray  # uint8 (H, W), the windowed slice the model saw
-    heatmap: np.ndarray  # float32 (H, W) in [0, 1]
+    heatmap: np.ndarray | None = None  # float32 (H, W) in [0, 1]; the PDF uses the overlay
     card: dict[str, Any] | None = None  # the model card, only when its sha256 matches `model`
     generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -521,52 +524,58 @@ def write_reports(
     return StoredReports(report_key=report_key, overlay_sc_key=sc_key, sr_key=sr_key)
 
 
-def render_for_job(
-    ctx: WorkerContext,
-    job_id: uuid.UUID,
-    *,
-    upload: bytes,
-    validation: ValidationReport,
-    prediction: Prediction,
-    model: ModelInfo,
-    overlay_png: bytes,
-) -> str | None:
-    """Render and store a classified job's reports; the PDF's key, or None if rendering failed."""
+def render_stored(ctx: WorkerContext, job_id: uuid.UUID) -> str | None:
+    """Render a succeeded job's reports from what is stored (upload, overlay, row); the PDF key.
+
+    Idempotent: a job whose report exists is left alone; a job that did not succeed gets none.
+    """
     from api.domain import jobs
     from api.domain.db import session_scope
+    from api.domain.models import JobStatus
+    from ml_core.validation import validate
     from worker import model_cache
 
+    with session_scope(ctx.sessions) as session:
+        job = jobs.get(session, job_id)
+        if job is None or job.status is not JobStatus.SUCCEEDED or job.overlay_key is None:
+            return None
+        if job.report_key is not None and ctx.storage.exists(job.report_key):
+            return job.report_key
+        model = ModelInfo(job.model_name or "", job.model_version or "", job.model_sha256 or "")
+        facts = {
+            "client_ref": job.client_ref,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "input_sha256": job.input_sha256,
+            "label": job.label or "normal",
+            "probability": float(job.probability or 0.0),
+            "threshold": float(job.threshold or 0.0),
+            "checks": list((job.validation or {}).get("checks") or []),
+        }
+        org_id, input_key, overlay_key = job.org_id, job.input_key, job.overlay_key
     try:
-        with session_scope(ctx.sessions) as session:
-            job = jobs.get(session, job_id)
-            if job is None or validation.slice_u8 is None or validation.image is None:
-                return None
-            org_id = job.org_id
-            facts = (job.client_ref, job.created_at, job.started_at, job.input_sha256)
-        image = validation.image
+        upload = ctx.storage.get(input_key)
+        overlay = ctx.storage.get(overlay_key)
+        decoded = validate(upload, gate=None)  # the same decode and window the worker used
+        if decoded.slice_u8 is None or decoded.image is None:
+            log.warning("job %s: stored upload no longer decodes; no report", job_id)
+            return None
+        image = decoded.image
         r = ReportInput(
             job_id=job_id,
-            client_ref=facts[0],
-            created_at=facts[1],
-            started_at=facts[2],
             input_format=image.format,
             modality=image.modality if image.modality in ("CT", "MR") else None,
             width=image.width,
             height=image.height,
-            input_sha256=facts[3],
-            label=prediction.label,
-            probability=float(prediction.probability),
-            threshold=float(prediction.threshold),
             model=model,
-            checks=[c.to_dict() for c in validation.checks],
-            slice_u8=validation.slice_u8,
-            heatmap=prediction.heatmap,
+            slice_u8=decoded.slice_u8,
             card=read_card(model_cache.model_path(ctx.settings), model),
+            **facts,
         )
-        stored = write_reports(ctx.storage, org_id, r, overlay_png=overlay_png, upload=upload)
+        stored = write_reports(ctx.storage, org_id, r, overlay_png=overlay, upload=upload)
     except Exception:  # a report must never cost the clinic its classification
-        log.exception(
-            "job %s: report rendering failed; the result is kept without a report", job_id
-        )
+        log.exception("job %s: report rendering failed; the result stays without a report", job_id)
         return None
+    with session_scope(ctx.sessions) as session:
+        jobs.set_report_key(session, job_id, stored.report_key)
     return stored.report_key

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from api.domain import batches, jobs, retention
+from api.domain import batches, jobs, retention, uploads
 from api.domain.db import session_scope
 from api.domain.errors import LiverscanError
 from api.domain.models import JobStatus, WebhookDelivery, utcnow
@@ -21,20 +21,30 @@ BATCH = 500
 
 
 def run(*, context: WorkerContext | None = None) -> dict[str, int]:
-    """Re-enqueue jobs queued/processing past SWEEP_DEADLINE_S and overdue webhook attempts;
-    delete the bytes of jobs past RETENTION_DAYS; seal batches whose request died."""
+    """Re-enqueue jobs processing past SWEEP_DEADLINE_S, jobs queued past it whose message is not
+    waiting in the inference queue (lost), and overdue webhook attempts; delete the bytes of jobs
+    past RETENTION_DAYS; expire direct-to-store uploads never used; seal batches whose request
+    died."""
     ctx = context or get_context()
     deadline = timedelta(seconds=ctx.settings.sweep_deadline_s)
     now = utcnow()
+    waiting: set[str] | None = None  # ids whose message still waits in the inference queue
     with session_scope(ctx.sessions) as session:
         job_ids = []
-        for job in jobs.stuck_jobs(session, deadline, limit=BATCH):
+        stuck = jobs.stuck_jobs(session, deadline, limit=BATCH)
+        if any(job.status is JobStatus.QUEUED for job in stuck):
+            waiting = ctx.queue.waiting_args(INFERENCE_QUEUE, PROCESS_JOB)
+        for job in stuck:
             # Back to queued with a fresh updated_at: not swept again before another deadline.
             # The attempts counter (bumped by each processing) bounds a job that kills workers.
             if job.status is JobStatus.PROCESSING:
                 jobs.requeue(session, job.id)
             else:
                 jobs.touch(session, job.id)
+                if waiting is not None and str(job.id) in waiting:
+                    # Still in line behind a backlog, not lost: another message would only be a
+                    # duplicate (and inflate the queue length the autoscaler reads).
+                    continue
             job_ids.append(job.id)
         overdue = session.scalars(
             select(WebhookDelivery)
@@ -65,6 +75,13 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
             log.warning("sweep: retention skipped: %s", exc.code)
     try:
         with session_scope(ctx.sessions) as session:
+            # Direct-to-store uploads never turned into a job: expire them, delete their bytes.
+            expired_uploads = uploads.expire_stale(session, ctx.storage)
+    except LiverscanError as exc:
+        log.warning("sweep: expiring uploads skipped: %s", exc.code)
+        expired_uploads = 0
+    try:
+        with session_scope(ctx.sessions) as session:
             # A batch whose submitting request died is never sealed by it: seal it here, so it can
             # complete and its batch.completed webhook fires.
             sealed = batches.seal_stale(session, older_than_s=ctx.settings.sweep_deadline_s)
@@ -75,4 +92,4 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
             batches.enqueue_delivery(ctx.queue, batch_delivery)
     if job_ids or delivery_ids:
         log.info("sweep re-drove %d jobs and %d webhook attempts", len(job_ids), len(delivery_ids))
-    return {"jobs": len(job_ids), "webhooks": len(delivery_ids)}
+    return {"jobs": len(job_ids), "webhooks": len(delivery_ids), "uploads": expired_uploads}

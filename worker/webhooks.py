@@ -56,11 +56,13 @@ def job_payload(job: Job, ctx: WorkerContext) -> dict[str, Any]:
     """The job JSON of the HTTP contract, as sent in a webhook event (the API's serializer)."""
 
     def link(name: str) -> str | None:
+        if name == "report":  # the same stable route as GET /api/v1/jobs/<id> gives
+            # rendered on its first GET, so a job with an overlay has one
+            has_report = job.report_key or job.overlay_key
+            return f"/api/v1/jobs/{job.id}/report" if has_report else None
         key = artifact_key(job, name)
         if key is None:
             return None
-        if name == "report":  # the same stable route as GET /api/v1/jobs/<id> gives
-            return f"/api/v1/jobs/{job.id}/report"
         # S3: a presigned URL; local store: the authenticated API route (relative: a worker does
         # not know the public host name).
         presigned = ctx.storage.url_for(key, ctx.settings.presign_expires_s)

@@ -104,3 +104,29 @@ class BrokerUnavailable(LiverscanError):
 
 class StorageUnavailable(LiverscanError):
     code, http_status, message = "storage_unavailable", 503, "The object store is unavailable."
+
+
+class UploadNotFound(NotFound):
+    """No such upload in the caller's organization (another organization's is not found either)."""
+
+    code, message = "upload_not_found", "No such upload."
+
+
+class UploadIncomplete(LiverscanError):
+    """The upload slot exists but no bytes were stored under it (yet)."""
+
+    code, http_status = "upload_incomplete", 409
+    message = "Nothing was uploaded to this upload URL yet; PUT the file first."
+
+
+class UploadAlreadyUsed(LiverscanError):
+    """A job was already created from this upload."""
+
+    code, http_status = "upload_already_used", 409
+    message = "A job was already created from this upload."
+
+
+class UploadExpired(LiverscanError):
+    """The upload slot expired (the sweep removes its bytes)."""
+
+    code, http_status, message = "upload_expired", 410, "This upload has expired; start a new one."

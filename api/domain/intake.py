@@ -29,7 +29,7 @@ from api.domain.errors import (
 from api.domain.models import Job
 from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB, Queue
 from api.domain.settings import Settings
-from api.domain.storage import Storage, job_key
+from api.domain.storage import Storage, StoredObject, job_key
 from api.domain.webhooks import check_callback_url
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,19 @@ def submit(
     idempotency_key: str | None = None,
     batch_id: uuid.UUID | None = None,
     check_broker: bool = True,
+    stored: StoredObject | None = None,
+    job_id: uuid.UUID | None = None,
 ) -> Submission:
-    """Store the upload, commit a queued job for it, then enqueue it (see the module docstring)."""
-    if not upload.data:
-        raise MissingFile()
-    if len(upload.data) > settings.max_upload_bytes:
-        raise PayloadTooLarge(details={"max_bytes": settings.max_upload_bytes})
+    """Store the upload, commit a queued job for it, then enqueue it (see the module docstring).
+
+    `stored`: the bytes are already in the store (a direct-to-store upload claimed in this
+    session, see api.domain.uploads); `upload.data` is then ignored and nothing is put or deleted.
+    """
+    if stored is None:
+        if not upload.data:
+            raise MissingFile()
+        if len(upload.data) > settings.max_upload_bytes:
+            raise PayloadTooLarge(details={"max_bytes": settings.max_upload_bytes})
     if idempotency_key is not None and (
         not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY or "\x00" in idempotency_key
     ):
@@ -99,7 +106,7 @@ def submit(
         )
     if callback_url:
         check_callback_url(callback_url, settings.webhook_allow_private)
-    sha256 = hashlib.sha256(upload.data).hexdigest()
+    sha256 = stored.sha256 if stored is not None else hashlib.sha256(upload.data).hexdigest()
 
     try:
         if idempotency_key is not None:
@@ -113,9 +120,12 @@ def submit(
     if check_broker:
         queue.ping()  # BrokerUnavailable before anything is written
 
-    job_id = uuid.uuid4()
-    key = job_key(org_id, job_id, "input")
-    stored = storage.put(key, upload.data, upload.content_type or "application/octet-stream")
+    job_id = job_id or uuid.uuid4()
+    owned = stored is None  # bytes this call put, so this call deletes them on failure
+    if stored is None:
+        key = job_key(org_id, job_id, "input")
+        stored = storage.put(key, upload.data, upload.content_type or "application/octet-stream")
+    key = stored.key
     try:
         job = jobs.create_job(
             session,
@@ -134,7 +144,8 @@ def submit(
     except IntegrityError:
         # Another request with the same Idempotency-Key committed first.
         session.rollback()
-        storage.delete(key)
+        if owned:
+            storage.delete(key)
         if idempotency_key is None:
             raise
         existing = _check_idempotent(session, org_id, idempotency_key, sha256)
@@ -143,11 +154,13 @@ def submit(
         return Submission(job=existing, created=False, enqueued=False)
     except OperationalError as exc:
         session.rollback()
-        _delete_quietly(storage, key)
+        if owned:
+            _delete_quietly(storage, key)
         raise DatabaseUnavailable() from exc
     except BaseException:
         session.rollback()
-        _delete_quietly(storage, key)
+        if owned:
+            _delete_quietly(storage, key)
         raise
 
     try:

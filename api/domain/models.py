@@ -252,3 +252,29 @@ class AuditEvent(Base):
     job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class UploadStatus(enum.StrEnum):
+    """A direct-to-store upload: pending until a job is created from it, or expired by the sweep."""
+
+    PENDING = "pending"
+    USED = "used"
+    EXPIRED = "expired"
+
+
+class PendingUpload(Base):
+    """A presigned direct-to-store upload slot (POST /api/v1/uploads); a job is made from it once."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (Index("ix_uploads_status_expires", "status", "expires_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    org_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
+    user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    key: Mapped[str] = mapped_column(String(512))
+    filename: Mapped[str | None] = mapped_column(String(255))
+    content_type: Mapped[str | None] = mapped_column(String(127))
+    status: Mapped[UploadStatus] = mapped_column(_enum(UploadStatus), default=UploadStatus.PENDING)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -7,6 +7,7 @@ publish — to the default exchange with the queue name as routing key.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -26,8 +27,11 @@ log = logging.getLogger(__name__)
 PROCESS_JOB = "liverscan.process_job"
 DELIVER_WEBHOOK = "liverscan.deliver_webhook"
 SWEEP = "liverscan.sweep"
+RENDER_REPORT = "liverscan.render_report"
 INFERENCE_QUEUE = "inference"
 WEBHOOKS_QUEUE = "webhooks"
+REPORTS_QUEUE = "reports"
+QUEUES = (INFERENCE_QUEUE, WEBHOOKS_QUEUE, REPORTS_QUEUE)
 
 _RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
@@ -46,6 +50,8 @@ class Queue(Protocol):
     def ping(self) -> None: ...
 
     def depth(self, queue: str) -> int | None: ...
+
+    def waiting_args(self, queue: str, task_name: str) -> set[str] | None: ...
 
 
 def celery_message(
@@ -143,10 +149,74 @@ class CeleryQueue:
         try:
             with self._connection.clone() as conn:
                 channel = conn.default_channel
+                if self.broker_url.startswith(("redis://", "rediss://")):
+                    # The list's length (what KEDA reads); a drained queue's list does not exist,
+                    # where a passive declare would fail instead of answering 0.
+                    return int(channel.client.llen(queue))
                 return int(channel.queue_declare(queue=queue, passive=True).message_count)
         except Exception as exc:
             log.debug("queue depth of %s unavailable: %s", queue, exc)
             return None
+
+    def waiting_args(self, queue: str, task_name: str) -> set[str] | None:
+        """First arguments of the `task_name` messages waiting (not yet delivered) in `queue`.
+
+        Redis: the list behind the queue, read in chunks; kombu SQLAlchemy: its visible rows.
+        None when the broker cannot list its messages (filesystem, unreachable): callers treat
+        that as "unknown". Cost is linear in the queue length (the sweep calls it once a run).
+        """
+        try:
+            with self._connection.clone() as conn:
+                channel = conn.default_channel
+                if self.broker_url.startswith(("redis://", "rediss://")):
+                    raws = _redis_list(channel.client, queue)
+                elif self.broker_url.startswith("sqla+"):
+                    raws = _sqlalchemy_rows(channel, queue)
+                else:
+                    return None
+                return {arg for arg in (_first_arg(raw, task_name) for raw in raws) if arg}
+        except Exception as exc:
+            log.warning("cannot list the messages of %s: %s", queue, exc)
+            return None
+
+
+def _redis_list(client: Any, queue: str, chunk: int = 1000) -> list[bytes]:
+    out: list[bytes] = []
+    start = 0
+    while True:
+        part = client.lrange(queue, start, start + chunk - 1)
+        out.extend(part)
+        if len(part) < chunk:
+            return out
+        start += chunk
+
+
+def _sqlalchemy_rows(channel: Any, queue: str) -> list[str]:
+    from sqlalchemy import text
+
+    rows = channel.session.execute(
+        text(
+            "SELECT m.payload FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
+            "WHERE q.name = :name AND m.visible"
+        ),
+        {"name": queue},
+    )
+    return [row[0] for row in rows]
+
+
+def _first_arg(raw: bytes | str, task_name: str) -> str | None:
+    """The first task argument of one serialized kombu message, if it is a `task_name` message."""
+    try:
+        message = json.loads(raw)
+        if message.get("headers", {}).get("task") != task_name:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0]) if args else None
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def make_queue(settings: Settings) -> Queue:

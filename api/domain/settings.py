@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     presign_expires_s: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    # A direct-to-store upload (POST /api/v1/uploads) must become a job within this; the sweep
+    # then expires it and deletes whatever bytes arrived.
+    upload_expires_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
     jwt_secret_key: str = "dev-insecure-jwt-secret-change-me"
     jwt_cookie_secure: bool = False
@@ -74,6 +77,23 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(default=3600, ge=60)
 
     model_path: Path | None = None  # default: ml_core's shipped model
+
+    # Inference workers (issue 6, docs/operations.md). The `threads` pool runs `worker_concurrency`
+    # jobs side by side in one process; their content-gate and model calls are gathered into one
+    # batched call of at most `worker_batch_size` slices, waiting at most `worker_batch_wait_ms`
+    # for batch-mates. `prefork`/`solo` keep one job per process (batches of one).
+    worker_pool: Literal["threads", "prefork", "solo"] = "threads"
+    worker_batch_size: int = Field(default=16, ge=1, le=1024)
+    worker_batch_wait_ms: int = Field(default=50, ge=0, le=60_000)
+    worker_concurrency: int | None = Field(default=None, ge=1)  # default: 2 x batch (threads)
+    device: Literal["cpu", "gpu", "auto"] = "auto"  # where the model runs; gpu: fail without one
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # worker /metrics; 0 = off
+    # Load the model when a worker process starts (off for webhook/report-only workers, which
+    # never classify: saves ~0.7 GB per process).
+    worker_preload_model: bool = True
+    # GET of a job's report renders it on first request (a `reports` worker task); the request
+    # waits this long for it before answering 202 with Retry-After.
+    report_wait_s: float = Field(default=20.0, ge=0)
 
     cors_origins: list[str] = Field(default_factory=list)  # empty = CORS off
     hsts: bool | None = None  # Strict-Transport-Security; default: on when jwt_cookie_secure
@@ -145,6 +165,14 @@ class Settings(BaseSettings):
     def hsts_on(self) -> bool:
         """Whether to send Strict-Transport-Security (explicit, else when cookies are TLS-only)."""
         return self.jwt_cookie_secure if self.hsts is None else self.hsts
+
+    @property
+    def worker_threads(self) -> int:
+        """Jobs one worker process runs side by side (threads pool: 2 x batch, so one batch
+        is assembled while the previous one is in the model)."""
+        if self.worker_concurrency is not None:
+            return self.worker_concurrency
+        return 2 * self.worker_batch_size if self.worker_pool == "threads" else 1
 
     @property
     def is_sqlite(self) -> bool:

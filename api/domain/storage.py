@@ -51,6 +51,11 @@ DICOM_OVERLAY_NAME = "overlay_sc.dcm"
 DICOM_SR_NAME = "sr.dcm"
 
 
+def upload_key(org_id: UUID, upload_id: UUID) -> str:
+    """Where a direct-to-store upload's bytes go: "<org>/uploads/<upload id>"."""
+    return f"{org_id}/uploads/{upload_id}"
+
+
 def job_key(org_id: UUID, job_id: UUID, name: str) -> str:
     """The key of one object of a job, e.g. "<org>/<job>/input" or "<org>/<job>/overlay.png"."""
     return check_key(f"{org_id}/{job_id}/{name}")
@@ -68,6 +73,10 @@ class Storage(Protocol):
     def delete(self, key: str) -> None: ...
 
     def url_for(self, key: str, expires_s: int = 900) -> str | None: ...
+
+    def upload_url_for(self, key: str, content_type: str, expires_s: int = 900) -> str | None: ...
+
+    def size(self, key: str) -> int | None: ...
 
     def ping(self) -> None: ...
 
@@ -127,6 +136,16 @@ class LocalStorage:
         """No direct URL for a local folder: the API serves it with authentication."""
         check_key(key)
         return None
+
+    def upload_url_for(self, key: str, content_type: str, expires_s: int = 900) -> str | None:
+        """No direct upload URL for a local folder: the API takes the bytes (PUT /uploads/<id>)."""
+        check_key(key)
+        return None
+
+    def size(self, key: str) -> int | None:
+        """Bytes stored under `key`, or None when nothing is."""
+        path = self._path(key)
+        return path.stat().st_size if path.is_file() else None
 
     def ping(self) -> None:
         """Raise StorageUnavailable unless the folder is writable."""
@@ -218,6 +237,29 @@ class S3Storage:
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s
         )
         return url
+
+    def upload_url_for(self, key: str, content_type: str, expires_s: int = 900) -> str | None:
+        """A presigned PUT URL for `key` valid for `expires_s` seconds (send that Content-Type)."""
+        check_key(key)
+        url: str = self.client.generate_presigned_url(
+            "put_object",
+            Params={"Bucket": self.bucket, "Key": key, "ContentType": content_type},
+            ExpiresIn=expires_s,
+        )
+        return url
+
+    def size(self, key: str) -> int | None:
+        """Bytes stored under `key`, or None when nothing is."""
+        check_key(key)
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
+                return None
+            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+        return int(head["ContentLength"])
 
     def ping(self) -> None:
         """Raise StorageUnavailable unless the bucket answers."""

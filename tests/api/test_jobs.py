@@ -121,7 +121,8 @@ def test_succeeded_job_shows_result_and_fetchable_overlay(
         "version": "2026.11.1",
         "sha256": "ab" * 32,
     }
-    assert body["result"]["report_url"] is None
+    # The PDF is rendered on its first GET, so a result with an overlay always links it.
+    assert body["result"]["report_url"].endswith(f"/api/v1/jobs/{job_id}/report")
     assert body["validation"]["passed"] is True
     assert body["validation"]["checks"][0]["name"] == "decodable"
     assert body["input"]["format"] == "png" and body["input"]["width"] == 32

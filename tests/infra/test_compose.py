@@ -121,6 +121,8 @@ def test_kubernetes_workers_scale_on_inference_queue_depth() -> None:
     assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == "inference"
     worker = by_kind_name[("Deployment", "liverscan-worker")]["spec"]["template"]["spec"]
     command = worker["containers"][0]["command"]
-    assert "--queues=inference" in command and "--concurrency=1" in command
+    assert "--queues=inference" in command and "--concurrency=1" not in command  # threads pool
+    env = {e["name"]: e["value"] for e in worker["containers"][0]["env"]}
+    assert env["LIVERSCAN_WORKER_POOL"] == "threads" and int(env["LIVERSCAN_WORKER_BATCH_SIZE"]) > 1
     beat = by_kind_name[("Deployment", "liverscan-beat")]["spec"]
     assert beat["replicas"] == 1 and beat["strategy"]["type"] == "Recreate"

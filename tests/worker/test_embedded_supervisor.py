@@ -51,9 +51,10 @@ def test_sigterm_stops_every_child_with_status_0(tmp_path: Path) -> None:
     assert not any(_alive(p.pid) for p in supervisor.children.values())
 
 
-def test_children_are_the_api_server_and_one_solo_worker() -> None:
-    """`make run` serves on the requested port and runs one worker on both queues."""
-    commands = child_commands(Settings(), "127.0.0.1", 8123)
+def test_children_are_the_api_server_and_one_micro_batching_worker() -> None:
+    """`make run` serves on the requested port and runs one threads-pool worker on every queue."""
+    commands = child_commands(Settings(worker_batch_size=4), "127.0.0.1", 8123)
     assert "--port=8123" in commands["api"] and "api.app:create_app" in commands["api"]
-    assert "--pool=solo" in commands["worker"]
-    assert "--queues=inference,webhooks" in commands["worker"]
+    assert "--pool=threads" in commands["worker"]
+    assert "--concurrency=8" in commands["worker"]  # two batches in flight
+    assert "--queues=inference,webhooks,reports" in commands["worker"]

@@ -1,0 +1,145 @@
+"""Direct-to-store uploads: the client PUTs the bytes to the store, then creates the job from them.
+
+`create` opens a slot (row `uploads`, status pending) and gives a presigned PUT URL (S3) or, for the
+local folder, None (the API's `PUT /api/v1/uploads/<id>` takes the bytes instead). `claim` turns a
+completed slot into a StoredObject for `intake.submit`: it must be the caller's organization's,
+pending, unexpired, and its object must exist within the size limit — never a job without bytes.
+`expire_stale` (the sweep) expires slots never used and deletes whatever bytes reached them.
+Services take the session first and flush; the caller commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.domain.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    UploadAlreadyUsed,
+    UploadExpired,
+    UploadIncomplete,
+    UploadNotFound,
+)
+from api.domain.models import PendingUpload, UploadStatus, utcnow
+from api.domain.settings import Settings
+from api.domain.storage import Storage, StoredObject, upload_key
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]{0,62}/[A-Za-z0-9][\w.+-]{0,62}")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def create(
+    session: Session,
+    *,
+    settings: Settings,
+    storage: Storage,
+    org_id: uuid.UUID,
+    user_id: uuid.UUID | None,
+    filename: str | None,
+    content_type: str | None,
+) -> tuple[PendingUpload, str | None]:
+    """Open an upload slot; (row, presigned PUT URL or None for the local store).
+
+    `content_type` must look like a MIME type (`type/subtype`), else invalid_input; control
+    characters are dropped from `filename`.
+    """
+    if content_type and not MIME_TYPE.fullmatch(content_type):
+        raise InvalidInput(
+            "content_type must be a MIME type such as image/png.",
+            details={"field": "content_type"},
+        )
+    if filename:
+        filename = CONTROL_CHARS.sub("", filename).strip() or None
+    upload_id = uuid.uuid4()
+    now = utcnow()
+    row = PendingUpload(
+        id=upload_id,
+        org_id=org_id,
+        user_id=user_id,
+        key=upload_key(org_id, upload_id),
+        filename=(filename or None) and filename[:255],
+        content_type=(content_type or DEFAULT_CONTENT_TYPE)[:127],
+        status=UploadStatus.PENDING,
+        created_at=now,
+        expires_at=now + timedelta(seconds=settings.upload_expires_s),
+    )
+    session.add(row)
+    session.flush()
+    expires_s = min(settings.presign_expires_s, settings.upload_expires_s)
+    return row, storage.upload_url_for(row.key, row.content_type or DEFAULT_CONTENT_TYPE, expires_s)
+
+
+def get_pending(
+    session: Session, upload_id: uuid.UUID, *, org_id: uuid.UUID, lock: bool = False
+) -> PendingUpload:
+    """The organization's pending, unexpired upload (row-locked when `lock`), else its error."""
+    query = select(PendingUpload).where(PendingUpload.id == upload_id)
+    if lock:
+        query = query.with_for_update()
+    row = session.scalars(query).one_or_none()
+    if row is None or row.org_id != org_id:
+        raise UploadNotFound(details={"upload_id": str(upload_id)})
+    if row.status is UploadStatus.USED:
+        raise UploadAlreadyUsed(details={"upload_id": str(upload_id), "job_id": str(row.job_id)})
+    if row.status is UploadStatus.EXPIRED or row.expires_at <= utcnow():
+        raise UploadExpired(details={"upload_id": str(upload_id)})
+    return row
+
+
+def claim(
+    session: Session,
+    *,
+    settings: Settings,
+    storage: Storage,
+    org_id: uuid.UUID,
+    upload_id: uuid.UUID,
+    job_id: uuid.UUID,
+) -> tuple[PendingUpload, StoredObject]:
+    """Mark a completed upload used by `job_id` (flushed, row-locked) and describe its object.
+
+    Raises upload_not_found, upload_already_used, upload_expired, upload_incomplete (nothing stored
+    yet) or payload_too_large (the object is deleted: it can never become a job).
+    """
+    row = get_pending(session, upload_id, org_id=org_id, lock=True)
+    size = storage.size(row.key)
+    if size is None or size == 0:
+        raise UploadIncomplete(details={"upload_id": str(upload_id)})
+    if size > settings.max_upload_bytes:
+        storage.delete(row.key)  # never a job; the slot stays open for a smaller file until expiry
+        raise PayloadTooLarge(details={"max_bytes": settings.max_upload_bytes, "size": size})
+    data = storage.get(row.key)  # hashed here once; the worker reads the same object
+    row.status, row.job_id = UploadStatus.USED, job_id
+    session.flush()
+    stored = StoredObject(
+        key=row.key,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        content_type=row.content_type or DEFAULT_CONTENT_TYPE,
+    )
+    return row, stored
+
+
+def expire_stale(session: Session, storage: Storage, *, limit: int = 500) -> int:
+    """Expire pending uploads past their deadline and delete any bytes they received; how many."""
+    rows = session.scalars(
+        select(PendingUpload)
+        .where(PendingUpload.status == UploadStatus.PENDING, PendingUpload.expires_at < utcnow())
+        .order_by(PendingUpload.expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for row in rows:
+        storage.delete(row.key)  # absent keys are fine
+        row.status = UploadStatus.EXPIRED
+    session.flush()
+    return len(rows)

@@ -1,0 +1,236 @@
+"""Direct-to-store uploads: a presigned PUT to S3 (moto's server over HTTP) or the API's PUT route
+(local folder), then a job created from the stored object — and every way that can go wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+from flask.testing import FlaskClient
+from sqlalchemy import update
+
+from api.app import create_app
+from api.domain.models import Job, PendingUpload, UploadStatus, utcnow
+from api.domain.settings import Settings
+from api.domain.storage import S3Storage, Storage, make_storage
+from worker import sweep
+from worker.context import WorkerContext
+
+PASSWORD = "correct-horse-42"
+PNG = b"\x89PNG\r\n\x1a\n" + b"slice-bytes" * 100
+
+
+@dataclass
+class Api:
+    """The app's test client, its settings and store, and a worker context on the same backends."""
+
+    client: FlaskClient
+    settings: Settings
+    storage: Storage
+    ctx: WorkerContext
+
+    def account(self, organization: str = "Clinic") -> dict[str, str]:
+        """A new organization's user; bearer headers."""
+        email = f"dr-{uuid.uuid4().hex[:10]}@clinic.test"
+        body = {"email": email, "password": PASSWORD, "name": "Dr", "organization": organization}
+        assert self.client.post("/api/v1/auth/signup", json=body).status_code == 201
+        r = self.client.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD})
+        return {"Authorization": f"Bearer {r.get_json()['access_token']}"}
+
+    def open_upload(self, headers: dict[str, str]) -> dict[str, Any]:
+        """POST /api/v1/uploads; the slot."""
+        r = self.client.post(
+            "/api/v1/uploads",
+            headers=headers,
+            json={"filename": "slice.png", "content_type": "image/png"},
+        )
+        assert r.status_code == 201, r.get_json()
+        return dict(r.get_json())
+
+    def put(self, slot: dict[str, Any], data: bytes, headers: dict[str, str]) -> int:
+        """PUT the bytes where the slot says: the presigned URL, or the API route."""
+        if slot["direct"]:
+            return requests.put(
+                slot["url"], data=data, headers=slot["headers"], timeout=30
+            ).status_code
+        path = slot["url"].removeprefix("http://localhost")
+        r = self.client.put(path, data=data, headers={**headers, **slot["headers"]})
+        return r.status_code
+
+    def create_job(self, headers: dict[str, str], upload_id: str) -> Any:
+        """POST /api/v1/jobs with upload_id (JSON)."""
+        return self.client.post("/api/v1/jobs", headers=headers, json={"upload_id": upload_id})
+
+
+@pytest.fixture(params=["s3", "local"])
+def api(
+    request: pytest.FixtureRequest, database_url: str, tmp_path: Path, broker: redis.Redis
+) -> Iterator[Api]:
+    """The API on PostgreSQL and Redis, storing on S3 over HTTP (moto) or in a local folder."""
+    values: dict[str, Any] = {
+        "env": "test",
+        "data_dir": tmp_path,
+        "database_url": database_url,
+        "broker_url": "redis://127.0.0.1:6379/5",
+        "jwt_secret_key": "scale-secret-" + "u" * 40,
+        "password_hash_time_cost": 1,
+        "password_hash_memory_kib": 8192,
+        "max_upload_mb": 1,
+    }
+    if request.param == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        values |= {
+            "storage_backend": "s3",
+            "s3_bucket": f"uploads-{uuid.uuid4().hex[:8]}",
+            "s3_endpoint_url": endpoint,
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+        }
+    else:
+        values["storage_dir"] = tmp_path / "store"
+    settings = Settings(**values)
+    storage = make_storage(settings)
+    if isinstance(storage, S3Storage):
+        storage.ensure_bucket()
+    ctx = WorkerContext.from_settings(settings)
+    yield Api(create_app(settings).test_client(), settings, storage, ctx)
+    ctx.engine.dispose()
+
+
+def test_a_job_is_created_from_the_uploaded_object(api: Api) -> None:
+    """Open, PUT, create: 202, the job's input is the stored object with its sha256; on S3 the URL
+    is the store's own (bytes never pass through the API)."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert slot["direct"] is (api.settings.storage_backend == "s3")
+    if slot["direct"]:
+        assert slot["url"].startswith(str(api.settings.s3_endpoint_url))
+    assert api.put(slot, PNG, headers) in (200, 204)
+
+    r = api.create_job(headers, slot["id"])
+    assert r.status_code == 202, r.get_json()
+    job = api.client.get(
+        r.get_json()["status_url"].removeprefix("http://localhost"), headers=headers
+    )
+    assert job.get_json()["status"] == "queued"
+    assert job.get_json()["input"]["sha256"] == hashlib.sha256(PNG).hexdigest()
+    with api.ctx.sessions() as session:
+        row = session.get(Job, uuid.UUID(r.get_json()["id"]))
+        assert row is not None and api.storage.get(row.input_key) == PNG
+
+    again = api.create_job(headers, slot["id"])
+    assert again.status_code == 409 and again.get_json()["error"]["code"] == "upload_already_used"
+
+
+def test_unknown_upload_id_is_not_found(api: Api) -> None:
+    """A made-up id (or not a UUID at all): 404 upload_not_found."""
+    headers = api.account()
+    for raw in (str(uuid.uuid4()), "not-a-uuid"):
+        r = api.create_job(headers, raw)
+        assert r.status_code == 404 and r.get_json()["error"]["code"] == "upload_not_found"
+
+
+def test_another_organizations_upload_is_not_found(api: Api) -> None:
+    """Clinic B cannot create a job from clinic A's upload (nor PUT to it): upload_not_found."""
+    owner, other = api.account("Clinic A"), api.account("Clinic B")
+    slot = api.open_upload(owner)
+    assert api.put(slot, PNG, owner) in (200, 204)
+    r = api.create_job(other, slot["id"])
+    assert r.status_code == 404 and r.get_json()["error"]["code"] == "upload_not_found"
+    put = api.client.put(f"/api/v1/uploads/{slot['id']}", data=PNG, headers=other)
+    assert put.status_code == 404 and put.get_json()["error"]["code"] == "upload_not_found"
+
+
+def test_an_upload_not_completed_makes_no_job(api: Api) -> None:
+    """No bytes PUT yet: 409 upload_incomplete, and no job row."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    r = api.create_job(headers, slot["id"])
+    assert r.status_code == 409 and r.get_json()["error"]["code"] == "upload_incomplete"
+    with api.ctx.sessions() as session:
+        row = session.get(PendingUpload, uuid.UUID(slot["id"]))
+        assert row is not None and row.status is UploadStatus.PENDING and row.job_id is None
+
+
+def test_an_upload_over_the_size_limit_makes_no_job_and_is_deleted(api: Api) -> None:
+    """2 MiB against a 1 MiB limit: 413 payload_too_large at job creation (S3 accepted the PUT) or
+    already at the API's PUT (local); the bytes are not kept."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    big = PNG + b"\0" * (2 * 1024 * 1024)
+    status = api.put(slot, big, headers)
+    if slot["direct"]:
+        assert status == 200
+    else:
+        assert status == 413
+    r = api.create_job(headers, slot["id"])
+    if slot["direct"]:
+        assert r.status_code == 413 and r.get_json()["error"]["code"] == "payload_too_large"
+    else:
+        assert r.status_code == 409 and r.get_json()["error"]["code"] == "upload_incomplete"
+    with api.ctx.sessions() as session:
+        row = session.get(PendingUpload, uuid.UUID(slot["id"]))
+        assert row is not None
+        assert api.storage.size(row.key) is None
+
+
+def test_an_upload_never_used_is_swept_and_then_expired(api: Api) -> None:
+    """Bytes PUT but no job made before the deadline: the sweep expires the slot and deletes the
+    bytes; creating the job afterwards is 410 upload_expired."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    upload_id = uuid.UUID(slot["id"])
+    with api.ctx.sessions.begin() as session:
+        session.execute(
+            update(PendingUpload)
+            .where(PendingUpload.id == upload_id)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+        key = session.get(PendingUpload, upload_id).key  # type: ignore[union-attr]
+    assert sweep.run(context=api.ctx)["uploads"] >= 1
+    assert api.storage.size(key) is None
+    r = api.create_job(headers, slot["id"])
+    assert r.status_code == 410 and r.get_json()["error"]["code"] == "upload_expired"
+
+
+def test_a_job_request_without_file_or_upload_id_is_missing_file(api: Api) -> None:
+    """A JSON body that is not an object, or names no upload: 422 missing_file (never a 500)."""
+    headers = api.account()
+    for body in ([1, 2], {"client_ref": 7}):
+        r = api.client.post("/api/v1/jobs", headers=headers, json=body)
+        assert r.status_code == 422 and r.get_json()["error"]["code"] == "missing_file"
+    r = api.client.post("/api/v1/uploads", headers=headers, json=["not", "an", "object"])
+    assert r.status_code == 201  # filename and content type are optional
+
+
+def test_a_content_type_that_is_not_a_mime_type_is_invalid_input(api: Api) -> None:
+    """422 invalid_input naming the field; control characters in a filename are dropped."""
+    headers = api.account()
+    r = api.client.post("/api/v1/uploads", headers=headers, json={"content_type": "png\x00"})
+    assert r.status_code == 422 and r.get_json()["error"]["details"]["field"] == "content_type"
+    r = api.client.post("/api/v1/uploads", headers=headers, json={"filename": "a\x00b.png"})
+    assert r.status_code == 201
+    with api.ctx.sessions() as session:
+        row = session.get(PendingUpload, uuid.UUID(r.get_json()["id"]))
+        assert row is not None and row.filename == "ab.png"
+
+
+def test_a_client_ref_with_nul_is_invalid_input(api: Api) -> None:
+    """The JSON job route passes client_ref through: NUL is 422 invalid_input, not a 500."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    r = api.client.post(
+        "/api/v1/jobs", headers=headers, json={"upload_id": slot["id"], "client_ref": "a\x00"}
+    )
+    assert r.status_code == 422 and r.get_json()["error"]["details"]["field"] == "client_ref"
+    assert api.create_job(headers, slot["id"]).status_code == 202  # the upload is still usable
