@@ -119,7 +119,7 @@ def database_url() -> str:
     return fresh_postgres_database(DB_NAME)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # torn down after each module: later suites load their own model
 def classifier() -> Iterator[Any]:
     """A tiny real classifier (random weights, real forward pass and CAM) without a content gate."""
     from ml_core.classifier import Classifier
