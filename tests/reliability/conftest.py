@@ -104,6 +104,10 @@ def reliability_stack(
         "aws_access_key_id": "testing",
         "aws_secret_access_key": "testing",
         "model_path": str(model),
+        # The kill scenario kills prefork pool children as well as whole workers (the default
+        # threads pool, where a kill is always the whole worker, is killed mid-batch in
+        # tests/scale). Celery takes the pool from the app's settings, not the --pool flag.
+        "worker_pool": "prefork",
         "webhook_allow_private": "true",
         "webhook_backoff_base_s": "0.5",
         "webhook_max_attempts": "10",
