@@ -1,6 +1,16 @@
-"""Render heatmaps and overlays as PNG bytes (pure functions, no state, legend-free)."""
+"""Render heatmaps and overlays as PNG bytes (pure functions, no state, legend-free).
+
+``heatmap_png`` / ``overlay_png`` are the reference renderers. ``heatmap_and_overlay_png`` gives
+the same pictures for the worker's hot path, cheaply: the heatmap PNG is a palette image (the
+turbo colour map as its 256-entry palette: one byte per pixel, the same RGB pixels once decoded);
+the overlay blend is 8.8 fixed point on uint16 (within one grey level of the float blend) and is
+encoded at zlib level 1 with the SUB row filter (about 3x faster, files no larger).
+"""
 
 from __future__ import annotations
+
+import functools
+import io
 
 import numpy as np
 
@@ -28,17 +38,22 @@ def _as_heatmap(heatmap: np.ndarray, shape: tuple[int, int] | None = None) -> np
     return h
 
 
+def _heat_index(heatmap: np.ndarray) -> np.ndarray:
+    """The colour-map index uint8 (H, W) of a [0, 1] heatmap."""
+    return np.rint(heatmap * 255.0).astype(np.uint8)
+
+
 def _colorize(heatmap: np.ndarray) -> np.ndarray:
     """Return a BGR uint8 (H, W, 3) turbo colour map of a [0, 1] heatmap."""
     import cv2
 
-    return cv2.applyColorMap(np.rint(heatmap * 255.0).astype(np.uint8), cv2.COLORMAP_TURBO)
+    return cv2.applyColorMap(_heat_index(heatmap), cv2.COLORMAP_TURBO)
 
 
-def _png(image: np.ndarray) -> bytes:
+def _png(image: np.ndarray, params: list[int] | None = None) -> bytes:
     import cv2
 
-    ok, buf = cv2.imencode(".png", image)
+    ok, buf = cv2.imencode(".png", image, params or [])
     if not ok:
         raise RenderError("PNG encoding failed")
     return buf.tobytes()
@@ -70,3 +85,41 @@ def overlay_png(slice_u8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -
     weight = (a * h)[..., None]
     blended = grey * (1.0 - weight) + colour * weight
     return _png(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+
+@functools.cache
+def _turbo_palette() -> bytes:
+    """The turbo colour map as a 256-entry RGB palette (entry i = the colour of index i)."""
+    import cv2
+
+    bgr = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_TURBO)
+    return bgr[:, 0, ::-1].astype(np.uint8).tobytes()
+
+
+def heatmap_and_overlay_png(
+    slice_u8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4
+) -> tuple[bytes, bytes]:
+    """(heatmap PNG, overlay PNG) of a uint8 (H, W) slice and its float (H, W) [0, 1] heatmap.
+
+    The pictures of ``heatmap_png`` (identical pixels) and ``overlay_png`` (within one grey
+    level), at a fraction of their cost; the heatmap is resized to the slice when shapes differ.
+    """
+    import cv2
+    from PIL import Image
+
+    s = _as_slice(slice_u8)
+    h = _as_heatmap(heatmap, s.shape)
+    index = _heat_index(h)
+    colour = cv2.applyColorMap(index, cv2.COLORMAP_TURBO)
+    # blended = grey * (1 - w) + colour * w with w = alpha * h per pixel, as overlay_png, in 8.8
+    # fixed point on uint16.
+    w = np.rint(h * (float(np.clip(alpha, 0.0, 1.0)) * 256.0)).astype(np.uint16)[..., None]
+    grey = s.astype(np.uint16)[..., None]
+    overlay = ((grey * (256 - w) + colour.astype(np.uint16) * w + 128) >> 8).astype(np.uint8)
+
+    palette = Image.fromarray(index, mode="P")
+    palette.putpalette(_turbo_palette())
+    out = io.BytesIO()
+    palette.save(out, format="PNG", compress_level=1)
+    fast = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+    return out.getvalue(), _png(overlay, fast)

@@ -26,9 +26,9 @@ from api.domain.models import Job, JobStatus
 from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB
 from api.domain.storage import job_key
 from ml_core.errors import MLCoreError
+from ml_core.overlay import heatmap_and_overlay_png
 from ml_core.validation import validate
 from worker import metrics, model_cache, webhooks
-from worker.artifacts import heatmap_and_overlay_png
 from worker.context import WorkerContext, get_context
 from worker.model_cache import BatchedGate
 

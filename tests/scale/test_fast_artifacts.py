@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from ml_core.errors import RenderError
-from ml_core.overlay import heatmap_png, overlay_png
-from worker.artifacts import heatmap_and_overlay_png
+from ml_core.overlay import heatmap_and_overlay_png, heatmap_png, overlay_png
 
 
 def _rgb(png: bytes) -> np.ndarray:
