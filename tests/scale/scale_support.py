@@ -7,9 +7,12 @@ import uuid
 from sqlalchemy import func, select
 
 from api.domain import jobs
-from api.domain.models import Job, Organization, WebhookDelivery
+from api.domain.models import Organization, WebhookDelivery
 from api.domain.storage import job_key
+from tests.worker.worker_support import load_job
 from worker.context import WorkerContext
+
+__all__ = ["load_job", "make_job", "make_org", "webhook_events"]
 
 
 def make_org(ctx: WorkerContext) -> uuid.UUID:
@@ -37,14 +40,6 @@ def make_job(
             callback_url=callback_url,
         )
     return job_id
-
-
-def load_job(ctx: WorkerContext, job_id: uuid.UUID) -> Job:
-    """The job row as it is now."""
-    with ctx.sessions() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
 
 
 def webhook_events(ctx: WorkerContext, job_id: uuid.UUID) -> int:

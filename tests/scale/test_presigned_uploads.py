@@ -21,10 +21,10 @@ from api.app import create_app
 from api.domain.models import Job, PendingUpload, UploadStatus, utcnow
 from api.domain.settings import Settings
 from api.domain.storage import S3Storage, Storage, make_storage
+from tests.api.conftest import bearer, login, signup
 from worker import sweep
 from worker.context import WorkerContext
 
-PASSWORD = "correct-horse-42"
 PNG = b"\x89PNG\r\n\x1a\n" + b"slice-bytes" * 100
 
 
@@ -39,11 +39,8 @@ class Api:
 
     def account(self, organization: str = "Clinic") -> dict[str, str]:
         """A new organization's user; bearer headers."""
-        email = f"dr-{uuid.uuid4().hex[:10]}@clinic.test"
-        body = {"email": email, "password": PASSWORD, "name": "Dr", "organization": organization}
-        assert self.client.post("/api/v1/auth/signup", json=body).status_code == 201
-        r = self.client.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD})
-        return {"Authorization": f"Bearer {r.get_json()['access_token']}"}
+        user = signup(self.client, organization=organization)
+        return bearer(login(self.client, user["email"])["access_token"])
 
     def open_upload(self, headers: dict[str, str]) -> dict[str, Any]:
         """POST /api/v1/uploads; the slot."""
