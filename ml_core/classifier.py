@@ -29,6 +29,7 @@ CARD = "model_card.json"
 WEIGHTS = "classifier.weights.h5"
 DEFAULT_INPUT = 128
 DEFAULT_MARGIN = 0.10
+HEADS = ("gap", "max")
 
 
 def default_model_path() -> Path:
@@ -47,16 +48,28 @@ def build_network(
     dropout: float = 0.2,
     *,
     pretrained: bool = False,
+    head: str = "gap",
+    output_stride: int = 32,
 ) -> Any:
     """Keras model images float32 (N, S, S, 3) 0..255 -> [logit (N, 1), last feature maps (N, s, s, K)].
 
     backbone "b0": keras.applications.EfficientNetB0(weights=None); "lite0": ml_core.lite0's
-    EfficientNet-Lite0, with its ImageNet weights when ``pretrained`` (training start only).
+    EfficientNet-Lite0, with its ImageNet weights when ``pretrained`` (training start only), at
+    ``output_stride`` 32 or 16 (lite0 only).
+
+    head "gap": global average pooling -> dropout -> one linear unit (the logit).
+    head "max": dropout -> the same linear unit at every feature-map cell (a logit per cell of
+    the crop) -> the slice logit is their maximum. Training can then supervise each cell with
+    the synthetic lesion mask; Grad-CAM stays exactly relu(sum_k w_k A_k) (ml_core.gradcam).
     """
     import keras
 
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}")
     inp = keras.Input((input_size, input_size, 3), name="image")
     if backbone == "b0":
+        if output_stride != 32:
+            raise ValueError("the b0 backbone has output stride 32 only")
         base = keras.applications.EfficientNetB0(
             weights=None, include_top=False, input_shape=(input_size, input_size, 3)
         )
@@ -67,14 +80,28 @@ def build_network(
             (input_size, input_size, 3),
             include_top=False,
             weights_path="imagenet" if pretrained else None,
+            output_stride=output_stride,
         )
     else:
         raise ValueError(f"unknown backbone {backbone!r}")
     feats = base(inp)
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(feats)
-    x = keras.layers.Dropout(dropout, name="dropout")(x)
-    logit = keras.layers.Dense(1, name="logit")(x)
+    if head == "gap":
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(feats)
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+        logit = keras.layers.Dense(1, name="logit")(x)
+    else:
+        x = keras.layers.Dropout(dropout, name="dropout")(feats)
+        cells = keras.layers.Dense(1, name="logit")(x)  # (N, s, s, 1): one logit per cell
+        logit = keras.layers.GlobalMaxPooling2D(name="max")(cells)
     return keras.Model(inp, [logit, feats], name=f"liverscan_{backbone}")
+
+
+def cell_logits(network: Any, feats: Any) -> Any:
+    """Per-cell logits (N, s, s) of a "max"-head network from its feature maps (no dropout)."""
+    import tensorflow as tf
+
+    dense = network.get_layer("logit")
+    return tf.einsum("nhwk,k->nhw", feats, tf.reshape(dense.kernel, [-1])) + dense.bias[0]
 
 
 def square_box(
@@ -139,6 +166,8 @@ class _Spec:
     backbone: str
     threshold: float
     temperature: float
+    head: str = "gap"
+    output_stride: int = 32
 
 
 class Classifier:
@@ -165,6 +194,16 @@ class Classifier:
         return self._spec.threshold
 
     @property
+    def cam_cells(self) -> int:
+        """Side of the CAM grid over the liver crop (e.g. 8 for 8 x 8 cells)."""
+        return int(self._network.outputs[1].shape[1])
+
+    @property
+    def input_size(self) -> int:
+        """Side in px of the liver crop the network sees."""
+        return self._spec.input_size
+
+    @property
     def temperature(self) -> float:
         """Temperature dividing the logit before the sigmoid."""
         return self._spec.temperature
@@ -181,9 +220,13 @@ class Classifier:
             backbone=str(card.get("backbone", "b0")),
             threshold=float(card["threshold"]),
             temperature=float(card.get("temperature", 1.0)),
+            head=str(card["input"].get("head", "gap")),
+            output_stride=int(card["input"].get("output_stride", 32)),
         )
         try:
-            network = build_network(spec.input_size, spec.backbone)
+            network = build_network(
+                spec.input_size, spec.backbone, head=spec.head, output_stride=spec.output_stride
+            )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 network.load_weights(str(folder / card.get("weights", WEIGHTS)))

@@ -388,7 +388,7 @@ def evaluate(model_dir: Path, out_dir: Path, *, fit: bool = True) -> dict[str, A
     real["localisation"] = {
         "pointing_game": float(np.mean(hits)),
         "pointing_game_within_15px": float(np.mean(near)),
-        "cam_grid": "4x4 cells at 128 px input (~75 px per cell on a 512 slice)",
+        "cam_grid": f"{clf.cam_cells}x{clf.cam_cells} cells over the liver crop at {clf.input_size} px input",
         "energy_in_liver": float(np.mean(e_liver)) if e_liver else None,
         "energy_in_tumor": float(np.mean(e_tumor)) if e_tumor else None,
         "tumor_share_of_liver_area": float(np.mean(chance)) if chance else None,

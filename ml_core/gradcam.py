@@ -1,10 +1,12 @@
 """Class activation maps from the same forward pass as the logit (exact Grad-CAM for this head).
 
-The head is global average pooling -> dropout -> one linear unit, so d(logit)/dA_k(i, j) is
-w_k / (H*W) at every position: Grad-CAM's channel weights are the dense weights up to a
-positive constant, and after normalisation Grad-CAM == CAM = relu(sum_k w_k * A_k).
+Head "gap" is global average pooling -> dropout -> one linear unit, so d(logit)/dA_k(i, j) is
+w_k / (H*W) at every position. Head "max" applies that linear unit at every cell and takes the
+maximum, so d(logit)/dA_k is w_k at the winning cell and 0 elsewhere: its average over the
+cells is again w_k / (H*W). Either way Grad-CAM's channel weights are the dense weights up to
+a positive constant, and after normalisation Grad-CAM == CAM = relu(sum_k w_k * A_k).
 No gradient tape, batched, one compiled call (tests/ml_core/test_gradcam.py proves the
-equality against tf.GradientTape on the real EfficientNetB0 architecture).
+equality against tf.GradientTape on the real EfficientNetB0 and Lite0 architectures).
 """
 
 from __future__ import annotations

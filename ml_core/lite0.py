@@ -177,6 +177,7 @@ def build_lite0(
     include_preprocessing: bool = True,
     drop_connect_rate: float = 0.2,
     dropout_rate: float = 0.2,
+    output_stride: int = 32,
 ) -> keras.Model:
     """Build EfficientNet-Lite0; input float32 RGB 0..255 (N, H, W, 3).
 
@@ -188,7 +189,11 @@ def build_lite0(
     ``weights_sha256`` is given). Any missing, corrupted or wrong-shape weights raise
     ``ModelLoadError`` (code ``model_load_error``); never a silent random initialisation.
     ``include_preprocessing=False`` expects inputs already mapped by (x - 127) / 128.
+    ``output_stride=16`` makes the first block of stage 6 stride 1 (same weights, a feature map
+    twice as fine: ceil(H/16)), for finer class activation maps on small inputs.
     """
+    if output_stride not in (16, 32):
+        raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
     resolved = None if weights_path is None else _resolve_weights(weights_path, weights_sha256)
 
     import keras
@@ -203,7 +208,9 @@ def build_lite0(
 
     names = iter(BLOCK_NAMES)
     index = 0
-    for kernel, repeats, stride, expand, filters_in, filters_out in STAGES:
+    for number, (kernel, repeats, stride, expand, filters_in, filters_out) in enumerate(STAGES):
+        if output_stride == 16 and number == 5:
+            stride = 1
         for rep in range(repeats):
             x = _block(
                 x,

@@ -1,4 +1,4 @@
-"""The forward-pass CAM equals GradientTape Grad-CAM of the real EfficientNetB0 architecture."""
+"""The forward-pass CAM equals GradientTape Grad-CAM of the real architectures (both heads)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,22 @@ from ml_core.gradcam import cam_from_features, cam_to_slice
 tf = pytest.importorskip("tensorflow")
 
 
-@pytest.fixture(scope="module")
-def network():  # type: ignore[no-untyped-def]
-    """The classifier network (real B0 architecture, random weights) at 64 px."""
+@pytest.fixture(
+    scope="module",
+    params=[("b0", "gap", 32, 2), ("lite0", "max", 16, 4)],
+    ids=["b0-gap", "lite0-max-os16"],
+)
+def network(request):  # type: ignore[no-untyped-def]
+    """The classifier network (real B0 / Lite0 architecture, random weights) at 64 px, and its map side."""
     import keras
 
     from ml_core.classifier import build_network
 
+    backbone, head, stride, side = request.param
     keras.utils.set_random_seed(3)
-    return build_network(64, "b0")
+    net = build_network(64, backbone, head=head, output_stride=stride)
+    net.map_side = side
+    return net
 
 
 def test_forward_cam_equals_gradient_tape_gradcam(network) -> None:  # type: ignore[no-untyped-def]
@@ -34,7 +41,8 @@ def test_forward_cam_equals_gradient_tape_gradcam(network) -> None:  # type: ign
     )
     logits, cams = make_forward(network)(tf.constant(images))
     reference = gradient_tape_gradcam(network, images)
-    assert cams.shape == reference.shape == (4, 2, 2)
+    side = network.map_side
+    assert cams.shape == reference.shape == (4, side, side)
     np.testing.assert_allclose(cams.numpy(), reference, atol=1e-4)
     assert float(np.max(cams.numpy())) == pytest.approx(1.0, abs=1e-6)
     direct, _ = network(images, training=False)
