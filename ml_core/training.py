@@ -27,6 +27,7 @@ from ml_core.classifier import (
     CARD,
     DEFAULT_INPUT,
     DEFAULT_MARGIN,
+    HEADS,
     MODELS_DIR,
     WEIGHTS,
     combined_sha256,
@@ -127,8 +128,13 @@ def _window(img: np.ndarray, is_hu: bool, width: float, level: float) -> np.ndar
     return np.clip((hu - (level - width / 2.0)) / width * 255.0, 0.0, 255.0)
 
 
-def _augment(c: np.ndarray, rng: np.random.Generator, strong: bool) -> np.ndarray:
-    """Crop-level augmentation (rotation, noise, blur, JPEG): float32 (S, S) 0..255."""
+def _augment(
+    c: np.ndarray, rng: np.random.Generator, strong: bool, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Crop-level augmentation (rotation, noise, blur, JPEG): float32 (S, S) 0..255.
+
+    ``mask`` (float (S, S), e.g. the lesion mask of the crop) gets the same geometric transform.
+    """
     import cv2
 
     s = c.shape[0]
@@ -136,6 +142,8 @@ def _augment(c: np.ndarray, rng: np.random.Generator, strong: bool) -> np.ndarra
         ang = rng.uniform(-10, 10)
         mat = cv2.getRotationMatrix2D((s / 2, s / 2), ang, rng.uniform(0.95, 1.05))
         c = cv2.warpAffine(c, mat, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        if mask is not None:
+            mask = cv2.warpAffine(mask, mat, (s, s), flags=cv2.INTER_LINEAR)
         if rng.random() < 0.3:
             c = cv2.GaussianBlur(c, (0, 0), rng.uniform(0.3, 0.8))
         c = c + rng.normal(0, rng.uniform(0, 4), c.shape).astype(np.float32)
@@ -147,7 +155,7 @@ def _augment(c: np.ndarray, rng: np.random.Generator, strong: bool) -> np.ndarra
             )
             if ok:
                 c = cv2.imdecode(enc, cv2.IMREAD_GRAYSCALE).astype(np.float32)
-    return np.clip(c, 0, 255).astype(np.float32)
+    return np.clip(c, 0, 255).astype(np.float32), mask
 
 
 def make_pair(
@@ -157,9 +165,13 @@ def make_pair(
     *,
     strong: bool,
     params: LesionParams = DEFAULT_PARAMS,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(clean crop, lesioned crop) float32 (S, S) 0..255 of one background, identically processed."""
-    lesioned, _ = insert_lesions(
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(clean crop, lesioned crop, lesion mask of the crop) float32 (S, S) of one background.
+
+    Both crops are identically windowed, cropped and augmented; the mask (0..1) follows the
+    same crop and geometric transform, for per-cell supervision.
+    """
+    lesioned, lesion = insert_lesions(
         bg.image, bg.liver, rng, is_hu=bg.is_hu, spacing_mm=bg.spacing_mm, params=params
     )
     width, level = (rng.uniform(300, 450), rng.uniform(30, 70)) if strong else (400.0, 50.0)
@@ -172,29 +184,55 @@ def make_pair(
         side = int(side * (1 + j[2] / side * 2))
         box = (y0, x0, y0 + side, x0 + side)
     seed = int(rng.integers(1 << 31))
-    out = []
-    for img in (bg.image, lesioned):
-        c = crop(_window(img, bg.is_hu, width, level), box, size)
-        out.append(_augment(c, np.random.default_rng(seed), strong))
-    return out[0], out[1]
+    clean, _ = _augment(
+        crop(_window(bg.image, bg.is_hu, width, level), box, size),
+        np.random.default_rng(seed),
+        strong,
+    )
+    painted, mask = _augment(
+        crop(_window(lesioned, bg.is_hu, width, level), box, size),
+        np.random.default_rng(seed),
+        strong,
+        crop(lesion.astype(np.float32), box, size),
+    )
+    assert mask is not None
+    return clean, painted, mask
+
+
+CELL_FULL = 0.03  # a cell whose area is >= 3% lesion is a full positive; less scales linearly
+
+
+def cell_targets(mask: np.ndarray, cells: int) -> np.ndarray:
+    """Per-cell lesion targets float32 (cells, cells) in [0, 1] from a crop's lesion mask (S, S)."""
+    import cv2
+
+    frac = cv2.resize(mask.astype(np.float32), (cells, cells), interpolation=cv2.INTER_AREA)
+    return np.clip(frac / CELL_FULL, 0.0, 1.0).astype(np.float32)
 
 
 def batches(
-    backgrounds: list[Background], batch: int, size: int, seed: int, step0: int, curriculum: int
+    backgrounds: list[Background],
+    batch: int,
+    size: int,
+    seed: int,
+    step0: int,
+    curriculum: int,
+    cells: int = 1,
 ) -> Any:
-    """Infinite generator of (images (B, S, S, 3), labels (B,)) built from B/2 pairs."""
+    """Infinite generator of (images (B, S, S, 3), labels (B,), cell targets (B, c, c)) from B/2 pairs."""
     step = step0
     while True:
         rng = np.random.default_rng([seed, step])
         c = 1.0 + 0.6 * max(0.0, 1.0 - step / max(curriculum, 1))
         params = LesionParams(hypo_hu=(15.0 * c, 70.0 * c), hyper_hu=(15.0 * c, 50.0 * c))
-        crops, labels = [], []
+        crops, labels, targets = [], [], []
         for _ in range(batch // 2):
             bg = backgrounds[int(rng.integers(len(backgrounds)))]
-            a, b = make_pair(bg, rng, size, strong=True, params=params)
+            a, b, m = make_pair(bg, rng, size, strong=True, params=params)
             crops += [a, b]
             labels += [0.0, 1.0]
-        yield to_model_input(crops), np.asarray(labels, np.float32)
+            targets += [np.zeros((cells, cells), np.float32), cell_targets(m, cells)]
+        yield to_model_input(crops), np.asarray(labels, np.float32), np.stack(targets)
         step += 1
 
 
@@ -205,7 +243,7 @@ def validation_set(
     rng = np.random.default_rng(seed + 7919)
     crops, labels = [], []
     for i in range(n_pairs):
-        a, b = make_pair(backgrounds[i % len(backgrounds)], rng, size, strong=False)
+        a, b, _ = make_pair(backgrounds[i % len(backgrounds)], rng, size, strong=False)
         crops += [a, b]
         labels += [0.0, 1.0]
     return to_model_input(crops), np.asarray(labels, np.float32)
@@ -227,6 +265,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--backbone", choices=["b0", "lite0"], default="b0")
     parser.add_argument("--input-size", type=int, default=DEFAULT_INPUT)
+    parser.add_argument(
+        "--head",
+        choices=list(HEADS),
+        default="gap",
+        help="gap: pooled features -> logit; max: a logit per feature-map cell, slice = max",
+    )
+    parser.add_argument(
+        "--output-stride", type=int, choices=[16, 32], default=32, help="lite0 feature stride"
+    )
+    parser.add_argument(
+        "--cell-weight",
+        type=float,
+        default=1.0,
+        help="max head: weight of the per-cell loss against the synthetic lesion masks",
+    )
     parser.add_argument(
         "--batch", type=int, default=32, help="images per step (half clean, half lesioned)"
     )
@@ -277,7 +330,7 @@ def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
     import keras
     import tensorflow as tf
 
-    from ml_core.classifier import build_network
+    from ml_core.classifier import build_network, cell_logits
 
     ckpt.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(args.seed)
@@ -295,9 +348,17 @@ def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
     (ckpt / "split_manifest.json").write_text(json.dumps(manifest, indent=2))
     log.info("backgrounds: %d train slices, %d validation slices", len(train), len(val))
     vx, vy = validation_set(val, args.val_pairs, args.input_size, args.seed)
-    model = build_network(args.input_size, args.backbone, pretrained=args.backbone == "lite0")
+    model = build_network(
+        args.input_size,
+        args.backbone,
+        pretrained=args.backbone == "lite0",
+        head=args.head,
+        output_stride=args.output_stride,
+    )
     if args.init:
         model.load_weights(args.init, skip_mismatch=True)
+    cells = int(model.outputs[1].shape[1])
+    cell_weight = float(args.cell_weight) if args.head == "max" else 0.0
     opt = keras.optimizers.AdamW(learning_rate=args.lr, weight_decay=1e-5)
     opt.build(model.trainable_variables)
     state_path = ckpt / "state.json"
@@ -314,14 +375,27 @@ def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
             state["best_auc"],
             state["best_step"],
         )
+        # The optimiser's variables hold the old learning rate: the command line's wins.
+        if not np.isclose(float(opt.learning_rate.numpy()), args.lr):
+            log.info("learning rate %.2e from step %d", args.lr, state["step"])
+            opt.learning_rate.assign(args.lr)
+    state["invocations"] = [  # the schedule as run: every (re)start with its learning rate
+        *state.get("invocations", []),
+        {"from_step": int(state["step"]), "lr": args.lr, "steps": args.steps},
+    ]
 
     @tf.function(reduce_retracing=True)
-    def train_step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    def train_step(x: tf.Tensor, y: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            logit, _ = model(x, training=True)
+            logit, feats = model(x, training=True)
             loss = tf.reduce_mean(
                 tf.nn.sigmoid_cross_entropy_with_logits(y, tf.reshape(logit, [-1]))
             )
+            if cell_weight > 0.0:  # every cell: lesion there or not (synthetic masks)
+                per_cell = tf.nn.weighted_cross_entropy_with_logits(
+                    t, cell_logits(model, feats), pos_weight=4.0
+                )
+                loss = loss + cell_weight * tf.reduce_mean(per_cell)
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss
@@ -332,21 +406,22 @@ def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
         return tf.reshape(logit, [-1])
 
     gen = batches(
-        train, args.batch, args.input_size, args.seed, int(state["step"]), args.curriculum
+        train, args.batch, args.input_size, args.seed, int(state["step"]), args.curriculum, cells
     )
     ds = tf.data.Dataset.from_generator(
         lambda: gen,
         output_signature=(
             tf.TensorSpec((args.batch, args.input_size, args.input_size, 3), tf.float32),
             tf.TensorSpec((args.batch,), tf.float32),
+            tf.TensorSpec((args.batch, cells, cells), tf.float32),
         ),
     ).prefetch(3)
     t0, seen, losses = time.time(), 0, []
-    for x, y in ds:
+    for x, y, t in ds:
         step = int(state["step"])
         if step >= args.steps:
             break
-        losses.append(float(train_step(x, y)))
+        losses.append(float(train_step(x, y, t)))
         seen += args.batch
         state["step"] = step + 1
         if state["step"] % 10 == 0:
@@ -418,6 +493,36 @@ LICENCES = [
 ]
 
 
+def _train_command(run: str, a: dict[str, Any]) -> list[str]:
+    """The ``python -m ml_core train`` command line that reproduces a run from its saved args."""
+    cmd = ["python -m ml_core train", f"--run {run}", f"--backbone {a['backbone']}"]
+    for flag, key in (
+        ("--input-size", "input_size"),
+        ("--head", "head"),
+        ("--output-stride", "output_stride"),
+        ("--cell-weight", "cell_weight"),
+        ("--lr", "lr"),
+        ("--curriculum", "curriculum"),
+        ("--init", "init"),
+        ("--steps", "steps"),
+        ("--seed", "seed"),
+    ):
+        if a.get(key) is not None:
+            cmd.append(f"{flag} {a[key]}")
+    return cmd
+
+
+def _resume_commands(
+    run: str, a: dict[str, Any], invocations: list[dict[str, Any]]
+) -> dict[str, str]:
+    """``train_then``: the resume command of each later (re)start, e.g. a lower learning rate."""
+    out = {}
+    for inv in invocations[1:]:
+        later = {**a, "lr": inv["lr"], "steps": inv["steps"]}
+        out[f"train_then_from_step_{inv['from_step']}"] = " ".join(_train_command(run, later))
+    return out
+
+
 def export_artifact(
     ckpt: Path, version: str, *, models_dir: Path = MODELS_DIR, set_current: bool = True
 ) -> Path:
@@ -462,6 +567,8 @@ def export_artifact(
             "range": "0..255 grey replicated to 3 channels",
             "margin": DEFAULT_MARGIN,
             "crop": "square box around the localiser's liver mask plus 10% per side, zero-padded, resized",
+            "head": a.get("head", "gap"),
+            "output_stride": int(a.get("output_stride", 32)),
         },
         "window": {
             "width": 400,
@@ -478,9 +585,11 @@ def export_artifact(
             "synthetic_validation_auc": state["best_auc"],
             "split_manifest": "split_manifest.json",
             "args": a,
+            "schedule": state.get("invocations", []),
         },
         "commands": {
-            "train": f"python -m ml_core train --run {ckpt.name} --backbone {a['backbone']} --input-size {a['input_size']} --steps {a['steps']} --seed {a['seed']}",
+            "train": " ".join(_train_command(ckpt.name, a)),
+            **_resume_commands(ckpt.name, a, state.get("invocations", [])),
             "export": f"python -m ml_core train --run {ckpt.name} --export {version}",
         },
         "intended_use": "decision support for liver tumor screening on axial CT slices; never a diagnosis",

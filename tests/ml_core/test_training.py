@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml_core.training import Background, batches, make_pair
+from ml_core.training import Background, batches, cell_targets, make_pair
 
 
 def _background(is_hu: bool) -> Background:
@@ -29,23 +29,47 @@ def _background(is_hu: bool) -> Background:
 def test_pairs_differ_only_by_the_lesion(is_hu: bool) -> None:
     """Clean and lesioned crops of a pair are identical except where the lesion is."""
     bg = _background(is_hu)
-    clean, les = make_pair(bg, np.random.default_rng(1), 64, strong=True)
-    assert clean.shape == les.shape == (64, 64)
+    clean, les, mask = make_pair(bg, np.random.default_rng(1), 64, strong=True)
+    assert clean.shape == les.shape == mask.shape == (64, 64)
     diff = np.abs(clean - les) > 1.0
     assert 0 < diff.mean() < 0.5
+    # The mask follows the crop and its rotation: it covers where the pair differs.
+    lesion = mask > 0.5
+    assert lesion.any()
+    assert (diff & lesion).sum() / diff.sum() > 0.6
 
 
 def test_batches_hold_pairs_half_clean_half_lesioned() -> None:
     """Every batch alternates clean (0) and lesioned (1) versions of the same slice."""
     gen = batches([_background(True), _background(False)], 8, 48, seed=3, step0=0, curriculum=10)
-    x, y = next(gen)
+    x, y, t = next(gen)
     assert x.shape == (8, 48, 48, 3) and x.dtype == np.float32
     assert list(y) == [0.0, 1.0] * 4
     assert 0.0 <= float(x.min()) and float(x.max()) <= 255.0
+    assert t.shape == (8, 1, 1)  # one cell by default
+    assert not t[0::2].any() and (t[1::2] > 0).all()  # lesion cells only in lesioned images
+
+
+def test_cell_targets_mark_the_cells_that_hold_the_lesion() -> None:
+    """A lesion in one corner of the crop makes that cell (and only it) a positive."""
+    mask = np.zeros((64, 64), np.float32)
+    mask[4:12, 50:60] = 1.0  # 80 px = 31% of the top-right 16 x 16 cell
+    t = cell_targets(mask, 4)
+    assert t.shape == (4, 4) and t[0, 3] == 1.0
+    t[0, 3] = 0.0
+    assert not t.any()
+    edge = np.zeros((64, 64), np.float32)
+    edge[0:1, 0:4] = 1.0  # 4 px = 1.6% of a cell: a partial positive
+    assert 0.0 < cell_targets(edge, 4)[0, 0] < 1.0
 
 
 @pytest.mark.slow
-def test_a_few_training_steps_write_a_loadable_artifact(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "arch",
+    [[], ["--backbone", "lite0", "--head", "max", "--output-stride", "16"]],
+    ids=["b0-gap", "lite0-max-os16"],
+)
+def test_a_few_training_steps_write_a_loadable_artifact(tmp_path: Path, arch: list[str]) -> None:
     """`train` runs, checkpoints, resumes, and `--export` writes an artifact Classifier.load accepts."""
     pytest.importorskip("tensorflow")
     from ml_core.classifier import Classifier
@@ -69,14 +93,15 @@ def test_a_few_training_steps_write_a_loadable_artifact(tmp_path: Path) -> None:
         str(ckpts),
         "--val-pairs",
         "4",
+        *arch,
     ]
     assert run(parser.parse_args(argv)) == 0
     state = json.loads((ckpts / "tiny" / "state.json").read_text())
     assert state["step"] == 2 and (ckpts / "tiny" / "best.weights.h5").exists()
-    assert run(parser.parse_args([*argv, "--steps", "3", "--eval-every", "1"])) == 0
-    assert (
-        json.loads((ckpts / "tiny" / "state.json").read_text())["step"] == 3
-    )  # resumed, not restarted
+    assert run(parser.parse_args([*argv, "--steps", "3", "--eval-every", "1", "--lr", "1e-4"])) == 0
+    state = json.loads((ckpts / "tiny" / "state.json").read_text())
+    assert state["step"] == 3  # resumed, not restarted
+    assert [(i["from_step"], i["lr"]) for i in state["invocations"]] == [(0, 1e-3), (2, 1e-4)]
     models = tmp_path / "models"
     staging = models / "_staging" / "localiser"
     from ml_core.classifier import write_untrained_artifact
@@ -89,6 +114,10 @@ def test_a_few_training_steps_write_a_loadable_artifact(tmp_path: Path) -> None:
     assert (models / "CURRENT").read_text().strip() == folder.name
     card = json.loads((folder / "model_card.json").read_text())
     assert any("CC BY-NC-ND" in d["licence"] for d in card["training"]["data"])
+    head = "max" if "max" in arch else "gap"
+    assert card["input"]["head"] == head
+    assert f"--head {head}" in card["commands"]["train"]
+    assert "--lr 0.0001 --curriculum" in card["commands"]["train_then_from_step_2"]
     clf = Classifier.load(folder)
     (pred,) = clf.predict([np.zeros((100, 120), np.uint8)])
     assert pred.heatmap.shape == (100, 120)
