@@ -475,6 +475,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-filters", type=int, default=BASE_FILTERS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR)
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="weights to start from (same input size and filters; fully convolutional, so a "
+        "96 px run's weights also start a 128 px one) instead of from scratch",
+    )
     parser.add_argument("--out", type=Path, default=STAGING_DIR, help="artifact folder to write")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="only re-evaluate the checkpoint")
@@ -510,6 +517,9 @@ def run(args: argparse.Namespace) -> int:
         model.load_weights(str(ckpt))
         start = int(json.loads(state_path.read_text())["epoch"])
         log.info("resumed from %s at epoch %d", ckpt, start)
+    elif args.init is not None:
+        model.load_weights(str(args.init))
+        log.info("starting from %s", args.init)
 
     if not args.eval_only and start < args.epochs:
         rng = np.random.default_rng(args.seed + start)
@@ -583,7 +593,8 @@ def run(args: argparse.Namespace) -> int:
         "slices (CC BY-SA 4.0), CHAOS (CC BY-NC-SA 4.0), CURVAS (CC BY-NC 4.0), AMOS (CC BY 4.0)",
         "training_command": f"python -m ml_core.localiser --epochs {args.epochs} --steps {args.steps} "
         f"--batch-size {args.batch_size} --lr {args.lr} --input-size {size} --base-filters {base} "
-        f"--seed {args.seed}",
+        f"--seed {args.seed}" + (f" --init {args.init}" if args.init is not None else ""),
+        "init_sha256": sha256_file(args.init) if args.init is not None else None,
     }
     (out / CARD_NAME).write_text(json.dumps(card, indent=1) + "\n")
     log.info("wrote %s (%.1f MB)", out, weights.stat().st_size / 1e6)
