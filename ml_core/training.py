@@ -218,13 +218,20 @@ def batches(
     step0: int,
     curriculum: int,
     cells: int = 1,
+    min_contrast_hu: float = 15.0,
 ) -> Any:
-    """Infinite generator of (images (B, S, S, 3), labels (B,), cell targets (B, c, c)) from B/2 pairs."""
+    """Infinite generator of (images (B, S, S, 3), labels (B,), cell targets (B, c, c)) from B/2 pairs.
+
+    Lesion contrast is drawn from ``min_contrast_hu``..70 HU darker (..50 brighter), scaled up
+    by the curriculum at the start.
+    """
     step = step0
     while True:
         rng = np.random.default_rng([seed, step])
         c = 1.0 + 0.6 * max(0.0, 1.0 - step / max(curriculum, 1))
-        params = LesionParams(hypo_hu=(15.0 * c, 70.0 * c), hyper_hu=(15.0 * c, 50.0 * c))
+        params = LesionParams(
+            hypo_hu=(min_contrast_hu * c, 70.0 * c), hyper_hu=(min_contrast_hu * c, 50.0 * c)
+        )
         crops, labels, targets = [], [], []
         for _ in range(batch // 2):
             bg = backgrounds[int(rng.integers(len(backgrounds)))]
@@ -306,6 +313,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-current",
         action="store_true",
         help="with --export: leave ml_core/models/CURRENT as it is (e.g. a comparison model)",
+    )
+    parser.add_argument(
+        "--min-contrast-hu",
+        type=float,
+        default=15.0,
+        help="faintest synthetic lesion (HU difference to the liver); small real tumors can be 3-10",
     )
     parser.add_argument("--checkpoints", default=str(CHECKPOINTS))
     parser.add_argument(
@@ -406,7 +419,14 @@ def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
         return tf.reshape(logit, [-1])
 
     gen = batches(
-        train, args.batch, args.input_size, args.seed, int(state["step"]), args.curriculum, cells
+        train,
+        args.batch,
+        args.input_size,
+        args.seed,
+        int(state["step"]),
+        args.curriculum,
+        cells,
+        args.min_contrast_hu,
     )
     ds = tf.data.Dataset.from_generator(
         lambda: gen,
@@ -503,6 +523,7 @@ def _train_command(run: str, a: dict[str, Any]) -> list[str]:
         ("--cell-weight", "cell_weight"),
         ("--lr", "lr"),
         ("--curriculum", "curriculum"),
+        ("--min-contrast-hu", "min_contrast_hu"),
         ("--init", "init"),
         ("--steps", "steps"),
         ("--seed", "seed"),

@@ -124,3 +124,14 @@ def test_a_few_training_steps_write_a_loadable_artifact(tmp_path: Path, arch: li
     second = export_artifact(ckpts / "tiny", "0.0.2", models_dir=models, set_current=False)
     assert Classifier.load(second).info.version == "0.0.2"
     assert (models / "CURRENT").read_text().strip() == folder.name  # a comparison export
+
+
+def test_min_contrast_makes_fainter_lesions_from_the_same_draws() -> None:
+    """--min-contrast-hu 3 paints the same lesions as the default, only fainter on average."""
+    bgs = [_background(True)]
+    x15, _, t15 = next(batches(bgs, 8, 48, seed=5, step0=50, curriculum=10))
+    x3, _, t3 = next(batches(bgs, 8, 48, seed=5, step0=50, curriculum=10, min_contrast_hu=3.0))
+    np.testing.assert_array_equal(t15, t3)  # same lesions, same places
+    d15 = np.abs(x15[1::2] - x15[0::2]).sum()
+    d3 = np.abs(x3[1::2] - x3[0::2]).sum()
+    assert 0 < d3 < d15
