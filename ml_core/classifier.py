@@ -3,7 +3,7 @@
 Pipeline of ``Classifier.predict``: liver mask from the localiser shipped in the same artifact
 folder -> square box around the liver (margin) -> crop resized to S x S (aspect kept, zero
 padding outside the slice) -> one batched compiled forward returning (logits, CAM) ->
-temperature-scaled sigmoid -> label by the slice-level threshold -> CAM mapped back onto
+calibrated sigmoid((logit - offset) / T) -> label by the slice-level threshold -> CAM mapped back onto
 the full slice. TensorFlow is imported lazily (never at ``import ml_core``).
 """
 
@@ -168,6 +168,7 @@ class _Spec:
     temperature: float
     head: str = "gap"
     output_stride: int = 32
+    logit_offset: float = 0.0
 
 
 class Classifier:
@@ -192,6 +193,16 @@ class Classifier:
     def threshold(self) -> float:
         """Slice-level decision threshold on the calibrated probability."""
         return self._spec.threshold
+
+    @property
+    def logit_offset(self) -> float:
+        """Offset subtracted from the logit before the temperature (Platt scaling; 0 = temperature only)."""
+        return self._spec.logit_offset
+
+    @property
+    def head(self) -> str:
+        """The network head: "gap" (pooled) or "max" (a logit per cell, slice = maximum)."""
+        return self._spec.head
 
     @property
     def cam_cells(self) -> int:
@@ -222,6 +233,7 @@ class Classifier:
             temperature=float(card.get("temperature", 1.0)),
             head=str(card["input"].get("head", "gap")),
             output_stride=int(card["input"].get("output_stride", 32)),
+            logit_offset=float(card.get("logit_offset", 0.0)),
         )
         try:
             network = build_network(
@@ -310,7 +322,8 @@ class Classifier:
         logits, cams = self.logits_and_cams(slices, boxes)
         preds = []
         for s, box, logit, cam in zip(slices, boxes, logits, cams, strict=True):
-            p = float(1.0 / (1.0 + np.exp(-float(logit) / self._spec.temperature)))
+            z = (float(logit) - self._spec.logit_offset) / self._spec.temperature
+            p = float(1.0 / (1.0 + np.exp(-z)))
             preds.append(
                 Prediction(
                     probability=p,

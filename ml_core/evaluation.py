@@ -2,7 +2,8 @@
 
 Threshold and temperature are fitted at SLICE level on the synthetic validation slices (val
 patients of ml_core/splits.json, full slices through the serving path, half with synthetic
-lesions): temperature by minimum negative log-likelihood on a grid, threshold by Youden's J
+lesions): temperature (and, for the max head, a logit offset: Platt scaling) by minimum
+negative log-likelihood, threshold by Youden's J
 (sensitivity + specificity - 1, ties -> the lower threshold). The test is the real tumors of
 3Dircadb1.1 (never trained on; slices with liver area >= 3000 px), reported beside the two
 shortcut baselines (liver area, slice position) and the two shortcut-free measures:
@@ -136,6 +137,31 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         if nll < best:
             best_t, best = float(t), nll
     return best_t
+
+
+def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Temperature T and offset b minimising the NLL of sigmoid((logit - b) / T) (Platt scaling).
+
+    Newton's method on the two-parameter logistic regression (tiny L2 for stability). The max
+    head's slice logit is a maximum over 64 cells, which shifts every score up: temperature
+    alone cannot remove a shift. Falls back to (fit_temperature, 0) if the fit is not increasing.
+    """
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels, np.float64)
+    x = np.stack([z, np.ones_like(z)], axis=1)
+    w = np.array([1.0 / max(fit_temperature(z, y), 1e-3), 0.0])
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (p - y) / len(y) + 1e-4 * w
+        hess = (x.T * (p * (1 - p))) @ x / len(y) + 1e-4 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w = w - step
+        if float(np.abs(step).max()) < 1e-10:
+            break
+    a, c = float(w[0]), float(w[1])
+    if not np.isfinite(a) or not np.isfinite(c) or a <= 1e-6:
+        return fit_temperature(z, y), 0.0
+    return 1.0 / a, -c / a
 
 
 def fit_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -317,13 +343,23 @@ def evaluate(model_dir: Path, out_dir: Path, *, fit: bool = True) -> dict[str, A
 
     vs, vy = validation_slices()
     vlog, _ = _logits(clf, vs)
-    temperature = fit_temperature(vlog, vy) if fit else clf.temperature
-    vprob = _sigmoid(vlog / temperature)
+    if not fit:
+        temperature, offset = clf.temperature, clf.logit_offset
+    elif clf.head == "max":
+        temperature, offset = fit_platt(vlog, vy)
+    else:
+        temperature, offset = fit_temperature(vlog, vy), 0.0
+
+    def calibrated(z: np.ndarray) -> np.ndarray:
+        return _sigmoid((z - offset) / temperature)
+
+    vprob = calibrated(vlog)
     threshold = fit_threshold(vprob, vy) if fit else clf.threshold
     res["calibration"] = {
         "temperature": temperature,
+        "logit_offset": offset,
         "threshold": threshold,
-        "rule": "temperature: min NLL on synthetic validation slices; threshold: max Youden J on the same, slice level",
+        "rule": "probability = sigmoid((logit - offset) / T); T and offset: min NLL on synthetic validation slices (offset 0 for the gap head: temperature scaling); threshold: max Youden J on the same, slice level",
         "validation": {
             "n": len(vy),
             "auc": auc(vlog, vy),
@@ -342,7 +378,7 @@ def evaluate(model_dir: Path, out_dir: Path, *, fit: bool = True) -> dict[str, A
     y, area = t["labels"], t["area"]
     base = [window_u8(h, 400, 50) for h in t["hu"]]
     logits, heat = _logits(clf, [png_roundtrip(b) for b in base])
-    prob = _sigmoid(logits / temperature)
+    prob = calibrated(logits)
     real = with_intervals(prob, y, threshold)
     real["ece"] = ece(prob, y)
     real["n"] = {"tumor": int(y.sum()), "no_tumor": int((1 - y).sum())}
@@ -403,10 +439,10 @@ def evaluate(model_dir: Path, out_dir: Path, *, fit: bool = True) -> dict[str, A
 
     fmt: dict[str, Any] = {"png": {"auc": real["auc"]["value"], **_at(prob, y, threshold)}}
     jl, _ = _logits(clf, [jpeg_roundtrip(b) for b in base])
-    fmt["jpeg_q90"] = {"auc": auc(jl, y), **_at(_sigmoid(jl / temperature), y, threshold)}
+    fmt["jpeg_q90"] = {"auc": auc(jl, y), **_at(calibrated(jl), y, threshold)}
     try:
         dl, _ = _logits(clf, [dicom_roundtrip(h, t["spacing"]) for h in t["hu"]])
-        fmt["dicom"] = {"auc": auc(dl, y), **_at(_sigmoid(dl / temperature), y, threshold)}
+        fmt["dicom"] = {"auc": auc(dl, y), **_at(calibrated(dl), y, threshold)}
     except Exception as exc:  # report, do not hide, a broken DICOM path
         fmt["dicom"] = {"error": f"{type(exc).__name__}: {exc}"}
     res["per_format"] = fmt
@@ -416,7 +452,7 @@ def evaluate(model_dir: Path, out_dir: Path, *, fit: bool = True) -> dict[str, A
         win[f"W{int(w)}/L{int(lv)}"] = {
             "auc": auc(wl, y),
             "matched_auc": matched_auc(wl, y, area)[0],
-            **_at(_sigmoid(wl / temperature), y, threshold),
+            **_at(calibrated(wl), y, threshold),
         }
     res["per_window"] = win
     res["seconds"] = round(time.time() - t0, 1)
@@ -472,6 +508,7 @@ def update_card(model_dir: Path, res: dict[str, Any], command: str) -> None:
     card = json.loads(p.read_text())
     card["threshold"] = res["calibration"]["threshold"]
     card["temperature"] = res["calibration"]["temperature"]
+    card["logit_offset"] = res["calibration"]["logit_offset"]
     card["calibration"] = res["calibration"]
     real = res["real_test_3Dircadb1.1"]
     card["metrics"] = {k: v for k, v in real.items() if k != "localisation"}

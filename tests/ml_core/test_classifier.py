@@ -75,6 +75,19 @@ def _copy(artifact: Path, tmp_path: Path) -> Path:
     return dst
 
 
+def test_the_cards_calibration_sets_the_probability(artifact: Path, tmp_path: Path) -> None:
+    """probability = sigmoid((logit - logit_offset) / temperature) with the card's values; label by threshold."""
+    folder = _copy(artifact, tmp_path)
+    card = json.loads((folder / CARD).read_text())
+    card.update(temperature=2.0, logit_offset=1.5, threshold=0.5)
+    (folder / CARD).write_text(json.dumps(card))
+    clf = Classifier.load(folder)
+    assert clf.logit_offset == 1.5 and clf.temperature == 2.0
+    (p,) = clf.predict([np.full((96, 96), 120, np.uint8)])
+    assert p.probability == pytest.approx(1 / (1 + np.exp(-(p.logit - 1.5) / 2.0)), abs=1e-6)
+    assert p.label == ("tumor" if p.logit >= 1.5 else "normal")
+
+
 def test_corrupted_weights_fail_the_sha256_check(artifact: Path, tmp_path: Path) -> None:
     """A flipped byte in the weights is refused with model_load_error, never loaded."""
     folder = _copy(artifact, tmp_path)

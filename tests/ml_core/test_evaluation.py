@@ -8,6 +8,7 @@ import pytest
 from ml_core.evaluation import (
     ablate,
     ece,
+    fit_platt,
     fit_temperature,
     fit_threshold,
     matched_auc,
@@ -27,6 +28,19 @@ def test_temperature_scaling_fixes_overconfident_logits() -> None:
     cal = 1 / (1 + np.exp(-4 * true_logit / t))
     assert ece(cal, labels) < ece(raw, labels)
     assert ece(cal, labels) < 0.05
+
+
+def test_platt_scaling_removes_a_shift_that_temperature_cannot() -> None:
+    """Logits shifted up by 5 and 3x too confident (a max over cells) get back T ~ 3, offset ~ 5."""
+    rng = np.random.default_rng(1)
+    true_logit = rng.normal(0, 2, 4000)
+    labels = (rng.random(4000) < 1 / (1 + np.exp(-true_logit))).astype(float)
+    shifted = 3 * true_logit + 5.0
+    t, b = fit_platt(shifted, labels)
+    assert 2.5 < t < 3.6 and 4.0 < b < 6.0
+    platt = 1 / (1 + np.exp(-(shifted - b) / t))
+    temp = 1 / (1 + np.exp(-shifted / fit_temperature(shifted, labels)))
+    assert ece(platt, labels) < 0.05 < ece(temp, labels)
 
 
 def test_threshold_is_fitted_by_youden_j_at_slice_level() -> None:
