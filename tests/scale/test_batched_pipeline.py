@@ -35,9 +35,9 @@ def test_concurrent_jobs_share_model_calls_and_bad_ones_fail_alone(
     """4 liver slices + a photo + bytes that are no image, 6 jobs at once, batches of 4: the liver
     jobs succeed with at most 2 classifier calls; the photo and the garbage are rejected."""
     org = make_org(ctx)
-    good = [make_job(ctx, org, encode_png(s)) for s in liver_slices[:4]]
-    photo = make_job(ctx, org, (DATA / "negatives" / "skimage" / "camera.png").read_bytes())
-    garbage = make_job(ctx, org, b"not an image at all")
+    good = [make_job(ctx, encode_png(s), org_id=org) for s in liver_slices[:4]]
+    photo = make_job(ctx, (DATA / "negatives" / "skimage" / "camera.png").read_bytes(), org_id=org)
+    garbage = make_job(ctx, b"not an image at all", org_id=org)
     pipeline.run(good[0], context=ctx)  # load the model and trace once, outside the count
     gate_before, cls_before = _calls("gate"), _calls("classifier")
 
@@ -74,7 +74,7 @@ def test_worker_metrics_endpoint_serves_batches_stages_and_utilisation(
     from worker import metrics
 
     org = make_org(ctx)
-    pipeline.run(make_job(ctx, org, encode_png(liver_slices[0])), context=ctx)
+    pipeline.run(make_job(ctx, encode_png(liver_slices[0]), org_id=org), context=ctx)
     metrics.serve(METRICS_PORT, capacity=8)
     text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
     for stage in ("fetch", "decode", "validate", "infer", "explain", "store"):

@@ -32,7 +32,7 @@ def test_waiting_jobs_get_no_duplicate_message_and_lost_ones_are_re_driven(
     """Five jobs wait behind a backlog past the deadline, sweep after sweep: still five messages.
     Two messages are then lost: the next sweep re-drives exactly those two."""
     org = make_org(ctx)
-    job_ids = [make_job(ctx, org, b"bytes") for _ in range(5)]
+    job_ids = [make_job(ctx, b"bytes", org_id=org) for _ in range(5)]
     for job_id in job_ids:
         ctx.queue.enqueue(PROCESS_JOB, str(job_id), queue=INFERENCE_QUEUE)
 

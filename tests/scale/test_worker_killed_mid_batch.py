@@ -79,7 +79,9 @@ def test_jobs_of_a_worker_killed_mid_batch_finish_once(
     succeeds, each with one terminal event, although some got two messages."""
     org = make_org(ctx)
     ids = [
-        make_job(ctx, org, encode_png(liver_slices[k % 6]), callback_url="http://127.0.0.1:9/h")
+        make_job(
+            ctx, encode_png(liver_slices[k % 6]), callback_url="http://127.0.0.1:9/h", org_id=org
+        )
         for k in range(N_JOBS)
     ]
     for job_id in ids:

@@ -25,27 +25,38 @@ def queued_tasks(client: redis.Redis, queue: str) -> list[tuple[str, list[str]]]
     return out
 
 
-def make_job(
-    ctx: WorkerContext, data: bytes | None, *, callback_url: str | None = None
-) -> uuid.UUID:
-    """Create an organization and a queued job whose upload is `data` (None: bytes never stored)."""
+def make_org(ctx: WorkerContext) -> uuid.UUID:
+    """A new organization with a webhook secret of its own; its id."""
     with ctx.sessions.begin() as session:
         org = Organization(
             name=f"clinic-{uuid.uuid4().hex[:6]}", webhook_secret="whsec_test_" + uuid.uuid4().hex
         )
         session.add(org)
         session.flush()
-        job_id = uuid.uuid4()
-        key = job_key(org.id, job_id, "input")
-        if data is not None:
-            upload = ctx.storage.put(key, data, "image/png")
-        else:
-            upload = StoredObject(
-                key=key, size=0, sha256=hashlib.sha256(b"").hexdigest(), content_type="image/png"
-            )
+        return org.id
+
+
+def make_job(
+    ctx: WorkerContext,
+    data: bytes | None,
+    *,
+    org_id: uuid.UUID | None = None,
+    callback_url: str | None = None,
+) -> uuid.UUID:
+    """A queued job (no message enqueued) of `org_id` (default: a new organization) whose upload is `data` (None: bytes never stored)."""
+    org = org_id if org_id is not None else make_org(ctx)
+    job_id = uuid.uuid4()
+    key = job_key(org, job_id, "input")
+    if data is not None:
+        upload = ctx.storage.put(key, data, "image/png")
+    else:
+        upload = StoredObject(
+            key=key, size=0, sha256=hashlib.sha256(b"").hexdigest(), content_type="image/png"
+        )
+    with ctx.sessions.begin() as session:
         jobs.create_job(
             session,
-            org_id=org.id,
+            org_id=org,
             upload=upload,
             job_id=job_id,
             filename="slice.png",
