@@ -104,6 +104,11 @@ def cell_logits(network: Any, feats: Any) -> Any:
     return tf.einsum("nhwk,k->nhw", feats, tf.reshape(dense.kernel, [-1])) + dense.bias[0]
 
 
+def calibrated_probability(logits: Any, temperature: float, offset: float = 0.0) -> Any:
+    """sigmoid((logit - offset) / temperature): the model card's calibration (offset 0 = temperature scaling)."""
+    return 1.0 / (1.0 + np.exp(-(np.asarray(logits, np.float64) - offset) / temperature))
+
+
 def square_box(
     mask: np.ndarray, margin: float = DEFAULT_MARGIN
 ) -> tuple[int, int, int, int] | None:
@@ -322,8 +327,9 @@ class Classifier:
         logits, cams = self.logits_and_cams(slices, boxes)
         preds = []
         for s, box, logit, cam in zip(slices, boxes, logits, cams, strict=True):
-            z = (float(logit) - self._spec.logit_offset) / self._spec.temperature
-            p = float(1.0 / (1.0 + np.exp(-z)))
+            p = float(
+                calibrated_probability(logit, self._spec.temperature, self._spec.logit_offset)
+            )
             preds.append(
                 Prediction(
                     probability=p,

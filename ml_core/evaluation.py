@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ml_core.classifier import CARD, Classifier
+from ml_core.classifier import CARD, Classifier, calibrated_probability
 from ml_core.training import DATA_DIR, auc, load_backgrounds, split
 
 log = logging.getLogger(__name__)
@@ -328,10 +328,6 @@ def _logits(
     return np.asarray(logits, np.float64), heat
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
-
-
 def evaluate(model_dir: Path, out_dir: Path, *, fit: bool = True) -> dict[str, Any]:
     """Run the full evaluation of one artifact; write metrics.json and SVG plots to ``out_dir``."""
     t0 = time.time()
@@ -351,7 +347,7 @@ def evaluate(model_dir: Path, out_dir: Path, *, fit: bool = True) -> dict[str, A
         temperature, offset = fit_temperature(vlog, vy), 0.0
 
     def calibrated(z: np.ndarray) -> np.ndarray:
-        return _sigmoid((z - offset) / temperature)
+        return np.asarray(calibrated_probability(z, temperature, offset))
 
     vprob = calibrated(vlog)
     threshold = fit_threshold(vprob, vy) if fit else clf.threshold
