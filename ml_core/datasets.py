@@ -429,7 +429,11 @@ def _dicom_hu(path: Path) -> tuple[np.ndarray, str, tuple[float, float] | None]:
         # Old files without a meta header are implicit VR little endian by the standard's default.
         ds.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    from ml_core.decoding import to_radiological_view
+
     px = ds.pixel_array.astype(np.float32)
+    if px.ndim == 2:  # as the upload path shows it: patient's right on the left, anterior up
+        px = to_radiological_view(px, ds)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     inter = float(ds.get("RescaleIntercept", 0) or 0)
     sp = ds.get("PixelSpacing")

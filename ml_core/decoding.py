@@ -324,7 +324,7 @@ def axial_normal_z(ds: pydicom.Dataset) -> float | None:
     return abs(float(normal[2])) / norm if norm > 0 else None
 
 
-def _to_radiological_view(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+def to_radiological_view(values: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     """Flip an axial slice so the patient's right is on the left and anterior at the top."""
     try:
         iop = [float(v) for v in ds.get("ImageOrientationPatient")]
@@ -407,7 +407,7 @@ def _decode_dicom(p: Probe, *, allow_color: bool) -> tuple[DecodedImage, float]:
         values = values.max() - values
     if not np.all(np.isfinite(values)):
         raise Undecodable("DICOM pixel values are not finite")
-    values = _to_radiological_view(values, ds)
+    values = to_radiological_view(values, ds)
     img = DecodedImage(
         pixels=values,
         format="dicom",

@@ -95,3 +95,23 @@ def test_negatives_are_split_by_file_and_all_decode(splits: dict) -> None:
     assert sorted(splits["negatives"]) == files
     decoded = [rel for _img, rel in D.iter_negatives(splits=splits)]
     assert decoded == files
+
+
+def test_dataset_dicom_slices_are_shown_as_the_upload_path_decodes_them() -> None:
+    # The pydicom CT is stored with the column direction reversed; the loader must flip it
+    # like ml_core.decoding does, or the gate's held-out figures score it upside down.
+    from ml_core.decoding import decode
+
+    root = D.default_root()
+    for f in (
+        sorted((root / "pydicom_abdomen").glob("*.dcm"))
+        + sorted((root / "totalsegmentator" / "example_ct_dicom").iterdir())[:2]
+    ):
+        hu, _, _ = D._dicom_hu(f)
+        assert np.array_equal(hu, decode(f.read_bytes()).pixels), f.name
+    ct = [s for s in D.iter_small_examples("test") if "ct_upper" in s[2]["patient"]]
+    assert len(ct) == 1
+    img = ct[0][0]
+    bone_rows = np.nonzero(img >= 250)[0]
+    body_rows = np.nonzero(img > 0)[0]
+    assert bone_rows.mean() > body_rows.mean()  # spine below the body's centre
