@@ -73,6 +73,12 @@ MIN_EVAL_LIVER_PX_512 = 3000.0
 #: liver slices (the extent is uncertain by a few slices; its lowest tip is a sliver).
 BY_EYE_MARGIN_SLICES = 8
 BONE_WINDOWS = ((2000.0, 500.0), (1800.0, 400.0), (2500.0, 480.0))
+#: Positive groups reported but not used to set the threshold nor counted in
+#: ``liver_accepted``: MR-like renders of CT liver slices (``pseudo_mr``), a proxy for MR
+#: uploads, of which there is no real validation example.
+EXTRA_POSITIVES = ("pos/pseudo_mr",)
+#: Share of training positives rendered MR-like (``pseudo_mr``).
+PSEUDO_MR_SHARE = 0.15
 
 
 def build_gate_cnn(input_size: int = INPUT_SIZE) -> Any:
@@ -792,6 +798,56 @@ def _jpeg(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else img
 
 
+#: Grey levels of a W400/L50 slice (HU -150..250) where ``pseudo_mr`` places its control
+#: points: air, fat (-100 HU), fat/soft-tissue edge, fluid (~0 HU), muscle (~45), liver
+#: (~60-70), enhancing vessels and kidney (~150), dense contrast / bone edge, bone (>= 250).
+_MR_GREY = np.array([0, 12, 32, 70, 100, 124, 138, 190, 240, 255], np.float32)
+
+
+def pseudo_mr(img_u8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Render a W400/L50-like CT slice with MR-like contrast (for the gate's training and validation).
+
+    A random, not necessarily monotone, map from CT tissue classes to MR intensities: fat
+    bright (T1, T2 fast spin echo) or dark (fat-suppressed), fluid dark (T1) or bright (T2),
+    soft tissue mid grey, enhancing vessels and kidneys mid to bright (post-contrast), cortical
+    bone dark (signal void); then a smooth multiplicative bias field (coil sensitivity), a
+    slight blur (MR's coarser in-plane resolution) and Rician-like noise, scaled to uint8 by
+    percentiles as ``datasets.mr_to_u8`` does. Anatomy is kept, CT's intensity order is not.
+    """
+    import cv2
+
+    air = rng.uniform(0.0, 0.04)
+    fat = (
+        rng.uniform(0.65, 1.0)
+        if (r := rng.random()) < 0.45
+        else rng.uniform(0.03, 0.25)
+        if r < 0.8
+        else rng.uniform(0.3, 0.6)
+    )
+    fluid = rng.uniform(0.05, 0.3) if rng.random() < 0.6 else rng.uniform(0.65, 1.0)
+    muscle = rng.uniform(0.15, 0.45)
+    liver = float(np.clip(muscle + rng.uniform(-0.05, 0.25), 0.1, 0.75))
+    enh = rng.uniform(0.35, 1.0)
+    bone = rng.uniform(0.05, 0.45)
+    edge = (fat + fluid) / 2.0
+    vals = np.array([air, air, fat, edge, fluid, muscle, liver, enh, (enh + bone) / 2, bone])
+    lut = np.interp(np.arange(256, dtype=np.float32), _MR_GREY, vals).astype(np.float32)
+    # CT noise (+-10 HU in the liver) would be amplified by the steep soft-tissue part of the
+    # map into a speckle MR does not have: smooth within tissues first (edges kept).
+    x = lut[cv2.bilateralFilter(cv2.medianBlur(img_u8, 5), 9, 60.0, 5.0)]
+    h, w = x.shape
+    coarse = rng.normal(0.0, 1.0, (3, 3)).astype(np.float32)
+    field = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+    x = x * np.exp(rng.uniform(0.05, 0.3) * field / max(float(np.abs(field).max()), 1e-3))
+    if rng.random() < 0.7:
+        x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.5, 1.5))
+    sigma = rng.uniform(0.0, 0.04)
+    x = np.hypot(x + rng.normal(0, sigma, x.shape), rng.normal(0, sigma, x.shape))
+    lo, hi = np.percentile(x, [1.0, 99.5])
+    out = (x - lo) * (255.0 / max(float(hi - lo), 1e-3))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def _augment_u8(img: np.ndarray, rng: np.random.Generator, *, contrast: bool) -> np.ndarray:
     import cv2
 
@@ -815,7 +871,13 @@ def _augment_u8(img: np.ndarray, rng: np.random.Generator, *, contrast: bool) ->
     return x
 
 
-def _sample_positive(p: GatePools, rng: np.random.Generator) -> np.ndarray:
+def _sample_positive(p: GatePools, rng: np.random.Generator, mr_share: float = 0.0) -> np.ndarray:
+    if rng.random() < mr_share:  # MR-like render of a CT liver slice (HU or harmonised 8-bit)
+        if p.pos_hu and rng.random() < 0.35:
+            ct = _win(p.pos_hu[int(rng.integers(len(p.pos_hu)))], 400, 50)
+        else:
+            ct = p.pos_u8[int(rng.integers(len(p.pos_u8)))]
+        return _augment_u8(pseudo_mr(ct, rng), rng, contrast=False)
     if p.pos_hu and rng.random() < 0.35:
         hu = p.pos_hu[int(rng.integers(len(p.pos_hu)))]
         img = _win(hu, rng.uniform(280, 480), rng.uniform(25, 75))
@@ -866,12 +928,17 @@ def _sample_negative(p: GatePools, rng: np.random.Generator) -> np.ndarray:
     return _jpeg(img, rng) if rng.random() < 0.3 else img
 
 
-def make_batch(p: GatePools, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Half positives, half negatives: float32 (n, S, S, 1) 0..255 and labels float32 (n, 1)."""
+def make_batch(
+    p: GatePools, rng: np.random.Generator, n: int, mr_share: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Half positives, half negatives: float32 (n, S, S, 1) 0..255 and labels float32 (n, 1).
+
+    ``mr_share`` of the positives are MR-like renders of CT liver slices (``pseudo_mr``).
+    """
     imgs, labels = [], []
     for k in range(n):
         pos = k % 2 == 0
-        imgs.append(_sample_positive(p, rng) if pos else _sample_negative(p, rng))
+        imgs.append(_sample_positive(p, rng, mr_share) if pos else _sample_negative(p, rng))
         labels.append(1.0 if pos else 0.0)
     x, _ = to_input(imgs, INPUT_SIZE)
     return x, np.asarray(labels, np.float32)[:, None]
@@ -903,6 +970,10 @@ def evaluation_set(
             )
             for h in pos_hu[::2]
         ]
+    mr_rng = np.random.default_rng(seed + 7)
+    groups["pos/pseudo_mr"] = [pseudo_mr(_win(h, 400, 50), mr_rng) for h in pos_hu[::4]] + [
+        pseudo_mr(x, mr_rng) for x in pos_u8[::2]
+    ]
     groups["pos/u8/png"] = list(pos_u8)
     groups["pos/u8/jpeg"] = [
         cv2.imdecode(cv2.imencode(".jpg", x, [cv2.IMWRITE_JPEG_QUALITY, 85])[1], 0) for x in pos_u8
@@ -949,6 +1020,10 @@ def _counted_negative(group: str) -> bool:
     return group.startswith("neg/") and not group.startswith(EXTRA_NEGATIVES)
 
 
+def _counted_positive(group: str) -> bool:
+    return group.startswith("pos/") and not group.startswith(EXTRA_POSITIVES)
+
+
 def choose_threshold(scores: dict[str, np.ndarray], target_accept: float = 0.99) -> float:
     """Threshold between negatives and positives: rejects every negative, keeps >= target if it can.
 
@@ -956,7 +1031,7 @@ def choose_threshold(scores: dict[str, np.ndarray], target_accept: float = 0.99)
     quantile; if those overlap, strictness wins (just above the highest negative). The
     ``EXTRA_NEGATIVES`` groups (coronal/sagittal reformats) are reported but do not set it.
     """
-    pos = np.concatenate([v for g, v in scores.items() if g.startswith("pos/")])
+    pos = np.concatenate([v for g, v in scores.items() if _counted_positive(g)])
     neg = np.concatenate([v for g, v in scores.items() if _counted_negative(g)])
 
     def logit(p: float) -> float:
@@ -976,7 +1051,8 @@ def rates(scores: dict[str, np.ndarray], threshold: float) -> dict[str, Any]:
     for g, v in scores.items():
         if g.startswith("pos/"):
             r = float((v >= threshold).mean())
-            pos_all.append(v)
+            if _counted_positive(g):
+                pos_all.append(v)
             out["by_group"][g] = {"accepted": round(r, 4), "n": int(v.size)}
         else:
             r = float((v < threshold).mean())
@@ -1017,6 +1093,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--init", type=Path, default=None, help="gate weights to start from (fine-tuning)"
     )
+    parser.add_argument(
+        "--mr-share",
+        type=float,
+        default=PSEUDO_MR_SHARE,
+        help="share of positives rendered MR-like from CT liver slices (pseudo_mr)",
+    )
+    parser.add_argument(
+        "--select",
+        choices=("val", "last"),
+        default="val",
+        help="weights to ship: the epoch (or the --init weights) best on validation "
+        "(see val_criterion), or the last epoch",
+    )
+
+
+def val_criterion(scores: dict[str, np.ndarray]) -> tuple[float, float, float]:
+    """How a candidate is ranked on validation (larger is better), at its own threshold.
+
+    (liver slices accepted, MR-like renders accepted, logit gap between the positives' 1%
+    quantile and the highest counted negative). Every counted negative is rejected at any
+    threshold ``choose_threshold`` returns, so acceptance ranks first; the MR proxy and the
+    margin separate candidates that all accept every validation liver slice.
+    """
+    threshold = choose_threshold(scores)
+    r = rates(scores, threshold)
+    mr = r["by_group"].get("pos/pseudo_mr", {}).get("accepted", 0.0)
+    pos = np.concatenate([v for g, v in scores.items() if _counted_positive(g)])
+    neg = np.concatenate([v for g, v in scores.items() if _counted_negative(g)])
+    q = np.clip([np.quantile(pos, 0.01), neg.max()], 1e-7, 1 - 1e-7)
+    lg = np.log(q / (1 - q))
+    return float(r["liver_accepted"]), float(mr), round(float(lg[0] - lg[1]), 4)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1047,6 +1154,22 @@ def run(args: argparse.Namespace) -> int:
     gate = LiverGate(cnn, localiser, threshold=0.5)
     val_pools = GatePools("val", localiser, seed=1, shrink=4096)
     val_groups = evaluation_set(val_pools, seed=101)
+    state: dict[str, Any] = json.loads(state_path.read_text()) if start else {}
+    history: list[dict[str, Any]] = list(state.get("history", []))
+
+    def record(epoch: int) -> None:
+        """Validation criterion of the current weights; their copy for the final choice."""
+        crit = val_criterion(score_groups(gate, val_groups))
+        cnn.save_weights(str(ckpt_dir / f"epoch_{epoch:02d}.weights.h5"))
+        history.append({"epoch": epoch, "criterion": list(crit)})
+        log.info(
+            "epoch %d validation: liver accepted %.4f, MR-like %.4f, logit gap %.3f",
+            epoch,
+            *crit,
+        )
+
+    if start == 0 and args.init is not None:
+        record(0)  # the starting weights compete with the fine-tuned epochs
 
     if start < args.epochs:
         train = GatePools("train", localiser, seed=args.seed)
@@ -1073,22 +1196,24 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.time()
             losses = []
             for _ in range(args.steps):
-                x, y = make_batch(train, rng, args.batch_size)
+                x, y = make_batch(train, rng, args.batch_size, args.mr_share)
                 losses.append(float(step(tf.constant(x), tf.constant(y))))
-            sc = score_groups(gate, val_groups)
-            r = rates(sc, 0.5)
             log.info(
-                "epoch %d/%d loss %.4f val@0.5: liver accepted %.4f, negatives rejected %.4f (%.0f img/s)",
+                "epoch %d/%d loss %.4f (%.0f img/s)",
                 epoch + 1,
                 args.epochs,
                 float(np.mean(losses)),
-                r["liver_accepted"],
-                r["negatives_rejected"],
                 args.steps * args.batch_size / (time.time() - t0),
             )
+            record(epoch + 1)
             cnn.save_weights(str(ckpt))
-            state_path.write_text(json.dumps({"epoch": epoch + 1}))
+            state_path.write_text(json.dumps({"epoch": epoch + 1, "history": history}))
 
+    chosen = history[-1]["epoch"] if history else None
+    if args.select == "val" and history:
+        chosen = max(history, key=lambda h: tuple(h["criterion"]))["epoch"]
+        cnn.load_weights(str(ckpt_dir / f"epoch_{chosen:02d}.weights.h5"))
+        log.info("chosen on validation: epoch %d (0 = the --init weights)", chosen)
     val_scores = score_groups(gate, val_groups)
     threshold = choose_threshold(val_scores)
     val_rates = rates(val_scores, threshold)
@@ -1138,10 +1263,17 @@ def run(args: argparse.Namespace) -> int:
         "by_eye_margin_slices": BY_EYE_MARGIN_SLICES,
         "far_mm": FAR_MM,
         "metrics": {"val": val_rates, "test": test_rates},
+        "selection": {
+            "rule": "--select " + args.select + ": " + (val_criterion.__doc__ or "").split("\n")[0],
+            "chosen_epoch": chosen,
+            "history": history,
+        },
+        "pseudo_mr_share": args.mr_share,
         "splits_sha256": sha256_file(D.SPLITS_PATH),
         "init_sha256": sha256_file(args.init) if args.init is not None else None,
         "training_command": f"python -m ml_core.gate --epochs {args.epochs} --steps {args.steps} "
-        f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}"
+        f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} "
+        f"--mr-share {args.mr_share} --select {args.select}"
         + (f" --init {args.init}" if args.init is not None else ""),
     }
     (out / CARD_NAME).write_text(json.dumps(card, indent=1) + "\n")

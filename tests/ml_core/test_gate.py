@@ -67,6 +67,39 @@ def _body() -> np.ndarray:
     return img
 
 
+def test_pseudo_mr_keeps_the_anatomy_and_changes_the_ct_intensity_order() -> None:
+    body = np.kron(_body(), np.ones((2, 2), np.uint8))  # fat ring 40, liver-like core 140
+    fat_brighter = 0
+    for seed in range(40):
+        mr = G.pseudo_mr(body, np.random.default_rng(seed))
+        assert mr.dtype == np.uint8 and mr.shape == body.shape
+        outside, core, ring = mr[:8, :8].mean(), mr[128, 128], mr[128, 128 + 104]
+        assert outside < 50  # air stays dark (noise floor and bias field aside)
+        fat_brighter += int(ring > core)
+    # fat is brighter than soft tissue in T1 / T2 renders and darker when fat-suppressed
+    assert 5 <= fat_brighter <= 35
+    again = G.pseudo_mr(body, np.random.default_rng(3))
+    assert np.array_equal(again, G.pseudo_mr(body, np.random.default_rng(3)))
+
+
+def test_mr_like_renders_are_reported_but_do_not_set_the_threshold() -> None:
+    scores = {
+        "pos/a": np.array([0.97, 0.99, 0.995, 0.999] * 50),
+        "pos/pseudo_mr": np.array([0.05, 0.1]),
+        "neg/b": np.array([0.01, 0.2, 0.6]),
+    }
+    t = G.choose_threshold(scores)
+    assert 0.6 < t < 0.97
+    r = G.rates(scores, t)
+    assert r["liver_accepted"] == 1.0 and r["n_positive"] == 200
+    assert r["by_group"]["pos/pseudo_mr"]["accepted"] == 0.0
+    better_mr = dict(scores, **{"pos/pseudo_mr": np.array([0.99, 0.1])})
+    wider_gap = dict(scores, **{"neg/b": np.array([0.01, 0.2, 0.3])})
+    assert G.val_criterion(better_mr) > G.val_criterion(scores)
+    assert G.val_criterion(wider_gap) > G.val_criterion(scores)
+    assert G.val_criterion(scores)[:2] == (1.0, 0.0)
+
+
 def test_bundled_brain_mr_slices_are_grey_images() -> None:
     brains = G.brain_mr_slices()
     assert len(brains) >= 20
