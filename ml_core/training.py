@@ -295,6 +295,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument(
+        "--keep-every",
+        type=int,
+        default=0,
+        help="also keep step_NNNNN.weights.h5 every N steps (at validation steps), for a "
+        "choice made later on another validation set; 0 = only best and last",
+    )
+    parser.add_argument(
         "--curriculum",
         type=int,
         default=600,
@@ -465,6 +472,8 @@ def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
                 state["best_auc"], state["best_step"] = val_auc, state["step"]
                 model.save_weights(str(ckpt / "best.weights.h5"))
             model.save_weights(str(ckpt / "last.weights.h5"))
+            if args.keep_every and state["step"] % args.keep_every == 0:
+                model.save_weights(str(ckpt / f"step_{state['step']:05d}.weights.h5"))
             np.savez(
                 ckpt / "last.optimizer.npz",
                 **{str(i): v.numpy() for i, v in enumerate(opt.variables)},
