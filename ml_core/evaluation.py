@@ -6,9 +6,10 @@ by default the "realistic" set (real tumor-free val slices, and copies with one 
 lesion from faint and small to strong and large), optionally the old "synthetic" one (val
 backgrounds clean and with training-like lesions); both are always reported. Temperature
 (and, for the max head, a logit offset: Platt scaling) by minimum negative log-likelihood,
-threshold by Youden's J (sensitivity + specificity - 1, ties -> the lower threshold). The test is the real tumors of
-3Dircadb1.1 (never trained on; slices with liver area >= 3000 px), reported beside the two
-shortcut baselines (liver area, slice position) and the two shortcut-free measures:
+threshold by Youden's J (sensitivity + specificity - 1, ties -> the lower threshold).
+The test is the real tumors of 3Dircadb1.1 (never trained on; slices with liver area >= 3000
+px), reported beside the two shortcut baselines (liver area, slice position) and the two
+shortcut-free measures:
 liver-area-matched AUC (tumor/no-tumor pairs whose liver areas differ < 1.5x) and
 tumor-ablation AUC (each tumor slice against itself with the tumor inpainted away by OpenCV
 Telea on the dilated mask plus matched noise). Per export format (PNG, JPEG q90, DICOM
