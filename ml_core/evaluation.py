@@ -1,12 +1,15 @@
 """Evaluate a model artifact honestly (``python -m ml_core evaluate``): metrics JSON + SVG plots.
 
-Threshold and temperature are fitted at SLICE level on the synthetic validation slices (val
-patients of ml_core/splits.json, full slices through the serving path, half with synthetic
-lesions): temperature (and, for the max head, a logit offset: Platt scaling) by minimum
-negative log-likelihood, threshold by Youden's J
-(sensitivity + specificity - 1, ties -> the lower threshold). The test is the real tumors of
-3Dircadb1.1 (never trained on; slices with liver area >= 3000 px), reported beside the two
-shortcut baselines (liver area, slice position) and the two shortcut-free measures:
+Threshold and temperature are fitted at SLICE level on a validation set of the val patients
+of ml_core/splits.json (full slices through the serving path; ml_core/calibration_sets.py):
+by default the "realistic" set (real tumor-free val slices, and copies with one synthetic
+lesion from faint and small to strong and large), optionally the old "synthetic" one (val
+backgrounds clean and with training-like lesions); both are always reported. Temperature
+(and, for the max head, a logit offset: Platt scaling) by minimum negative log-likelihood,
+threshold by Youden's J (sensitivity + specificity - 1, ties -> the lower threshold).
+The test is the real tumors of 3Dircadb1.1 (never trained on; slices with liver area >= 3000
+px), reported beside the two shortcut baselines (liver area, slice position) and the two
+shortcut-free measures:
 liver-area-matched AUC (tumor/no-tumor pairs whose liver areas differ < 1.5x) and
 tumor-ablation AUC (each tumor slice against itself with the tumor inpainted away by OpenCV
 Telea on the dilated mask plus matched noise). Per export format (PNG, JPEG q90, DICOM
@@ -26,6 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from ml_core.calibration_sets import (
+    CONTRAST_CLASSES_HU,
+    NAMES,
+    SIZE_CLASSES_MM,
+    ValidationSet,
+    realistic_set,
+)
 from ml_core.classifier import CARD, Classifier, calibrated_probability
 from ml_core.training import DATA_DIR, auc, load_backgrounds, split
 
@@ -313,6 +323,111 @@ def validation_slices(seed: int = 99, repeats: int = 2) -> tuple[list[np.ndarray
     return slices, np.asarray(labels, np.float32)
 
 
+VAL_SET_NAMES = NAMES
+#: Decided on validation only, before the test patient was scored with it (docs/model.md).
+DEFAULT_VAL_SET = "realistic"
+CALIBRATION_RULE = (
+    "probability = sigmoid((logit - offset) / T); T and offset: min NLL on the {val_set} "
+    "validation slices (offset 0 for the gap head: temperature scaling); threshold: max Youden J "
+    "on the same, slice level"
+)
+
+
+def load_validation_set(name: str, clf: Classifier) -> ValidationSet:
+    """The named validation set: "realistic" (calibration_sets.realistic_set) or "synthetic" (validation_slices)."""
+    if name == "realistic":
+        return realistic_set(clf.liver_masks)
+    if name == "synthetic":
+        slices, labels = validation_slices()
+        # validation_slices walks the val backgrounds in this order, clean then lesioned, per repeat.
+        bgs = split(load_backgrounds(), "val")
+        meta = [
+            {"source": b.source, "patient": b.patient, "split": b.split, "kind": kind}
+            for _ in range(len(labels) // (2 * len(bgs)))
+            for b in bgs
+            for kind in ("clean", "lesion")
+        ]
+        assert [m["kind"] == "lesion" for m in meta] == list(labels > 0.5)
+        return ValidationSet("synthetic", slices, labels, np.ones(len(labels), np.int64), meta)
+    raise ValueError(f"unknown validation set {name!r} (one of {', '.join(VAL_SET_NAMES)})")
+
+
+def _nll(z: np.ndarray, y: np.ndarray, temperature: float, offset: float) -> float:
+    u = (z - offset) / temperature
+    return float(np.mean(np.logaddexp(0.0, u) - y * u))
+
+
+def fit_on(clf: Classifier, vset: ValidationSet, *, fit: bool = True) -> dict[str, Any]:
+    """Fit calibration (Platt for the max head, temperature for gap) and the Youden threshold on one set.
+
+    Returns temperature, logit_offset, threshold and a "validation" report (AUC, both calibration
+    families with their ECE and NLL, the logit cut, and per stratum / per patient figures);
+    "_logits" and "_labels" are the weight-expanded validation arrays.
+    """
+    raw, _ = _logits(clf, vset.slices)
+    z, y = vset.expand(raw)
+    t_only = fit_temperature(z, y)
+    platt = fit_platt(z, y)
+    if not fit:
+        temperature, offset = clf.temperature, clf.logit_offset
+    elif clf.head == "max":
+        temperature, offset = platt
+    else:
+        temperature, offset = t_only, 0.0
+    prob = np.asarray(calibrated_probability(z, temperature, offset))
+    threshold = fit_threshold(prob, y) if fit else clf.threshold
+    thr = min(max(threshold, 1e-12), 1 - 1e-12)
+    families = {
+        "temperature_only": (t_only, 0.0),
+        "platt": platt,
+    }
+    report: dict[str, Any] = {
+        **vset.summary(),
+        "n": len(y),
+        "auc": auc(z, y),
+        **point_metrics(prob, y, threshold),
+        "ece": ece(prob, y),
+        "logit_cut": offset + temperature * float(np.log(thr / (1 - thr))),
+        "families": {
+            k: {
+                "temperature": t,
+                "logit_offset": b,
+                "ece": ece(np.asarray(calibrated_probability(z, t, b)), y),
+                "nll": _nll(z, y, t, b),
+            }
+            for k, (t, b) in families.items()
+        },
+    }
+    raw_prob = np.asarray(calibrated_probability(raw, temperature, offset))
+    strata: dict[str, Any] = {}
+    for i, m in enumerate(vset.meta):
+        if m["kind"] == "lesion" and "size_class" in m:
+            key = f"size{m['size_class']}_contrast{m['contrast_class']}"
+            strata.setdefault(key, []).append(float(raw_prob[i] >= threshold))
+    if strata:
+        report["sensitivity_by_stratum"] = {k: float(np.mean(v)) for k, v in sorted(strata.items())}
+        report["strata"] = {
+            "size_mm": [list(c) for c in SIZE_CLASSES_MM],
+            "contrast_hu": [list(c) for c in CONTRAST_CLASSES_HU],
+        }
+    per_patient: dict[str, list[float]] = {}
+    for i, m in enumerate(vset.meta):
+        if m["kind"] == "clean" and "patient" in m:
+            per_patient.setdefault(f"{m['source']}:{m['patient']}", []).append(
+                float(raw_prob[i] < threshold)
+            )
+    if per_patient:
+        report["specificity_by_patient"] = {k: float(np.mean(v)) for k, v in per_patient.items()}
+    return {
+        "temperature": temperature,
+        "logit_offset": offset,
+        "threshold": threshold,
+        "validation": report,
+        "_logits": z,
+        "_labels": y,
+    }
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -328,8 +443,20 @@ def _logits(
     return np.asarray(logits, np.float64), heat
 
 
-def evaluate(model_dir: Path, out_dir: Path, *, fit: bool = True) -> dict[str, Any]:
-    """Run the full evaluation of one artifact; write metrics.json and SVG plots to ``out_dir``."""
+def evaluate(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    fit: bool = True,
+    val_set: str = DEFAULT_VAL_SET,
+    validation_only: bool = False,
+) -> dict[str, Any]:
+    """Run the full evaluation of one artifact; write metrics.json and SVG plots to ``out_dir``.
+
+    Calibration and threshold are fitted on ``val_set`` ("realistic" or "synthetic"; both are
+    always reported). ``validation_only`` stops before the test patient and writes
+    validation.json instead.
+    """
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     clf = Classifier.load(model_dir)
@@ -337,38 +464,52 @@ def evaluate(model_dir: Path, out_dir: Path, *, fit: bool = True) -> dict[str, A
         "model": {"name": clf.info.name, "version": clf.info.version, "sha256": clf.info.sha256}
     }
 
-    vs, vy = validation_slices()
-    vlog, _ = _logits(clf, vs)
-    if not fit:
-        temperature, offset = clf.temperature, clf.logit_offset
-    elif clf.head == "max":
-        temperature, offset = fit_platt(vlog, vy)
-    else:
-        temperature, offset = fit_temperature(vlog, vy), 0.0
-
-    def calibrated(z: np.ndarray) -> np.ndarray:
-        return np.asarray(calibrated_probability(z, temperature, offset))
-
-    vprob = calibrated(vlog)
-    threshold = fit_threshold(vprob, vy) if fit else clf.threshold
+    fits = {name: fit_on(clf, load_validation_set(name, clf), fit=fit) for name in VAL_SET_NAMES}
+    for name, f in fits.items():
+        log.info(
+            "validation %s: AUC %.3f, T %.3f, offset %.3f, threshold %.3f",
+            name,
+            f["validation"]["auc"],
+            f["temperature"],
+            f["logit_offset"],
+            f["threshold"],
+        )
+    chosen = fits[val_set]
+    temperature, offset, threshold = (
+        chosen["temperature"],
+        chosen["logit_offset"],
+        chosen["threshold"],
+    )
+    # How each set's fit scores on the other set (validation only: says whether fits transfer).
+    for name, f in fits.items():
+        f["validation"]["ece_with_other_fits"] = {
+            other: ece(
+                np.asarray(
+                    calibrated_probability(f["_logits"], g["temperature"], g["logit_offset"])
+                ),
+                f["_labels"],
+            )
+            for other, g in fits.items()
+            if other != name
+        }
     res["calibration"] = {
         "temperature": temperature,
         "logit_offset": offset,
         "threshold": threshold,
-        "rule": "probability = sigmoid((logit - offset) / T); T and offset: min NLL on synthetic validation slices (offset 0 for the gap head: temperature scaling); threshold: max Youden J on the same, slice level",
-        "validation": {
-            "n": len(vy),
-            "auc": auc(vlog, vy),
-            **point_metrics(vprob, vy, threshold),
-            "ece": ece(vprob, vy),
+        "validation_set": val_set,
+        "rule": CALIBRATION_RULE.format(val_set=val_set),
+        "validation": chosen["validation"],
+        "validation_sets": {
+            name: {k: v for k, v in f.items() if not k.startswith("_")} for name, f in fits.items()
         },
     }
-    log.info(
-        "validation: AUC %.3f, T %.3f, threshold %.3f",
-        res["calibration"]["validation"]["auc"],
-        temperature,
-        threshold,
-    )
+    if validation_only:
+        res["seconds"] = round(time.time() - t0, 1)
+        (out_dir / "validation.json").write_text(json.dumps(res, indent=2))
+        return res
+
+    def calibrated(z: np.ndarray) -> np.ndarray:
+        return np.asarray(calibrated_probability(z, temperature, offset))
 
     t = load_test()
     y, area = t["labels"], t["area"]
@@ -529,6 +670,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-fit", action="store_true", help="keep the card's threshold and temperature"
     )
     parser.add_argument(
+        "--val-set",
+        choices=list(VAL_SET_NAMES),
+        default=DEFAULT_VAL_SET,
+        help="validation set that calibration and threshold are fitted on (both are reported): "
+        "realistic = real tumor-free val slices + one faint-to-strong, 5-50 mm synthetic lesion "
+        "copies (ml_core/calibration_sets.py); synthetic = the old val backgrounds clean and with "
+        "training-like lesions",
+    )
+    parser.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="fit and report on the validation sets only; do not score the test patient",
+    )
+    parser.add_argument(
         "--update-card",
         action="store_true",
         help="write threshold, temperature and metrics into model_card.json",
@@ -542,12 +697,20 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     model_dir = Path(args.model) if args.model else default_model_path()
     out = Path(args.out) if args.out else model_dir / "eval"
-    res = evaluate(model_dir, out, fit=not args.no_fit)
+    res = evaluate(
+        model_dir,
+        out,
+        fit=not args.no_fit,
+        val_set=args.val_set,
+        validation_only=args.validation_only,
+    )
+    if args.validation_only:
+        return 0
     if args.update_card:
         update_card(
             model_dir,
             res,
-            f"python -m ml_core evaluate --model {model_dir.as_posix()} --update-card",
+            f"python -m ml_core evaluate --model {model_dir.as_posix()} --val-set {args.val_set} --update-card",
         )
     r = res["real_test_3Dircadb1.1"]
     log.info(
