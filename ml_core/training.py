@@ -317,6 +317,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write an artifact from the run's best checkpoint and stop",
     )
     parser.add_argument(
+        "--export-weights",
+        default="best.weights.h5",
+        help="with --export: the run's weights file to export (e.g. step_00300.weights.h5)",
+    )
+    parser.add_argument(
         "--no-current",
         action="store_true",
         help="with --export: leave ml_core/models/CURRENT as it is (e.g. a comparison model)",
@@ -338,7 +343,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     ckpt = Path(args.checkpoints) / args.run
     if args.export:
-        folder = export_artifact(ckpt, args.export, set_current=not args.no_current)
+        folder = export_artifact(
+            ckpt, args.export, set_current=not args.no_current, weights=args.export_weights
+        )
         log.info("artifact written to %s", folder)
         return 0
     train_loop(args, ckpt)
@@ -554,15 +561,24 @@ def _resume_commands(
 
 
 def export_artifact(
-    ckpt: Path, version: str, *, models_dir: Path = MODELS_DIR, set_current: bool = True
+    ckpt: Path,
+    version: str,
+    *,
+    models_dir: Path = MODELS_DIR,
+    set_current: bool = True,
+    weights: str = "best.weights.h5",
 ) -> Path:
-    """Write ml_core/models/liverscan-<backbone>-<version>/ from a run's best weights plus the staged localiser and gate."""
+    """Write ml_core/models/liverscan-<backbone>-<version>/ from a run's weights plus the staged localiser and gate.
+
+    ``weights`` names the file in the run's folder: its best checkpoint by default, or a kept
+    ``step_NNNNN.weights.h5`` (``--keep-every``) when the choice is made on another set.
+    """
     state = json.loads((ckpt / "state.json").read_text())
     a = state["args"]
     name = f"liverscan-{a['backbone']}"
     folder = models_dir / f"{name}-{version}"
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ckpt / "best.weights.h5", folder / WEIGHTS)
+    shutil.copyfile(ckpt / weights, folder / WEIGHTS)
     staging = models_dir / "_staging"
     for part in ("localiser", "gate"):
         if (staging / part).is_dir():
@@ -612,6 +628,7 @@ def export_artifact(
             "synthetic_lesions": "ml_core.synthesis (Hu et al., CVPR 2023, 2-D adaptation), paired batches",
             "steps": state["step"],
             "best_step": state["best_step"],
+            "exported_weights": weights,
             "synthetic_validation_auc": state["best_auc"],
             "split_manifest": "split_manifest.json",
             "args": a,
@@ -620,7 +637,8 @@ def export_artifact(
         "commands": {
             "train": " ".join(_train_command(ckpt.name, a)),
             **_resume_commands(ckpt.name, a, state.get("invocations", [])),
-            "export": f"python -m ml_core train --run {ckpt.name} --export {version}",
+            "export": f"python -m ml_core train --run {ckpt.name} --export {version}"
+            + ("" if weights == "best.weights.h5" else f" --export-weights {weights}"),
         },
         "intended_use": "decision support for liver tumor screening on axial CT slices; never a diagnosis",
     }

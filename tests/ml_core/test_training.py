@@ -98,7 +98,8 @@ def test_a_few_training_steps_write_a_loadable_artifact(tmp_path: Path, arch: li
     assert run(parser.parse_args(argv)) == 0
     state = json.loads((ckpts / "tiny" / "state.json").read_text())
     assert state["step"] == 2 and (ckpts / "tiny" / "best.weights.h5").exists()
-    assert run(parser.parse_args([*argv, "--steps", "3", "--eval-every", "1", "--lr", "1e-4"])) == 0
+    resumed = [*argv, "--steps", "3", "--eval-every", "1", "--lr", "1e-4", "--keep-every", "1"]
+    assert run(parser.parse_args(resumed)) == 0
     state = json.loads((ckpts / "tiny" / "state.json").read_text())
     assert state["step"] == 3  # resumed, not restarted
     assert [(i["from_step"], i["lr"]) for i in state["invocations"]] == [(0, 1e-3), (2, 1e-4)]
@@ -124,6 +125,14 @@ def test_a_few_training_steps_write_a_loadable_artifact(tmp_path: Path, arch: li
     second = export_artifact(ckpts / "tiny", "0.0.2", models_dir=models, set_current=False)
     assert Classifier.load(second).info.version == "0.0.2"
     assert (models / "CURRENT").read_text().strip() == folder.name  # a comparison export
+    # a kept step checkpoint, chosen later on another validation set, exports the same way
+    kept = export_artifact(
+        ckpts / "tiny", "0.0.3", models_dir=models, weights="step_00003.weights.h5"
+    )
+    card3 = json.loads((kept / "model_card.json").read_text())
+    assert card3["training"]["exported_weights"] == "step_00003.weights.h5"
+    assert card3["commands"]["export"].endswith("--export-weights step_00003.weights.h5")
+    assert Classifier.load(kept).info.version == "0.0.3"
 
 
 def test_min_contrast_makes_fainter_lesions_from_the_same_draws() -> None:
