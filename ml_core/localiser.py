@@ -418,8 +418,17 @@ def _chunks(items: Any, n: int) -> Any:
         yield buf
 
 
-def evaluate(loc: Localiser, splits: Sequence[str] = ("val", "test", "holdout")) -> dict[str, Any]:
-    """Dice at full resolution per split: mean over patients (pooled pixels) and over liver slices."""
+def evaluate(
+    loc: Localiser,
+    splits: Sequence[str] = ("val", "test", "holdout"),
+    *,
+    samples: dict[str, list[Any]] | None = None,
+) -> dict[str, Any]:
+    """Dice at full resolution per split: mean over patients (pooled pixels) and over liver slices.
+
+    ``samples`` maps a split to its masked ``(slice, mask, meta)`` list already in memory
+    (the per-epoch validation of ``--keep-every``); other splits are read from disk.
+    """
     from ml_core import datasets as D
 
     out: dict[str, Any] = {}
@@ -428,7 +437,10 @@ def evaluate(loc: Localiser, splits: Sequence[str] = ("val", "test", "holdout"))
         total: dict[str, int] = defaultdict(int)
         per_slice: list[float] = []
         per_source: dict[str, list[float]] = defaultdict(list)
-        masked = (s for s in D.iter_mask_slices(split) if s[1] is not None)
+        if samples is not None and split in samples:
+            masked = iter(samples[split])
+        else:
+            masked = (s for s in D.iter_mask_slices(split) if s[1] is not None)
         for chunk in _chunks(masked, 32):
             preds = loc.segment([c[0] for c in chunk])
             for pred, (_img, truth, meta) in zip(preds, chunk, strict=True):
@@ -485,6 +497,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=STAGING_DIR, help="artifact folder to write")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="only re-evaluate the checkpoint")
+    parser.add_argument(
+        "--keep-every",
+        type=int,
+        default=0,
+        help="every N epochs (and at the last) keep the weights and score their validation "
+        "patient-mean Dice (0: off)",
+    )
+    parser.add_argument(
+        "--select",
+        choices=("last", "val"),
+        default="last",
+        help="weights to write: the last epoch, or the kept epoch (or the --init weights, "
+        "epoch 0) with the best validation patient-mean Dice (needs --keep-every)",
+    )
 
 
 def _val_batch(size: int, limit: int = 192) -> tuple[np.ndarray, np.ndarray]:
@@ -520,6 +546,40 @@ def run(args: argparse.Namespace) -> int:
     elif args.init is not None:
         model.load_weights(str(args.init))
         log.info("starting from %s", args.init)
+
+    state: dict[str, Any] = json.loads(state_path.read_text()) if start else {}
+    history: list[dict[str, Any]] = list(state.get("history", []))
+    keep_every = int(getattr(args, "keep_every", 0) or 0)
+    val_samples: dict[str, list[Any]] | None = None
+
+    def keep(epoch: int) -> None:
+        """Keep this epoch's weights and record their validation patient-mean Dice."""
+        nonlocal val_samples
+        from ml_core import datasets as D
+
+        if val_samples is None:
+            val_samples = {"val": [s for s in D.iter_mask_slices("val") if s[1] is not None]}
+        m = evaluate(
+            Localiser(model, input_size=size, threshold=0.5), ("val",), samples=val_samples
+        )
+        model.save_weights(str(ckpt_dir / f"epoch_{epoch:03d}.weights.h5"))
+        v = m["val"]
+        history.append(
+            {
+                "epoch": epoch,
+                "val_dice_patient_mean": round(v["dice_patient_mean"], 4),
+                "val_dice_slice_mean": round(v["dice_slice_mean"], 4),
+            }
+        )
+        log.info(
+            "epoch %d kept: val patient-mean Dice %.4f, slice-mean %.4f",
+            epoch,
+            v["dice_patient_mean"],
+            v["dice_slice_mean"],
+        )
+
+    if keep_every and start == 0 and args.init is not None and not args.eval_only:
+        keep(0)  # the starting weights compete with the epochs
 
     if not args.eval_only and start < args.epochs:
         rng = np.random.default_rng(args.seed + start)
@@ -565,9 +625,20 @@ def run(args: argparse.Namespace) -> int:
                 vdice,
                 args.steps * args.batch_size / dt,
             )
+            if keep_every and ((epoch + 1) % keep_every == 0 or epoch + 1 == args.epochs):
+                keep(epoch + 1)
             model.save_weights(str(ckpt))
-            state_path.write_text(json.dumps({"epoch": epoch + 1, "val_dice_small": float(vdice)}))
+            state_path.write_text(
+                json.dumps({"epoch": epoch + 1, "val_dice_small": float(vdice), "history": history})
+            )
 
+    chosen = None
+    if getattr(args, "select", "last") == "val" and history:
+        chosen = max(history, key=lambda h: h["val_dice_patient_mean"])["epoch"]
+        model.load_weights(str(ckpt_dir / f"epoch_{chosen:03d}.weights.h5"))
+        log.info(
+            "chosen on validation patient-mean Dice: epoch %d (0 = the --init weights)", chosen
+        )
     loc = Localiser(model, input_size=size, threshold=0.5)
     metrics = evaluate(loc)
     out = Path(args.out)
@@ -593,9 +664,18 @@ def run(args: argparse.Namespace) -> int:
         "slices (CC BY-SA 4.0), CHAOS (CC BY-NC-SA 4.0), CURVAS (CC BY-NC 4.0), AMOS (CC BY 4.0)",
         "training_command": f"python -m ml_core.localiser --epochs {args.epochs} --steps {args.steps} "
         f"--batch-size {args.batch_size} --lr {args.lr} --input-size {size} --base-filters {base} "
-        f"--seed {args.seed}" + (f" --init {args.init}" if args.init is not None else ""),
+        f"--seed {args.seed}"
+        + (f" --init {args.init}" if args.init is not None else "")
+        + (f" --keep-every {keep_every} --select {args.select}" if keep_every else ""),
         "init_sha256": sha256_file(args.init) if args.init is not None else None,
     }
+    if history:
+        card["selection"] = {
+            "rule": f"--select {args.select}: the kept epoch with the best validation "
+            "patient-mean Dice (0 = the --init weights)",
+            "chosen_epoch": chosen,
+            "history": history,
+        }
     (out / CARD_NAME).write_text(json.dumps(card, indent=1) + "\n")
     log.info("wrote %s (%.1f MB)", out, weights.stat().st_size / 1e6)
     return 0
