@@ -42,6 +42,8 @@ MIN_LIVER_PX_512 = 1500
 #: Localiser outputs kept per loaded model (LRU, keyed by the slice's content): the gate and the
 #: classifier see the same slice of one upload, so the U-Net runs once for both.
 CACHE_SLICES = 64
+#: "Small liver section" for ``--small-share``: liver under this share of the letterboxed square.
+SMALL_SECTION_FRAC = 0.02
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -341,18 +343,40 @@ class TrainingSet:
         self.u8_masks.append(_resize_mask(mask, self.size))
         self.u8_group.append(group)
 
-    def batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Draw an augmented batch: float32 images (n, S, S, 1) 0..255 and masks (n, S, S, 1)."""
+    def small_sections(self, max_frac: float = SMALL_SECTION_FRAC) -> list[tuple[bool, int]]:
+        """(is_hu, index) of the slices whose liver covers more than 0 and under ``max_frac`` of the square."""
+        out = []
+        for is_hu, masks in ((True, self.hu_masks), (False, self.u8_masks)):
+            for i, m in enumerate(masks):
+                if 0 < m.mean() < max_frac:
+                    out.append((is_hu, i))
+        return out
+
+    def batch(
+        self, rng: np.random.Generator, n: int, small_share: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Draw an augmented batch: float32 images (n, S, S, 1) 0..255 and masks (n, S, S, 1).
+
+        ``small_share`` of the draws come from small liver sections (``small_sections``).
+        """
         from ml_core.preprocessing import window
 
         xs = np.zeros((n, self.size, self.size, 1), np.float32)
         ys = np.zeros((n, self.size, self.size, 1), np.float32)
         msd = [i for i, g in enumerate(self.u8_group) if g == 0]
         other = [i for i, g in enumerate(self.u8_group) if g == 1]
+        small = self.small_sections() if small_share > 0 else []
         for k in range(n):
             r = rng.random()
+            pick: tuple[bool, int] | None = None
+            if small and rng.random() < small_share:
+                pick = small[int(rng.integers(len(small)))]
+            if pick is not None and not pick[0]:
+                r = 1.0  # an 8-bit small section: the branch below, with this index
+            elif pick is not None:
+                r = 0.0
             if r < 0.35 and self.hu:
-                i = int(rng.integers(len(self.hu)))
+                i = pick[1] if pick is not None else int(rng.integers(len(self.hu)))
                 if rng.random() < 0.85:
                     w, lvl = rng.uniform(300, 450), rng.uniform(30, 70)
                 else:  # occasionally much wider/narrower soft-tissue windows
@@ -361,7 +385,7 @@ class TrainingSet:
                 mask = self.hu_masks[i]
             else:
                 pool = msd if (r < 0.7 or not other) else other
-                i = pool[int(rng.integers(len(pool)))]
+                i = pick[1] if pick is not None else pool[int(rng.integers(len(pool)))]
                 img = _contrast_jitter(self.u8[i], rng)
                 mask = self.u8_masks[i]
             img, mask = _geometry(img, mask, rng)
@@ -498,6 +522,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="only re-evaluate the checkpoint")
     parser.add_argument(
+        "--small-share",
+        type=float,
+        default=0.0,
+        help="share of training draws taken from small liver sections (liver under "
+        "SMALL_SECTION_FRAC = 0.02 of the square: tips and domes)",
+    )
+    parser.add_argument(
         "--keep-every",
         type=int,
         default=0,
@@ -610,7 +641,7 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.time()
             losses = []
             for _ in range(args.steps):
-                x, y = data.batch(rng, args.batch_size)
+                x, y = data.batch(rng, args.batch_size, float(getattr(args, "small_share", 0.0)))
                 losses.append(float(step(tf.constant(x), tf.constant(y))))
             pv = np.concatenate([infer(vx[i : i + 64]) for i in range(0, len(vx), 64)]) >= 0.5
             inter = np.logical_and(pv, vy).sum()
@@ -666,7 +697,8 @@ def run(args: argparse.Namespace) -> int:
         f"--batch-size {args.batch_size} --lr {args.lr} --input-size {size} --base-filters {base} "
         f"--seed {args.seed}"
         + (f" --init {args.init}" if args.init is not None else "")
-        + (f" --keep-every {keep_every} --select {args.select}" if keep_every else ""),
+        + (f" --keep-every {keep_every} --select {args.select}" if keep_every else "")
+        + (f" --small-share {args.small_share}" if getattr(args, "small_share", 0.0) else ""),
         "init_sha256": sha256_file(args.init) if args.init is not None else None,
     }
     if history:
