@@ -165,20 +165,24 @@ class LiverGate:
             raise ModelLoadError("gate weights do not load", detail=type(exc).__name__) from exc
         return cls(cnn, localiser, threshold=threshold, area_ramp=(ramp[0], ramp[1]), card=card)
 
+    def liver_area_px512(
+        self, slices_u8: Sequence[np.ndarray], probs: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """The localiser's liver area (N,) in pixels at 512x512 scale from its letterboxed maps."""
+        assert self.localiser is not None
+        size, thr = self.localiser.input_size, self.localiser.threshold
+        out = np.zeros(len(probs), np.float64)
+        for i, (s, p) in enumerate(zip(slices_u8, probs, strict=True)):
+            h, w = np.shape(s)[:2]
+            ih, iw = L.letterbox_box(h, w, size).inner
+            out[i] = float((p >= thr).sum()) / float(ih * iw) * 512.0 * 512.0
+        return out
+
     def liver_ramp(
         self, slices_u8: Sequence[np.ndarray], probs: Sequence[np.ndarray]
     ) -> np.ndarray:
         """The area ramp (N,) in [0, 1] from the localiser's letterboxed maps of these slices."""
-        assert self.localiser is not None
-        lo, hi = self.area_ramp
-        size, thr = self.localiser.input_size, self.localiser.threshold
-        out = np.zeros(len(probs), np.float32)
-        for i, (s, p) in enumerate(zip(slices_u8, probs, strict=True)):
-            h, w = np.shape(s)[:2]
-            ih, iw = L.letterbox_box(h, w, size).inner
-            px512 = float((p >= thr).sum()) / float(ih * iw) * 512.0 * 512.0
-            out[i] = min(max((px512 - lo) / (hi - lo), 0.0), 1.0)
-        return out
+        return area_ramp(self.liver_area_px512(slices_u8, probs), self.area_ramp).astype(np.float32)
 
     def score_batch(self, batch: np.ndarray, content_frac: np.ndarray | None = None) -> np.ndarray:
         """Scores float32 (N,) for a letterboxed batch (N, S, S, 1) 0..255 (kept for callers of 0.3.0).
@@ -211,9 +215,20 @@ class LiverGate:
         """
         if len(slices_u8) == 0:
             return []
-        batch, _ = to_input(slices_u8, self.input_size)
         if self.localiser is None:
+            batch, _ = to_input(slices_u8, self.input_size)
             return [float(s) for s in self._forward(batch).numpy()]
+        p_cnn, area = self.score_parts(slices_u8)
+        return [float(s) for s in p_cnn * area_ramp(area, self.area_ramp).astype(np.float32)]
+
+    def score_parts(self, slices_u8: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The two pieces of evidence per slice: P_cnn (N,) and the localiser's area at 512 scale (N,).
+
+        ``score`` is ``P_cnn x area_ramp(area)``; the parts let one scoring serve several ramps
+        (the ramp is chosen on validation). Needs a localiser.
+        """
+        assert self.localiser is not None
+        batch, _ = to_input(slices_u8, self.input_size)
         keys = [L.slice_key(s) for s in slices_u8]
         probs = self.localiser.cached(keys)
         if any(p is None for p in probs):
@@ -223,8 +238,8 @@ class LiverGate:
             probs = list(small)
         else:
             p_cnn = self._forward(batch).numpy()
-        ramp = self.liver_ramp(slices_u8, [p for p in probs if p is not None])
-        return [float(s) for s in p_cnn * ramp]
+        area = self.liver_area_px512(slices_u8, [p for p in probs if p is not None])
+        return np.asarray(p_cnn, np.float32), area
 
     def accepts(self, slices_u8: list[np.ndarray]) -> list[bool]:
         """True where the slice's score reaches the threshold."""
@@ -1005,6 +1020,91 @@ def evaluation_set(
     return {g: v for g, v in groups.items() if v}
 
 
+def area_ramp(area_px512: np.ndarray, ramp: Sequence[float]) -> np.ndarray:
+    """The liver evidence in [0, 1]: 0 below ``ramp[0]`` px (at 512 scale), 1 from ``ramp[1]``, linear between."""
+    lo, hi = float(ramp[0]), float(ramp[1])
+    return np.clip((np.asarray(area_px512, np.float64) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def score_group_parts(
+    gate: LiverGate, groups: dict[str, list[np.ndarray]]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(P_cnn, localiser area at 512 scale) per group (batched by 64); needs a localiser."""
+    out = {}
+    for g, imgs in groups.items():
+        ps, areas = [], []
+        for i in range(0, len(imgs), 64):
+            p, a = gate.score_parts(imgs[i : i + 64])
+            ps.append(p)
+            areas.append(a)
+        out[g] = (np.concatenate(ps).astype(np.float64), np.concatenate(areas))
+    return out
+
+
+def combine_parts(
+    parts: dict[str, tuple[np.ndarray, np.ndarray]], ramp: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """Gate scores per group for one area ramp: P_cnn x area_ramp(area)."""
+    return {
+        g: (p.astype(np.float32) * area_ramp(a, ramp).astype(np.float32)).astype(np.float64)
+        for g, (p, a) in parts.items()
+    }
+
+
+#: Strictness rule (docs/model_gate.md, v8): a candidate may be chosen only if its highest
+#: validation score in every counted negative group stays under this.
+STRICT_MAX_NEGATIVE = 0.5
+
+
+def strict_ok(scores: dict[str, np.ndarray], limit: float = STRICT_MAX_NEGATIVE) -> bool:
+    """True when every counted negative group's highest score is below ``limit`` (strictness rule)."""
+    return all(float(v.max()) < limit for g, v in scores.items() if _counted_negative(g) and v.size)
+
+
+def far_margin_ok(
+    parts: dict[str, tuple[np.ndarray, np.ndarray]],
+    ramp: Sequence[float],
+    group: str = "neg/far_slices",
+) -> bool:
+    """True when the localiser's area on every far slice is at most half the ramp's start.
+
+    Such slices then score 0 whatever the CNN says, with a margin; no far slices: True.
+    """
+    if group not in parts or parts[group][1].size == 0:
+        return True
+    return float(parts[group][1].max()) <= float(ramp[0]) / 2.0
+
+
+def choose_candidate(history: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """The validation choice among (epoch, ramp) candidates, and whether it passed the rules.
+
+    Only candidates with ``strict`` and ``far_margin`` true may be chosen (both default to
+    true for histories written before the rules); among them the largest ``criterion``
+    (``val_criterion``), ties to the larger ramp. If none passes, the best of all is returned
+    with False (nothing should ship).
+    """
+
+    def key(h: dict[str, Any]) -> tuple[Any, ...]:
+        ramp = h.get("ramp", list(AREA_RAMP_PX512))
+        return (*tuple(h["criterion"]), float(ramp[0]), float(ramp[1]))
+
+    ok = [h for h in history if h.get("strict", True) and h.get("far_margin", True)]
+    if ok:
+        return max(ok, key=key), True
+    return max(history, key=key), False
+
+
+def parse_ramps(text: str) -> list[tuple[float, float]]:
+    """``"150:600,100:400"`` -> [(150.0, 600.0), (100.0, 400.0)] (lo < hi, px at 512 scale)."""
+    out = []
+    for part in text.split(","):
+        lo, hi = (float(x) for x in part.split(":"))
+        if not 0 <= lo < hi:
+            raise ValueError(f"bad area ramp {part!r}: need 0 <= lo < hi")
+        out.append((lo, hi))
+    return out
+
+
 def score_groups(gate: LiverGate, groups: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
     """Gate scores per group (batched by 64)."""
     out = {}
@@ -1104,7 +1204,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("val", "last"),
         default="val",
         help="weights to ship: the epoch (or the --init weights) best on validation "
-        "(see val_criterion), or the last epoch",
+        "(see val_criterion, choose_candidate), or the last epoch",
+    )
+    parser.add_argument(
+        "--area-ramps",
+        default="{:g}:{:g}".format(*AREA_RAMP_PX512),
+        help="candidate area ramps lo:hi (px at 512 scale), comma separated; with --select val "
+        "each (epoch, ramp) pair is a candidate, the first ramp otherwise",
     )
 
 
@@ -1151,22 +1257,47 @@ def run(args: argparse.Namespace) -> int:
     elif args.init is not None:
         cnn.load_weights(str(args.init))
         log.info("starting from %s", args.init)
-    gate = LiverGate(cnn, localiser, threshold=0.5)
+    ramps = parse_ramps(args.area_ramps)
+    gate = LiverGate(cnn, localiser, threshold=0.5, area_ramp=ramps[0])
     val_pools = GatePools("val", localiser, seed=1, shrink=4096)
     val_groups = evaluation_set(val_pools, seed=101)
     state: dict[str, Any] = json.loads(state_path.read_text()) if start else {}
     history: list[dict[str, Any]] = list(state.get("history", []))
 
     def record(epoch: int) -> None:
-        """Validation criterion of the current weights; their copy for the final choice."""
-        crit = val_criterion(score_groups(gate, val_groups))
+        """Validation criterion of the current weights (per candidate ramp); their copy for the choice."""
         cnn.save_weights(str(ckpt_dir / f"epoch_{epoch:02d}.weights.h5"))
-        history.append({"epoch": epoch, "criterion": list(crit)})
-        log.info(
-            "epoch %d validation: liver accepted %.4f, MR-like %.4f, logit gap %.3f",
-            epoch,
-            *crit,
-        )
+        if localiser is None:
+            scored = [(ramps[0], score_groups(gate, val_groups), True)]
+        else:
+            parts = score_group_parts(gate, val_groups)
+            scored = [(r, combine_parts(parts, r), far_margin_ok(parts, r)) for r in ramps]
+        for ramp, scores, far_ok in scored:
+            crit = val_criterion(scores)
+            strict = strict_ok(scores)
+            max_neg = {
+                g: round(float(v.max()), 4) for g, v in scores.items() if _counted_negative(g)
+            }
+            history.append(
+                {
+                    "epoch": epoch,
+                    "ramp": list(ramp),
+                    "criterion": list(crit),
+                    "strict": strict,
+                    "far_margin": far_ok,
+                    "max_negative_by_group": max_neg,
+                }
+            )
+            log.info(
+                "epoch %d ramp %g-%g validation: liver accepted %.4f, MR-like %.4f, logit gap "
+                "%.3f; strict %s (highest negative %.3f), far margin %s",
+                epoch,
+                *ramp,
+                *crit,
+                strict,
+                max(max_neg.values()),
+                far_ok,
+            )
 
     if start == 0 and args.init is not None:
         record(0)  # the starting weights compete with the fine-tuned epochs
@@ -1210,10 +1341,18 @@ def run(args: argparse.Namespace) -> int:
             state_path.write_text(json.dumps({"epoch": epoch + 1, "history": history}))
 
     chosen = history[-1]["epoch"] if history else None
+    passed: bool | None = None
     if args.select == "val" and history:
-        chosen = max(history, key=lambda h: tuple(h["criterion"]))["epoch"]
+        best, passed = choose_candidate(history)
+        chosen = best["epoch"]
+        gate.area_ramp = tuple(float(x) for x in best.get("ramp", ramps[0]))  # type: ignore[assignment]
         cnn.load_weights(str(ckpt_dir / f"epoch_{chosen:02d}.weights.h5"))
-        log.info("chosen on validation: epoch %d (0 = the --init weights)", chosen)
+        log.info(
+            "chosen on validation: epoch %d (0 = the --init weights), ramp %g-%g%s",
+            chosen,
+            *gate.area_ramp,
+            "" if passed else " -- NO candidate passed the strictness/far-margin rules",
+        )
     val_scores = score_groups(gate, val_groups)
     threshold = choose_threshold(val_scores)
     val_rates = rates(val_scores, threshold)
@@ -1249,7 +1388,7 @@ def run(args: argparse.Namespace) -> int:
         "input_size": INPUT_SIZE,
         "input": "uint8 grey slice letterboxed (aspect kept, zero padded) to 128 px, values 0..255",
         "localiser_sha256": localiser.card.get("sha256") if localiser else None,
-        "area_ramp_px512": list(AREA_RAMP_PX512),
+        "area_ramp_px512": list(gate.area_ramp),
         "score": "P_cnn x clip((localiser liver px at 512 - ramp[0]) / (ramp[1] - ramp[0]), 0, 1)",
         "threshold": threshold,
         "threshold_rule": "on validation: midpoint (logit) between the highest negative score and the 1% quantile "
@@ -1266,6 +1405,11 @@ def run(args: argparse.Namespace) -> int:
         "selection": {
             "rule": "--select " + args.select + ": " + (val_criterion.__doc__ or "").split("\n")[0],
             "chosen_epoch": chosen,
+            "chosen_area_ramp_px512": list(gate.area_ramp),
+            "eligible": "strict: highest validation score of every counted negative group < "
+            f"{STRICT_MAX_NEGATIVE}; far margin: localiser area on every validation far slice "
+            "<= ramp start / 2",
+            "chosen_passed_rules": passed,
             "history": history,
         },
         "pseudo_mr_share": args.mr_share,
@@ -1273,7 +1417,7 @@ def run(args: argparse.Namespace) -> int:
         "init_sha256": sha256_file(args.init) if args.init is not None else None,
         "training_command": f"python -m ml_core.gate --epochs {args.epochs} --steps {args.steps} "
         f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} "
-        f"--mr-share {args.mr_share} --select {args.select}"
+        f"--mr-share {args.mr_share} --select {args.select} --area-ramps {args.area_ramps}"
         + (f" --init {args.init}" if args.init is not None else ""),
     }
     (out / CARD_NAME).write_text(json.dumps(card, indent=1) + "\n")

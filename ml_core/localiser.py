@@ -42,6 +42,8 @@ MIN_LIVER_PX_512 = 1500
 #: Localiser outputs kept per loaded model (LRU, keyed by the slice's content): the gate and the
 #: classifier see the same slice of one upload, so the U-Net runs once for both.
 CACHE_SLICES = 64
+#: "Small liver section" for ``--small-share``: liver under this share of the letterboxed square.
+SMALL_SECTION_FRAC = 0.02
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -341,18 +343,40 @@ class TrainingSet:
         self.u8_masks.append(_resize_mask(mask, self.size))
         self.u8_group.append(group)
 
-    def batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Draw an augmented batch: float32 images (n, S, S, 1) 0..255 and masks (n, S, S, 1)."""
+    def small_sections(self, max_frac: float = SMALL_SECTION_FRAC) -> list[tuple[bool, int]]:
+        """(is_hu, index) of the slices whose liver covers more than 0 and under ``max_frac`` of the square."""
+        out = []
+        for is_hu, masks in ((True, self.hu_masks), (False, self.u8_masks)):
+            for i, m in enumerate(masks):
+                if 0 < m.mean() < max_frac:
+                    out.append((is_hu, i))
+        return out
+
+    def batch(
+        self, rng: np.random.Generator, n: int, small_share: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Draw an augmented batch: float32 images (n, S, S, 1) 0..255 and masks (n, S, S, 1).
+
+        ``small_share`` of the draws come from small liver sections (``small_sections``).
+        """
         from ml_core.preprocessing import window
 
         xs = np.zeros((n, self.size, self.size, 1), np.float32)
         ys = np.zeros((n, self.size, self.size, 1), np.float32)
         msd = [i for i, g in enumerate(self.u8_group) if g == 0]
         other = [i for i, g in enumerate(self.u8_group) if g == 1]
+        small = self.small_sections() if small_share > 0 else []
         for k in range(n):
             r = rng.random()
+            pick: tuple[bool, int] | None = None
+            if small and rng.random() < small_share:
+                pick = small[int(rng.integers(len(small)))]
+            if pick is not None and not pick[0]:
+                r = 1.0  # an 8-bit small section: the branch below, with this index
+            elif pick is not None:
+                r = 0.0
             if r < 0.35 and self.hu:
-                i = int(rng.integers(len(self.hu)))
+                i = pick[1] if pick is not None else int(rng.integers(len(self.hu)))
                 if rng.random() < 0.85:
                     w, lvl = rng.uniform(300, 450), rng.uniform(30, 70)
                 else:  # occasionally much wider/narrower soft-tissue windows
@@ -361,7 +385,7 @@ class TrainingSet:
                 mask = self.hu_masks[i]
             else:
                 pool = msd if (r < 0.7 or not other) else other
-                i = pool[int(rng.integers(len(pool)))]
+                i = pick[1] if pick is not None else pool[int(rng.integers(len(pool)))]
                 img = _contrast_jitter(self.u8[i], rng)
                 mask = self.u8_masks[i]
             img, mask = _geometry(img, mask, rng)
@@ -418,8 +442,17 @@ def _chunks(items: Any, n: int) -> Any:
         yield buf
 
 
-def evaluate(loc: Localiser, splits: Sequence[str] = ("val", "test", "holdout")) -> dict[str, Any]:
-    """Dice at full resolution per split: mean over patients (pooled pixels) and over liver slices."""
+def evaluate(
+    loc: Localiser,
+    splits: Sequence[str] = ("val", "test", "holdout"),
+    *,
+    samples: dict[str, list[Any]] | None = None,
+) -> dict[str, Any]:
+    """Dice at full resolution per split: mean over patients (pooled pixels) and over liver slices.
+
+    ``samples`` maps a split to its masked ``(slice, mask, meta)`` list already in memory
+    (the per-epoch validation of ``--keep-every``); other splits are read from disk.
+    """
     from ml_core import datasets as D
 
     out: dict[str, Any] = {}
@@ -428,7 +461,10 @@ def evaluate(loc: Localiser, splits: Sequence[str] = ("val", "test", "holdout"))
         total: dict[str, int] = defaultdict(int)
         per_slice: list[float] = []
         per_source: dict[str, list[float]] = defaultdict(list)
-        masked = (s for s in D.iter_mask_slices(split) if s[1] is not None)
+        if samples is not None and split in samples:
+            masked = iter(samples[split])
+        else:
+            masked = (s for s in D.iter_mask_slices(split) if s[1] is not None)
         for chunk in _chunks(masked, 32):
             preds = loc.segment([c[0] for c in chunk])
             for pred, (_img, truth, meta) in zip(preds, chunk, strict=True):
@@ -485,6 +521,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=STAGING_DIR, help="artifact folder to write")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="only re-evaluate the checkpoint")
+    parser.add_argument(
+        "--small-share",
+        type=float,
+        default=0.0,
+        help="share of training draws taken from small liver sections (liver under "
+        "SMALL_SECTION_FRAC = 0.02 of the square: tips and domes)",
+    )
+    parser.add_argument(
+        "--keep-every",
+        type=int,
+        default=0,
+        help="every N epochs (and at the last) keep the weights and score their validation "
+        "patient-mean Dice (0: off)",
+    )
+    parser.add_argument(
+        "--select",
+        choices=("last", "val"),
+        default="last",
+        help="weights to write: the last epoch, or the kept epoch (or the --init weights, "
+        "epoch 0) with the best validation patient-mean Dice (needs --keep-every)",
+    )
 
 
 def _val_batch(size: int, limit: int = 192) -> tuple[np.ndarray, np.ndarray]:
@@ -521,6 +578,40 @@ def run(args: argparse.Namespace) -> int:
         model.load_weights(str(args.init))
         log.info("starting from %s", args.init)
 
+    state: dict[str, Any] = json.loads(state_path.read_text()) if start else {}
+    history: list[dict[str, Any]] = list(state.get("history", []))
+    keep_every = int(getattr(args, "keep_every", 0) or 0)
+    val_samples: dict[str, list[Any]] | None = None
+
+    def keep(epoch: int) -> None:
+        """Keep this epoch's weights and record their validation patient-mean Dice."""
+        nonlocal val_samples
+        from ml_core import datasets as D
+
+        if val_samples is None:
+            val_samples = {"val": [s for s in D.iter_mask_slices("val") if s[1] is not None]}
+        m = evaluate(
+            Localiser(model, input_size=size, threshold=0.5), ("val",), samples=val_samples
+        )
+        model.save_weights(str(ckpt_dir / f"epoch_{epoch:03d}.weights.h5"))
+        v = m["val"]
+        history.append(
+            {
+                "epoch": epoch,
+                "val_dice_patient_mean": round(v["dice_patient_mean"], 4),
+                "val_dice_slice_mean": round(v["dice_slice_mean"], 4),
+            }
+        )
+        log.info(
+            "epoch %d kept: val patient-mean Dice %.4f, slice-mean %.4f",
+            epoch,
+            v["dice_patient_mean"],
+            v["dice_slice_mean"],
+        )
+
+    if keep_every and start == 0 and args.init is not None and not args.eval_only:
+        keep(0)  # the starting weights compete with the epochs
+
     if not args.eval_only and start < args.epochs:
         rng = np.random.default_rng(args.seed + start)
         data = TrainingSet(size)
@@ -550,7 +641,7 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.time()
             losses = []
             for _ in range(args.steps):
-                x, y = data.batch(rng, args.batch_size)
+                x, y = data.batch(rng, args.batch_size, float(getattr(args, "small_share", 0.0)))
                 losses.append(float(step(tf.constant(x), tf.constant(y))))
             pv = np.concatenate([infer(vx[i : i + 64]) for i in range(0, len(vx), 64)]) >= 0.5
             inter = np.logical_and(pv, vy).sum()
@@ -565,9 +656,20 @@ def run(args: argparse.Namespace) -> int:
                 vdice,
                 args.steps * args.batch_size / dt,
             )
+            if keep_every and ((epoch + 1) % keep_every == 0 or epoch + 1 == args.epochs):
+                keep(epoch + 1)
             model.save_weights(str(ckpt))
-            state_path.write_text(json.dumps({"epoch": epoch + 1, "val_dice_small": float(vdice)}))
+            state_path.write_text(
+                json.dumps({"epoch": epoch + 1, "val_dice_small": float(vdice), "history": history})
+            )
 
+    chosen = None
+    if getattr(args, "select", "last") == "val" and history:
+        chosen = max(history, key=lambda h: h["val_dice_patient_mean"])["epoch"]
+        model.load_weights(str(ckpt_dir / f"epoch_{chosen:03d}.weights.h5"))
+        log.info(
+            "chosen on validation patient-mean Dice: epoch %d (0 = the --init weights)", chosen
+        )
     loc = Localiser(model, input_size=size, threshold=0.5)
     metrics = evaluate(loc)
     out = Path(args.out)
@@ -593,9 +695,19 @@ def run(args: argparse.Namespace) -> int:
         "slices (CC BY-SA 4.0), CHAOS (CC BY-NC-SA 4.0), CURVAS (CC BY-NC 4.0), AMOS (CC BY 4.0)",
         "training_command": f"python -m ml_core.localiser --epochs {args.epochs} --steps {args.steps} "
         f"--batch-size {args.batch_size} --lr {args.lr} --input-size {size} --base-filters {base} "
-        f"--seed {args.seed}" + (f" --init {args.init}" if args.init is not None else ""),
+        f"--seed {args.seed}"
+        + (f" --init {args.init}" if args.init is not None else "")
+        + (f" --keep-every {keep_every} --select {args.select}" if keep_every else "")
+        + (f" --small-share {args.small_share}" if getattr(args, "small_share", 0.0) else ""),
         "init_sha256": sha256_file(args.init) if args.init is not None else None,
     }
+    if history:
+        card["selection"] = {
+            "rule": f"--select {args.select}: the kept epoch with the best validation "
+            "patient-mean Dice (0 = the --init weights)",
+            "chosen_epoch": chosen,
+            "history": history,
+        }
     (out / CARD_NAME).write_text(json.dumps(card, indent=1) + "\n")
     log.info("wrote %s (%.1f MB)", out, weights.stat().st_size / 1e6)
     return 0

@@ -100,6 +100,51 @@ def test_mr_like_renders_are_reported_but_do_not_set_the_threshold() -> None:
     assert G.val_criterion(scores)[:2] == (1.0, 0.0)
 
 
+def test_strictness_rule_looks_at_every_counted_negative_group_only() -> None:
+    scores = {
+        "pos/a": np.array([0.99] * 10),
+        "neg/brain": np.array([0.01, 0.3]),
+        "neg/cutout": np.array([0.99]),  # not counted (EXTRA_NEGATIVES)
+        "neg/files_rule_rejected": np.array([0.9]),  # not counted either
+    }
+    assert G.strict_ok(scores)
+    assert not G.strict_ok(dict(scores, **{"neg/brain": np.array([0.01, 0.95])}))
+    assert not G.strict_ok(dict(scores, **{"neg/document": np.array([0.5])}))  # limit excluded
+
+
+def test_a_less_strict_candidate_cannot_win_on_the_criterion() -> None:
+    v7 = {"epoch": 4, "ramp": [150, 600], "criterion": [1.0, 0.72, 3.0], "strict": True}
+    v8 = {"epoch": 12, "ramp": [150, 600], "criterion": [1.0, 0.85, 2.5], "strict": False}
+    best, passed = G.choose_candidate([v7, v8])
+    assert best is v7 and passed
+    # the far-slice margin rules a candidate out the same way
+    low = {"epoch": 4, "ramp": [30, 150], "criterion": [1.0, 0.9, 3.5], "far_margin": False}
+    assert G.choose_candidate([v7, low])[0] is v7
+    # ties go to the larger (more conservative) ramp
+    same = dict(v7, ramp=[60, 250])
+    assert G.choose_candidate([same, v7])[0] is v7
+    # nobody passes: the best is returned, flagged
+    best, passed = G.choose_candidate([v8, low])
+    assert best is low and not passed
+    # histories written before the rules (no flags) still rank as before
+    assert G.choose_candidate([{"epoch": 1, "criterion": [1.0, 0.5, 1.0]}])[1]
+
+
+def test_area_ramp_and_far_margin() -> None:
+    np.testing.assert_allclose(
+        G.area_ramp(np.array([0, 50, 100, 325, 600, 5000]), (100, 550)), [0, 0, 0, 0.5, 1, 1]
+    )
+    p = np.array([0.9, 0.9])
+    parts = {"neg/far_slices": (p, np.array([0.0, 40.0])), "pos/a": (p, np.array([325.0, 0]))}
+    assert G.far_margin_ok(parts, (100, 550)) and not G.far_margin_ok(parts, (60, 250))
+    assert G.far_margin_ok({"pos/a": parts["pos/a"]}, (30, 150))
+    scores = G.combine_parts(parts, (100, 550))
+    np.testing.assert_allclose(scores["pos/a"], [0.45, 0.0], rtol=1e-6)
+    assert G.parse_ramps("150:600,30:150") == [(150.0, 600.0), (30.0, 150.0)]
+    with pytest.raises(ValueError):
+        G.parse_ramps("600:150")
+
+
 def test_bundled_brain_mr_slices_are_grey_images() -> None:
     brains = G.brain_mr_slices()
     assert len(brains) >= 20

@@ -155,3 +155,22 @@ def test_shipped_localiser_finds_no_liver_far_below_it(shipped: L.Localiser) -> 
     far = int(np.argmax(dist))
     (mask,) = shipped.segment([D.window_u8(vol.hu[far])])
     assert mask.sum() < 0.002 * mask.size
+
+
+def test_small_share_draws_small_liver_sections() -> None:
+    """``--small-share``: that share of a batch comes from slices whose liver is < 2% of the square."""
+    ts = object.__new__(L.TrainingSet)
+    ts.size = 32
+    big = np.zeros((32, 32), bool)
+    big[4:28, 4:28] = True
+    tiny = np.zeros((32, 32), bool)
+    tiny[10:13, 10:13] = True  # 9 px = 0.9% of the square
+    ts.hu, ts.hu_masks = [np.full((32, 32), 40.0, np.float32)], [big]
+    ts.u8 = [np.full((32, 32), 120.0, np.float32)] * 2
+    ts.u8_masks, ts.u8_group = [big, tiny], [0, 1]
+    assert ts.small_sections() == [(False, 1)]
+    _, ys = ts.batch(np.random.default_rng(0), 64, small_share=1.0)
+    frac = ys.reshape(64, -1).mean(axis=1)
+    assert (frac < 0.05).all() and (frac > 0).any()
+    _, ys = ts.batch(np.random.default_rng(0), 64)
+    assert (ys.reshape(64, -1).mean(axis=1) > 0.2).sum() > 32
