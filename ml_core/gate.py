@@ -178,12 +178,6 @@ class LiverGate:
             out[i] = float((p >= thr).sum()) / float(ih * iw) * 512.0 * 512.0
         return out
 
-    def liver_ramp(
-        self, slices_u8: Sequence[np.ndarray], probs: Sequence[np.ndarray]
-    ) -> np.ndarray:
-        """The area ramp (N,) in [0, 1] from the localiser's letterboxed maps of these slices."""
-        return area_ramp(self.liver_area_px512(slices_u8, probs), self.area_ramp).astype(np.float32)
-
     def score_batch(self, batch: np.ndarray, content_frac: np.ndarray | None = None) -> np.ndarray:
         """Scores float32 (N,) for a letterboxed batch (N, S, S, 1) 0..255 (kept for callers of 0.3.0).
 
@@ -204,8 +198,7 @@ class LiverGate:
         probs = self.localiser.probabilities_small(xl.numpy())
         frac = np.ones(len(probs), np.float32) if content_frac is None else content_frac
         px512 = (probs >= self.localiser.threshold).mean(axis=(1, 2)) / np.maximum(frac, 1e-3)
-        lo, hi = self.area_ramp
-        return p_cnn * np.clip((px512 * 512.0 * 512.0 - lo) / (hi - lo), 0.0, 1.0)
+        return p_cnn * area_ramp(px512 * 512.0 * 512.0, self.area_ramp)
 
     def score(self, slices_u8: Sequence[np.ndarray]) -> list[float]:
         """P(liver slice) in [0, 1] for each uint8 (H, W) slice, in one batched compiled call.
