@@ -138,12 +138,17 @@ def roc_points(scores: np.ndarray, labels: np.ndarray) -> list[tuple[float, floa
     return [(0.0, 0.0)] + [(float(f / n), float(t / p)) for f, t in zip(fps, tps, strict=True)]
 
 
+def _nll(z: np.ndarray, y: np.ndarray, temperature: float, offset: float = 0.0) -> float:
+    """Mean negative log-likelihood of sigmoid((z - offset) / temperature) for labels y."""
+    u = (z - offset) / temperature
+    return float(np.mean(np.logaddexp(0.0, u) - y * u))
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature minimising the negative log-likelihood of sigmoid(logit / T) (grid, log-spaced)."""
     best_t, best = 1.0, float("inf")
     for t in np.exp(np.linspace(np.log(0.05), np.log(50.0), 400)):
-        z = logits / t
-        nll = float(np.mean(np.logaddexp(0.0, z) - labels * z))
+        nll = _nll(logits, labels, float(t))
         if nll < best:
             best_t, best = float(t), nll
     return best_t
@@ -350,11 +355,6 @@ def load_validation_set(name: str, clf: Classifier) -> ValidationSet:
         assert [m["kind"] == "lesion" for m in meta] == list(labels > 0.5)
         return ValidationSet("synthetic", slices, labels, np.ones(len(labels), np.int64), meta)
     raise ValueError(f"unknown validation set {name!r} (one of {', '.join(VAL_SET_NAMES)})")
-
-
-def _nll(z: np.ndarray, y: np.ndarray, temperature: float, offset: float) -> float:
-    u = (z - offset) / temperature
-    return float(np.mean(np.logaddexp(0.0, u) - y * u))
 
 
 def fit_on(clf: Classifier, vset: ValidationSet, *, fit: bool = True) -> dict[str, Any]:
