@@ -370,12 +370,9 @@ class TrainingSet:
             r = rng.random()
             pick: tuple[bool, int] | None = None
             if small and rng.random() < small_share:
-                pick = small[int(rng.integers(len(small)))]
-            if pick is not None and not pick[0]:
-                r = 1.0  # an 8-bit small section: the branch below, with this index
-            elif pick is not None:
-                r = 0.0
-            if r < 0.35 and self.hu:
+                pick = small[int(rng.integers(len(small)))]  # (is_hu, index)
+            use_hu = pick[0] if pick is not None else (r < 0.35 and bool(self.hu))
+            if use_hu:
                 i = pick[1] if pick is not None else int(rng.integers(len(self.hu)))
                 if rng.random() < 0.85:
                     w, lvl = rng.uniform(300, 450), rng.uniform(30, 70)
@@ -384,8 +381,11 @@ class TrainingSet:
                 img = window(self.hu[i], width=float(w), level=float(lvl))
                 mask = self.hu_masks[i]
             else:
-                pool = msd if (r < 0.7 or not other) else other
-                i = pick[1] if pick is not None else pool[int(rng.integers(len(pool)))]
+                if pick is not None:
+                    i = pick[1]
+                else:
+                    pool = msd if (r < 0.7 or not other) else other
+                    i = pool[int(rng.integers(len(pool)))]
                 img = _contrast_jitter(self.u8[i], rng)
                 mask = self.u8_masks[i]
             img, mask = _geometry(img, mask, rng)
