@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CHECKPOINTS = Path("/work/checkpoints")
+#: A run's checkpoint with the best synthetic validation AUC (what ``--export`` takes by default).
+BEST_WEIGHTS = "best.weights.h5"
 LIVER_GREY = 165.0  # liver (~110 HU) at W400/L50
 MIN_LIVER_PX = 2000
 
@@ -318,7 +320,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--export-weights",
-        default="best.weights.h5",
+        default=BEST_WEIGHTS,
         help="with --export: the run's weights file to export (e.g. step_00300.weights.h5)",
     )
     parser.add_argument(
@@ -477,7 +479,7 @@ def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
             )
             if val_auc > state["best_auc"]:
                 state["best_auc"], state["best_step"] = val_auc, state["step"]
-                model.save_weights(str(ckpt / "best.weights.h5"))
+                model.save_weights(str(ckpt / BEST_WEIGHTS))
             model.save_weights(str(ckpt / "last.weights.h5"))
             if args.keep_every and state["step"] % args.keep_every == 0:
                 model.save_weights(str(ckpt / f"step_{state['step']:05d}.weights.h5"))
@@ -566,7 +568,7 @@ def export_artifact(
     *,
     models_dir: Path = MODELS_DIR,
     set_current: bool = True,
-    weights: str = "best.weights.h5",
+    weights: str = BEST_WEIGHTS,
 ) -> Path:
     """Write ml_core/models/liverscan-<backbone>-<version>/ from a run's weights plus the staged localiser and gate.
 
@@ -638,7 +640,7 @@ def export_artifact(
             "train": " ".join(_train_command(ckpt.name, a)),
             **_resume_commands(ckpt.name, a, state.get("invocations", [])),
             "export": f"python -m ml_core train --run {ckpt.name} --export {version}"
-            + ("" if weights == "best.weights.h5" else f" --export-weights {weights}"),
+            + ("" if weights == BEST_WEIGHTS else f" --export-weights {weights}"),
         },
         "intended_use": "decision support for liver tumor screening on axial CT slices; never a diagnosis",
     }
