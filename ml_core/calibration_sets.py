@@ -111,13 +111,13 @@ def totalseg_backgrounds(liver_masks: LiverMasks, data_dir: Path = DATA_DIR) -> 
     """Every TOTALSEG_STEP-th slice of the TotalSegmentator example CT series (HU) with an eroded localiser liver mask."""
     import cv2
 
-    from ml_core.datasets import _dicom_hu, load_splits
+    from ml_core.datasets import dicom_hu, load_splits
 
     part = load_splits()["patients"][TOTALSEG_KEY]
     files = sorted((data_dir / "totalsegmentator" / "example_ct_dicom").iterdir())[::TOTALSEG_STEP]
     hus, spacings = [], []
     for f in files:
-        hu, modality, sp = _dicom_hu(f)
+        hu, modality, sp = dicom_hu(f)
         assert modality == "CT", f
         hus.append(hu.astype(np.float32))
         spacings.append(float(sp[0]) if sp else None)

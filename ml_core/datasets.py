@@ -421,7 +421,8 @@ def iter_msd(
         yield img, mask, meta
 
 
-def _dicom_hu(path: Path) -> tuple[np.ndarray, str, tuple[float, float] | None]:
+def dicom_hu(path: Path) -> tuple[np.ndarray, str, tuple[float, float] | None]:
+    """Read a DICOM file of the data folder: (rescaled values (H, W) in the radiological view, Modality, PixelSpacing)."""
     import pydicom
 
     ds = pydicom.dcmread(str(path), force=True)
@@ -467,7 +468,7 @@ def iter_small_examples(
     if ok("totalseg", "ct"):
         yield from _iter_volume(load_hu_volume("totalseg", "ct", r), width, level)
         for z, f in enumerate(sorted((r / "totalsegmentator" / "example_ct_dicom").iterdir())):
-            hu, _, sp = _dicom_hu(f)
+            hu, _, sp = dicom_hu(f)
             meta: SliceMeta = {
                 "source": "totalseg_dicom",
                 "patient": "ct",
@@ -491,7 +492,7 @@ def iter_small_examples(
         patient = f.stem.split("__")[0]
         if not ok("pydicom_abdomen", patient):
             continue
-        px, modality, sp = _dicom_hu(f)
+        px, modality, sp = dicom_hu(f)
         img = window_u8(px, width, level) if modality == "CT" else mr_to_u8(px)
         meta = {
             "source": "pydicom_abdomen",
@@ -544,7 +545,7 @@ def load_negative(rel: str, root: str | Path | None = None) -> np.ndarray | None
     path = _root(root) / "negatives" / rel
     if path.suffix.lower() == ".dcm":
         try:
-            px, modality, _ = _dicom_hu(path)
+            px, modality, _ = dicom_hu(path)
         except Exception as exc:  # pydicom raises many types for exotic files
             log.warning("negative %s undecodable: %s", rel, exc)
             return None

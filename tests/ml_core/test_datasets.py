@@ -107,7 +107,7 @@ def test_dataset_dicom_slices_are_shown_as_the_upload_path_decodes_them() -> Non
         sorted((root / "pydicom_abdomen").glob("*.dcm"))
         + sorted((root / "totalsegmentator" / "example_ct_dicom").iterdir())[:2]
     ):
-        hu, _, _ = D._dicom_hu(f)
+        hu, _, _ = D.dicom_hu(f)
         assert np.array_equal(hu, decode(f.read_bytes()).pixels), f.name
     ct = [s for s in D.iter_small_examples("test") if "ct_upper" in s[2]["patient"]]
     assert len(ct) == 1
