@@ -87,12 +87,17 @@ class StoredReports:
 
 
 def read_card(model_dir: Path, model: ModelInfo) -> dict[str, Any] | None:
-    """The model card in `model_dir` when it describes `model` (same sha256), else None."""
+    """The model card in `model_dir` when it describes `model` (same sha256 and version), else None.
+
+    Both must match: two versions can share their weights (same sha256) and differ in their
+    card (threshold, calibration, crop), so a job of one must not show the other's figures.
+    """
     try:
         card: dict[str, Any] = json.loads((model_dir / "model_card.json").read_text())
     except (OSError, ValueError):
         return None
-    return card if card.get("sha256") == model.sha256 else None
+    same = card.get("sha256") == model.sha256 and card.get("version") == model.version
+    return card if same else None
 
 
 def performance_rows(card: dict[str, Any] | None) -> list[tuple[str, str]]:

@@ -59,6 +59,8 @@ def test_pdf_shows_the_shipped_models_validated_performance_with_intervals() -> 
     info = ModelInfo(card["name"], card["version"], card["sha256"])
     assert reports.read_card(folder, info) == card
     assert reports.read_card(folder, ModelInfo(info.name, info.version, "0" * 64)) is None
+    # Same weights, other version (e.g. a recalibrated card): not this card's figures either.
+    assert reports.read_card(folder, ModelInfo(info.name, "0.0.1", info.sha256)) is None
 
     grey = np.tile(np.linspace(0, 255, 128, dtype=np.float32), (128, 1)).astype(np.uint8)
     heat = np.zeros((128, 128), np.float32)
