@@ -101,7 +101,8 @@ class ValidationSet:
         }
 
 
-def _window_u8(img: np.ndarray, is_hu: bool) -> np.ndarray:
+def render_w400(img: np.ndarray, is_hu: bool) -> np.ndarray:
+    """A background (HU, or harmonised grey) as the uint8 W400/L50 slice a clinic would upload."""
     from ml_core.training import _window
 
     return _window(img, is_hu, 400, 50).astype(np.uint8)
@@ -121,7 +122,7 @@ def totalseg_backgrounds(liver_masks: LiverMasks, data_dir: Path = DATA_DIR) -> 
         assert modality == "CT", f
         hus.append(hu.astype(np.float32))
         spacings.append(float(sp[0]) if sp else None)
-    masks = liver_masks([_window_u8(h, True) for h in hus])
+    masks = liver_masks([render_w400(h, True) for h in hus])
     kernel = np.ones((2 * LIVER_ERODE_PX + 1,) * 2, np.uint8)
     out = []
     for hu, sp, m in zip(hus, spacings, masks, strict=True):
@@ -194,7 +195,7 @@ def realistic_set(
     slices, labels, weights, meta = [], [], [], []
     for i, bg in enumerate(bgs):
         who = {"source": bg.source, "patient": bg.patient, "split": bg.split}
-        slices.append(_window_u8(bg.image, bg.is_hu))
+        slices.append(render_w400(bg.image, bg.is_hu))
         labels.append(0.0)
         weights.append(COPIES)
         meta.append({**who, "kind": "clean"})
@@ -207,7 +208,7 @@ def realistic_set(
             else:
                 log.warning("no lesion fits %s:%s, stratum %d skipped", bg.source, bg.patient, s)
                 continue
-            slices.append(_window_u8(img, bg.is_hu))
+            slices.append(render_w400(img, bg.is_hu))
             labels.append(1.0)
             weights.append(1)
             meta.append({**who, "kind": "lesion", **draw, "lesion_px": int(mask.sum())})

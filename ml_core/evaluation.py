@@ -35,6 +35,7 @@ from ml_core.calibration_sets import (
     SIZE_CLASSES_MM,
     ValidationSet,
     realistic_set,
+    render_w400,
 )
 from ml_core.classifier import CARD, Classifier, calibrated_probability
 from ml_core.training import DATA_DIR, auc, load_backgrounds, split
@@ -592,10 +593,58 @@ def evaluate(
             **_at(calibrated(wl), y, threshold),
         }
     res["per_window"] = win
+    res["heldout_tumor_free"] = heldout_negatives(clf, calibrated, threshold)
+    log.info(
+        "held-out tumor-free slices of other patients: specificity %.3f (%d of %d flagged)",
+        res["heldout_tumor_free"]["specificity"]["value"],
+        res["heldout_tumor_free"]["flagged"],
+        res["heldout_tumor_free"]["slices"],
+    )
     res["seconds"] = round(time.time() - t0, 1)
     (out_dir / "metrics.json").write_text(json.dumps(res, indent=2))
     write_plots(out_dir, prob, y, threshold)
     return res
+
+
+def heldout_negatives(
+    clf: Classifier, calibrated: Any, threshold: float, seed: int = 0
+) -> dict[str, Any]:
+    """Specificity on the real tumor-free liver slices of the test split's 8-bit sources.
+
+    Other patients and sites than the test patient (CHAOS, CURVAS and AMOS test patients,
+    liver >= MIN_LIVER_PX, rendered like the realistic set's negatives), never trained or
+    fitted on. No tumors there, so specificity only; its 95% interval resamples patients,
+    because slices of one patient are not independent.
+    """
+    bgs = [
+        b for b in split(load_backgrounds(), "test") if b.source in ("CHAOS-CT", "CURVAS", "AMOS22")
+    ]
+    if not bgs:
+        return {"slices": 0}
+    logits, _ = _logits(clf, [render_w400(b.image, b.is_hu) for b in bgs])
+    flagged = np.asarray(calibrated(logits)) >= threshold
+    who = np.asarray([f"{b.source}:{b.patient}" for b in bgs])
+    patients = sorted(set(who))
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(N_BOOT):
+        pick = rng.choice(len(patients), len(patients))
+        rows = np.concatenate([np.nonzero(who == patients[i])[0] for i in pick])
+        boots.append(1.0 - float(flagged[rows].mean()))
+    return {
+        "slices": len(bgs),
+        "patients": len(patients),
+        "flagged": int(flagged.sum()),
+        "specificity": {
+            "value": 1.0 - float(flagged.mean()),
+            "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+        },
+        "per_patient": {
+            p: {"slices": int((who == p).sum()), "flagged": int(flagged[who == p].sum())}
+            for p in patients
+        },
+        "median_logit": float(np.median(logits)),
+    }
 
 
 def _at(prob: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, float]:
@@ -652,6 +701,8 @@ def update_card(model_dir: Path, res: dict[str, Any], command: str) -> None:
     card["localisation"] = real["localisation"]
     card["per_format"] = res["per_format"]
     card["per_window"] = res["per_window"]
+    if "heldout_tumor_free" in res:
+        card["heldout_tumor_free"] = res["heldout_tumor_free"]
     card.setdefault("commands", {})["evaluate"] = command
     p.write_text(json.dumps(card, indent=2))
 

@@ -103,3 +103,21 @@ def test_dicom_export_path_matches_the_windowed_png_path() -> None:
     via_png = png_roundtrip(window_u8(hu, 400, 50))
     assert via_dicom.shape == (64, 64)
     assert np.abs(via_dicom.astype(int) - via_png.astype(int)).max() <= 1
+
+
+def test_heldout_tumor_free_specificity_counts_only_test_patients_and_their_flags() -> None:
+    """The held-out specificity uses test-split patients only, counts every flagged slice, and resamples patients."""
+    from ml_core.classifier import Classifier
+    from ml_core.datasets import load_splits
+    from ml_core.evaluation import heldout_negatives
+
+    clf = Classifier.build_untrained(input_size=32)
+    none = heldout_negatives(clf, lambda z: np.zeros_like(z), 0.5)
+    every = heldout_negatives(clf, lambda z: np.ones_like(z), 0.5)
+    splits = load_splits()["patients"]
+    assert none["slices"] >= 20 and none["patients"] >= 3
+    assert {splits[p] for p in none["per_patient"]} == {"test"}
+    assert sum(v["slices"] for v in none["per_patient"].values()) == none["slices"]
+    assert none["flagged"] == 0 and none["specificity"]["value"] == 1.0
+    assert every["flagged"] == every["slices"] and every["specificity"]["value"] == 0.0
+    assert every["specificity"]["ci95"] == [0.0, 0.0]
