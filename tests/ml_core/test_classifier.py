@@ -152,6 +152,38 @@ def shipped() -> Classifier:
     return Classifier.load(default_model_path())
 
 
+def test_crop_floor_bounds_the_magnification_of_a_small_liver(
+    artifact: Path, tmp_path: Path
+) -> None:
+    """With input.min_side_frac in the card, a small liver's crop box is at least that share of the slice, same centre."""
+    from ml_core.classifier import square_box
+
+    mask = np.zeros((512, 512), bool)
+    mask[200:240, 300:330] = True  # a 40 x 30 px liver tip
+    assert square_box(mask)[2] - square_box(mask)[0] == 48  # 40 px + 10 % per side
+    y0, x0, y1, x1 = square_box(mask, min_side=138)
+    assert (y1 - y0, x1 - x0) == (138, 138)
+    assert abs((y0 + y1) / 2 - 220) <= 1 and abs((x0 + x1) / 2 - 315) <= 1
+
+    folder = tmp_path / "floored"
+    shutil.copytree(artifact, folder)
+    card = json.loads((folder / CARD).read_text())
+    card["input"]["min_side_frac"] = 0.27
+    (folder / CARD).write_text(json.dumps(card))
+    floored = Classifier.load(folder)
+
+    class Tip:  # a localiser that finds the small liver
+        def segment(self, slices: list[np.ndarray]) -> list[np.ndarray]:
+            return [mask for _ in slices]
+
+    floored._localiser = Tip()
+    (box,) = floored.boxes([np.zeros((512, 512), np.uint8)])
+    assert box[2] - box[0] == round(0.27 * 512)
+    big = np.zeros((512, 512), bool)
+    big[100:400, 50:350] = True  # a large liver keeps its own box
+    assert square_box(big, min_side=138) == square_box(big)
+
+
 @pytest.mark.integration
 def test_shipped_model_loads_verified_with_its_gate(shipped: Classifier) -> None:
     """The shipped artifact passes its sha256 check, names itself, and brings the content gate."""
