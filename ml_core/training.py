@@ -167,17 +167,20 @@ def make_pair(
     *,
     strong: bool,
     params: LesionParams = DEFAULT_PARAMS,
+    min_side_frac: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(clean crop, lesioned crop, lesion mask of the crop) float32 (S, S) of one background.
 
     Both crops are identically windowed, cropped and augmented; the mask (0..1) follows the
-    same crop and geometric transform, for per-cell supervision.
+    same crop and geometric transform, for per-cell supervision. ``min_side_frac``: the crop
+    box is at least that share of the slice side, as the serving path does with the card's
+    ``input.min_side_frac``.
     """
     lesioned, lesion = insert_lesions(
         bg.image, bg.liver, rng, is_hu=bg.is_hu, spacing_mm=bg.spacing_mm, params=params
     )
     width, level = (rng.uniform(300, 450), rng.uniform(30, 70)) if strong else (400.0, 50.0)
-    box = square_box(bg.liver, DEFAULT_MARGIN)
+    box = square_box(bg.liver, DEFAULT_MARGIN, int(round(min_side_frac * max(bg.liver.shape))))
     assert box is not None
     if strong:  # imitate localiser error: jitter the box by a few percent
         side = box[2] - box[0]
@@ -221,6 +224,7 @@ def batches(
     curriculum: int,
     cells: int = 1,
     min_contrast_hu: float = 15.0,
+    min_side_frac: float = 0.0,
 ) -> Any:
     """Infinite generator of (images (B, S, S, 3), labels (B,), cell targets (B, c, c)) from B/2 pairs.
 
@@ -237,7 +241,9 @@ def batches(
         crops, labels, targets = [], [], []
         for _ in range(batch // 2):
             bg = backgrounds[int(rng.integers(len(backgrounds)))]
-            a, b, m = make_pair(bg, rng, size, strong=True, params=params)
+            a, b, m = make_pair(
+                bg, rng, size, strong=True, params=params, min_side_frac=min_side_frac
+            )
             crops += [a, b]
             labels += [0.0, 1.0]
             targets += [np.zeros((cells, cells), np.float32), cell_targets(m, cells)]
@@ -246,13 +252,15 @@ def batches(
 
 
 def validation_set(
-    backgrounds: list[Background], n_pairs: int, size: int, seed: int
+    backgrounds: list[Background], n_pairs: int, size: int, seed: int, min_side_frac: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """A fixed synthetic validation set: (images (2n, S, S, 3), labels (2n,))."""
     rng = np.random.default_rng(seed + 7919)
     crops, labels = [], []
     for i in range(n_pairs):
-        a, b, _ = make_pair(backgrounds[i % len(backgrounds)], rng, size, strong=False)
+        a, b, _ = make_pair(
+            backgrounds[i % len(backgrounds)], rng, size, strong=False, min_side_frac=min_side_frac
+        )
         crops += [a, b]
         labels += [0.0, 1.0]
     return to_model_input(crops), np.asarray(labels, np.float32)
@@ -334,6 +342,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=15.0,
         help="faintest synthetic lesion (HU difference to the liver); small real tumors can be 3-10",
     )
+    parser.add_argument(
+        "--min-side-frac",
+        type=float,
+        default=0.0,
+        help="floor on the crop box side as a share of the slice side (0.27 = 0.4.3's serving "
+        "floor); written into the exported card's input.min_side_frac",
+    )
     parser.add_argument("--checkpoints", default=str(CHECKPOINTS))
     parser.add_argument(
         "--val-pairs", type=int, default=96, help="synthetic validation pairs (fixed seed)"
@@ -376,7 +391,7 @@ def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
     }
     (ckpt / "split_manifest.json").write_text(json.dumps(manifest, indent=2))
     log.info("backgrounds: %d train slices, %d validation slices", len(train), len(val))
-    vx, vy = validation_set(val, args.val_pairs, args.input_size, args.seed)
+    vx, vy = validation_set(val, args.val_pairs, args.input_size, args.seed, args.min_side_frac)
     model = build_network(
         args.input_size,
         args.backbone,
@@ -443,6 +458,7 @@ def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
         args.curriculum,
         cells,
         args.min_contrast_hu,
+        args.min_side_frac,
     )
     ds = tf.data.Dataset.from_generator(
         lambda: gen,
@@ -542,6 +558,7 @@ def _train_command(run: str, a: dict[str, Any]) -> list[str]:
         ("--lr", "lr"),
         ("--curriculum", "curriculum"),
         ("--min-contrast-hu", "min_contrast_hu"),
+        ("--min-side-frac", "min_side_frac"),
         ("--init", "init"),
         ("--steps", "steps"),
         ("--seed", "seed"),
@@ -617,6 +634,7 @@ def export_artifact(
             "crop": "square box around the localiser's liver mask plus 10% per side, zero-padded, resized",
             "head": a.get("head", "gap"),
             "output_stride": int(a.get("output_stride", 32)),
+            **({"min_side_frac": float(a["min_side_frac"])} if a.get("min_side_frac") else {}),
         },
         "window": {
             "width": 400,

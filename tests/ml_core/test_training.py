@@ -39,6 +39,22 @@ def test_pairs_differ_only_by_the_lesion(is_hu: bool) -> None:
     assert (diff & lesion).sum() / diff.sum() > 0.6
 
 
+def test_crop_floor_shows_a_small_liver_at_a_lower_magnification() -> None:
+    """With min_side_frac the training crop of a small liver holds more surroundings, as serving's floor does."""
+    yy, xx = np.mgrid[0:512, 0:512]
+    liver = ((yy - 250) / 25.0) ** 2 + ((xx - 200) / 20.0) ** 2 < 1.0  # a 50 x 40 px liver tip
+    img = np.where(liver, 165.0, 60.0).astype(np.float32)
+    bg = Background(img, liver, False, None, "p1", "test", "train")
+
+    def liver_share(frac: float) -> float:
+        clean, _, _ = make_pair(bg, np.random.default_rng(2), 64, strong=False, min_side_frac=frac)
+        return float((clean > 140).mean())  # liver grey 165 vs 60 around it
+
+    tight, floored = liver_share(0.0), liver_share(0.5)
+    assert tight > 0.35  # the tip fills most of the crop without a floor
+    assert floored < tight / 5  # a 256 px box: the tip is a small part of it
+
+
 def test_batches_hold_pairs_half_clean_half_lesioned() -> None:
     """Every batch alternates clean (0) and lesioned (1) versions of the same slice."""
     gen = batches([_background(True), _background(False)], 8, 48, seed=3, step0=0, curriculum=10)
