@@ -110,12 +110,20 @@ def heatmap_and_overlay_png(
     s = _as_slice(slice_u8)
     h = _as_heatmap(heatmap, s.shape)
     index = _heat_index(h)
-    colour = cv2.applyColorMap(index, cv2.COLORMAP_TURBO)
-    # blended = grey * (1 - w) + colour * w with w = alpha * h per pixel, as overlay_png, in 8.8
-    # fixed point on uint16.
-    w = np.rint(h * (float(np.clip(alpha, 0.0, 1.0)) * 256.0)).astype(np.uint16)[..., None]
-    grey = s.astype(np.uint16)[..., None]
-    overlay = ((grey * (256 - w) + colour.astype(np.uint16) * w + 128) >> 8).astype(np.uint8)
+    overlay = cv2.cvtColor(s, cv2.COLOR_GRAY2BGR)
+    # Where the heatmap is 0 the blend keeps the grey pixel (w = 0), and a CAM is 0 outside its
+    # liver box: blend only inside the box around the non-zero heat (none at all for a cold map).
+    rows = np.flatnonzero(h.any(axis=1))
+    if rows.size:
+        cols = np.flatnonzero(h.any(axis=0))
+        box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+        # blended = grey * (1 - w) + colour * w with w = alpha * h per pixel, as overlay_png, in
+        # 8.8 fixed point on uint16.
+        colour = cv2.applyColorMap(index[box], cv2.COLORMAP_TURBO)
+        w = np.rint(h[box] * (float(np.clip(alpha, 0.0, 1.0)) * 256.0)).astype(np.uint16)[..., None]
+        grey = s[box].astype(np.uint16)[..., None]
+        blend = (grey * (256 - w) + colour.astype(np.uint16) * w + 128) >> 8
+        overlay[box] = blend.astype(np.uint8)
 
     palette = Image.fromarray(index, mode="P")
     palette.putpalette(_turbo_palette())
