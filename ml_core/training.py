@@ -119,6 +119,92 @@ def load_backgrounds(data_dir: Path = DATA_DIR) -> list[Background]:
     return out
 
 
+# KiTS19 slices (kidney tumor patients, all in the train split, no liver mask) used as extra
+# tumor-free backgrounds with `--extra-backgrounds kits19`: those where the shipped localiser
+# finds >= MIN_LIVER_PX of liver after erosion and a by-eye montage (as exported, localiser
+# contour drawn; 2026-11-28 16:00 UTC) showed a plausible liver mask and no liver lesion; every
+# second slice of sarah10036's 13-slice run (neighbours are near copies).
+KITS19_BY_EYE: dict[str, tuple[int, ...]] = {
+    "sarah10036": (0, 2, 4, 6, 8, 10, 12),
+    "sarah10037": (0, 1),
+    "sarah10038": (0,),
+    "sarah10041": (0,),
+    "sarahB10029": (0,),
+    "sarahB10070": (0,),
+    "sarahB10108": (0,),
+    "sarahB10187": (0,),
+    "sarahB10203": (0,),
+}
+KITS19_EXCLUDED = {
+    "sarahB10031": "the localiser's mask covers a large necrotic kidney tumor, not the liver",
+    "sarahB10089": "an unusually tight field of view; the mask runs along the body wall",
+    "sarahB10115": "a large round hypodense mass against the liver (cyst or gallbladder?)",
+}
+KITS19_ERODE_PX = 5  # keep lesions off the localiser mask's uncertain edge
+
+
+def harmonise_clipped_u8(img: np.ndarray, liver: np.ndarray) -> np.ndarray:
+    """``harmonise_u8`` for narrow-window exports: pixels clipped at 0 / 255 stay black / white.
+
+    A narrow export window clips fat and air to 0; the linear noise-based map would put them
+    mid-grey, where W400/L50 shows both near black.
+    """
+    out = harmonise_u8(img, liver)
+    out[img == 0] = 0.0
+    out[img == 255] = 255.0
+    return out
+
+
+def kits19_backgrounds(liver_masks: Any, data_dir: Path = DATA_DIR) -> list[Background]:
+    """The KITS19_BY_EYE slices, harmonised, with the largest component of the eroded localiser mask.
+
+    ``liver_masks``: a callable from uint8 slices to bool masks (or None), e.g. a Localiser's segment.
+    """
+    import cv2
+
+    from ml_core.datasets import load_splits, patient_key
+
+    splits = load_splits()["patients"]
+    with open(data_dir / "slices_8bit" / "manifest.csv") as f:
+        rows = [
+            r
+            for r in csv.DictReader(f)
+            if r["source"] == "KiTS19"
+            and int(r["z_index"]) in KITS19_BY_EYE.get(r["patient_id"], ())
+        ]
+    imgs = [
+        np.load(data_dir / "slices_8bit" / r["npz_file"], allow_pickle=True)["img_u8"][
+            int(r["z_index"])
+        ]
+        for r in rows
+    ]
+    kernel = np.ones((2 * KITS19_ERODE_PX + 1,) * 2, np.uint8)
+    out = []
+    for r, img, mask in zip(rows, imgs, liver_masks(imgs), strict=True):
+        if mask is None:
+            continue
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(
+            cv2.erode(mask.astype(np.uint8), kernel)
+        )
+        if n < 2:
+            continue
+        liver = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        if liver.sum() < MIN_LIVER_PX:
+            continue
+        out.append(
+            Background(
+                harmonise_clipped_u8(img, liver),
+                liver,
+                False,
+                None,
+                r["patient_id"],
+                "KiTS19",
+                splits[patient_key("KiTS19", r["patient_id"])],
+            )
+        )
+    return out
+
+
 def split(backgrounds: list[Background], part: str) -> list[Background]:
     """Backgrounds of one patient-level split of ml_core/splits.json ("train", "val", "test")."""
     return [b for b in backgrounds if b.split == part]
@@ -343,6 +429,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="faintest synthetic lesion (HU difference to the liver); small real tumors can be 3-10",
     )
     parser.add_argument(
+        "--extra-backgrounds",
+        nargs="*",
+        choices=["kits19"],
+        default=[],
+        help="more tumor-free training backgrounds: kits19 = the KITS19_BY_EYE slices, masked by "
+        "the staged localiser",
+    )
+    parser.add_argument(
         "--min-side-frac",
         type=float,
         default=0.0,
@@ -379,6 +473,13 @@ def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(args.seed)
     backgrounds = load_backgrounds()
+    if "kits19" in args.extra_backgrounds:
+        from ml_core.localiser import Localiser
+
+        localiser = Localiser.load(MODELS_DIR / "_staging" / "localiser")
+        extra = kits19_backgrounds(localiser.segment)
+        log.info("extra backgrounds: %d KiTS19 slices", len(extra))
+        backgrounds += extra
     train, val, test = (split(backgrounds, p) for p in ("train", "val", "test"))
     manifest = {
         "rule": "patient-level, from ml_core/splits.json (python -m ml_core.datasets --write-splits)",
@@ -547,6 +648,13 @@ LICENCES = [
 ]
 
 
+KITS19_LICENCE = {
+    "data": "KiTS19 slices (kidney tumor patients; --extra-backgrounds kits19)",
+    "source": "KiTS19 challenge",
+    "licence": "CC BY-NC-SA 4.0",
+}
+
+
 def _train_command(run: str, a: dict[str, Any]) -> list[str]:
     """The ``python -m ml_core train`` command line that reproduces a run from its saved args."""
     cmd = ["python -m ml_core train", f"--run {run}", f"--backbone {a['backbone']}"]
@@ -559,12 +667,16 @@ def _train_command(run: str, a: dict[str, Any]) -> list[str]:
         ("--curriculum", "curriculum"),
         ("--min-contrast-hu", "min_contrast_hu"),
         ("--min-side-frac", "min_side_frac"),
+        ("--extra-backgrounds", "extra_backgrounds"),
         ("--init", "init"),
         ("--steps", "steps"),
         ("--seed", "seed"),
     ):
-        if a.get(key) is not None:
-            cmd.append(f"{flag} {a[key]}")
+        value = a.get(key)
+        if isinstance(value, list):
+            value = " ".join(value) or None
+        if value is not None:
+            cmd.append(f"{flag} {value}")
     return cmd
 
 
@@ -644,7 +756,8 @@ def export_artifact(
         "threshold": old.get("threshold", 0.5),
         "temperature": old.get("temperature", 1.0),
         "training": {
-            "data": LICENCES,
+            "data": LICENCES
+            + ([KITS19_LICENCE] if "kits19" in (a.get("extra_backgrounds") or ()) else []),
             "synthetic_lesions": "ml_core.synthesis (Hu et al., CVPR 2023, 2-D adaptation), paired batches",
             "steps": state["step"],
             "best_step": state["best_step"],

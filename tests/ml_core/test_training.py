@@ -160,3 +160,33 @@ def test_min_contrast_makes_fainter_lesions_from_the_same_draws() -> None:
     d15 = np.abs(x15[1::2] - x15[0::2]).sum()
     d3 = np.abs(x3[1::2] - x3[0::2]).sum()
     assert 0 < d3 < d15
+
+
+def test_kits19_backgrounds_are_the_by_eye_slices_with_one_eroded_liver_each() -> None:
+    """The KiTS19 extra backgrounds: train-split patients of the by-eye list only, never an excluded
+    one, one liver component of at least MIN_LIVER_PX, and clipped export pixels rendered black."""
+    from ml_core.training import (
+        KITS19_BY_EYE,
+        KITS19_EXCLUDED,
+        MIN_LIVER_PX,
+        MODELS_DIR,
+        kits19_backgrounds,
+    )
+
+    pytest.importorskip("tensorflow")
+    import cv2
+
+    from ml_core.localiser import Localiser
+
+    localiser = Localiser.load(MODELS_DIR / "_staging" / "localiser")
+    bgs = kits19_backgrounds(localiser.segment)
+    assert len(bgs) >= 12 and len({b.patient for b in bgs}) >= 6
+    assert {b.patient for b in bgs} <= set(KITS19_BY_EYE) and not {b.patient for b in bgs} & set(
+        KITS19_EXCLUDED
+    )
+    assert {b.split for b in bgs} == {"train"} and {b.source for b in bgs} == {"KiTS19"}
+    for b in bgs:
+        assert b.liver.sum() >= MIN_LIVER_PX
+        assert cv2.connectedComponents(b.liver.astype(np.uint8))[0] == 2  # background + one liver
+        assert abs(float(np.median(b.image[b.liver])) - 165.0) < 1.0  # harmonised like the others
+        assert float(b.image[:8, :8].max()) == 0.0  # the corner is air, clipped to 0 when exported
