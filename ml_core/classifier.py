@@ -110,19 +110,20 @@ def calibrated_probability(logits: Any, temperature: float, offset: float = 0.0)
 
 
 def square_box(
-    mask: np.ndarray, margin: float = DEFAULT_MARGIN, min_side: int = 16
+    mask: np.ndarray, margin: float = DEFAULT_MARGIN, min_side_frac: float = 0.0
 ) -> tuple[int, int, int, int] | None:
     """Square box (y0, x0, y1, x1) around a bool mask's bounding box plus ``margin`` per side; None if empty.
 
-    The side is at least ``min_side`` px (same centre), which bounds how far a small liver
-    cross-section is magnified. May extend past the image; ``crop`` zero-pads there.
+    The side is at least ``min_side_frac`` of the mask's (the slice's) longer side, same centre,
+    which bounds how far a small liver cross-section is magnified (the card's
+    ``input.min_side_frac``). May extend past the image; ``crop`` zero-pads there.
     """
     ys, xs = np.nonzero(mask)
     if len(ys) == 0:
         return None
     y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
     side = int(round(max(y1 - y0, x1 - x0) * (1.0 + 2.0 * margin)))
-    side = max(side, min_side, 16)
+    side = max(side, int(round(min_side_frac * max(mask.shape[:2]))), 16)
     cy, cx = (y0 + y1) / 2.0, (x0 + x1) / 2.0
     by0, bx0 = int(round(cy - side / 2.0)), int(round(cx - side / 2.0))
     return by0, bx0, by0 + side, bx0 + side
@@ -297,8 +298,11 @@ class Classifier:
         """Square crop boxes around the localised liver (the whole slice when no liver is found)."""
         out = []
         for img, mask in zip(slices_u8, self.liver_masks(slices_u8), strict=True):
-            min_side = int(round(self._spec.min_side_frac * max(img.shape[:2])))
-            box = square_box(mask, self._spec.margin, min_side) if mask is not None else None
+            box = (
+                square_box(mask, self._spec.margin, self._spec.min_side_frac)
+                if mask is not None
+                else None
+            )
             if box is None:
                 h, w = img.shape[:2]
                 side = max(h, w)

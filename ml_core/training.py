@@ -266,7 +266,7 @@ def make_pair(
         bg.image, bg.liver, rng, is_hu=bg.is_hu, spacing_mm=bg.spacing_mm, params=params
     )
     width, level = (rng.uniform(300, 450), rng.uniform(30, 70)) if strong else (400.0, 50.0)
-    box = square_box(bg.liver, DEFAULT_MARGIN, int(round(min_side_frac * max(bg.liver.shape))))
+    box = square_box(bg.liver, DEFAULT_MARGIN, min_side_frac)
     assert box is not None
     if strong:  # imitate localiser error: jitter the box by a few percent
         side = box[2] - box[0]

@@ -161,8 +161,8 @@ def test_crop_floor_bounds_the_magnification_of_a_small_liver(
     mask = np.zeros((512, 512), bool)
     mask[200:240, 300:330] = True  # a 40 x 30 px liver tip
     assert square_box(mask)[2] - square_box(mask)[0] == 48  # 40 px + 10 % per side
-    y0, x0, y1, x1 = square_box(mask, min_side=138)
-    assert (y1 - y0, x1 - x0) == (138, 138)
+    y0, x0, y1, x1 = square_box(mask, min_side_frac=0.27)
+    assert (y1 - y0, x1 - x0) == (138, 138)  # round(0.27 * 512)
     assert abs((y0 + y1) / 2 - 220) <= 1 and abs((x0 + x1) / 2 - 315) <= 1
 
     folder = tmp_path / "floored"
@@ -181,7 +181,7 @@ def test_crop_floor_bounds_the_magnification_of_a_small_liver(
     assert box[2] - box[0] == round(0.27 * 512)
     big = np.zeros((512, 512), bool)
     big[100:400, 50:350] = True  # a large liver keeps its own box
-    assert square_box(big, min_side=138) == square_box(big)
+    assert square_box(big, min_side_frac=0.27) == square_box(big)
 
 
 @pytest.mark.integration
