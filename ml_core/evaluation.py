@@ -625,11 +625,12 @@ def heldout_negatives(
     flagged = np.asarray(calibrated(logits)) >= threshold
     who = np.asarray([f"{b.source}:{b.patient}" for b in bgs])
     patients = sorted(set(who))
+    rows_of = [np.flatnonzero(who == p) for p in patients]
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(N_BOOT):
         pick = rng.choice(len(patients), len(patients))
-        rows = np.concatenate([np.nonzero(who == patients[i])[0] for i in pick])
+        rows = np.concatenate([rows_of[i] for i in pick])
         boots.append(1.0 - float(flagged[rows].mean()))
     return {
         "slices": len(bgs),
@@ -640,8 +641,8 @@ def heldout_negatives(
             "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
         },
         "per_patient": {
-            p: {"slices": int((who == p).sum()), "flagged": int(flagged[who == p].sum())}
-            for p in patients
+            p: {"slices": len(rows), "flagged": int(flagged[rows].sum())}
+            for p, rows in zip(patients, rows_of, strict=True)
         },
         "median_logit": float(np.median(logits)),
     }
