@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from api.domain.settings import Settings
 from ml_core.overlay import encode_png
 from tests.e2e.e2e_support import DATA
 from worker import pipeline
-from worker.context import WorkerContext, set_context
+from worker.context import WorkerContext
 
 pytestmark = [pytest.mark.integration]
 
@@ -32,28 +31,21 @@ def _calls(model: str) -> tuple[float, float]:
 
 
 @pytest.fixture
-def patient_ctx(settings: Settings, broker: object) -> Iterator[WorkerContext]:
-    """The scale context with batch-mates awaited up to 2 s instead of 200 ms.
+def settings(settings: Settings) -> Settings:
+    """This module's settings: batch-mates awaited up to 2 s instead of conftest's 200 ms.
 
     On a loaded machine the five threads can start more than 200 ms apart, and the batches then
     split for reasons of scheduling, not of the worker's design; the counts below need the wait
-    to be longer than any such stagger.
+    to be longer than any such stagger. conftest's ``ctx`` is built from these settings.
     """
-    context = WorkerContext.from_settings(
-        settings.model_copy(update={"worker_batch_wait_ms": 2000})
-    )
-    set_context(context)
-    yield context
-    set_context(None)
-    context.engine.dispose()
+    return settings.model_copy(update={"worker_batch_wait_ms": 2000})
 
 
 def test_concurrent_jobs_share_model_calls_and_bad_ones_fail_alone(
-    patient_ctx: WorkerContext, liver_slices: list[np.ndarray]
+    ctx: WorkerContext, liver_slices: list[np.ndarray]
 ) -> None:
     """4 liver slices + a photo + bytes that are no image, 6 jobs at once, batches of 4: the liver
     jobs succeed with at most 2 classifier calls; the photo and the garbage are rejected."""
-    ctx = patient_ctx
     org = make_org(ctx)
     good = [make_job(ctx, encode_png(s), org_id=org) for s in liver_slices[:4]]
     photo = make_job(ctx, (DATA / "negatives" / "skimage" / "camera.png").read_bytes(), org_id=org)
