@@ -51,7 +51,7 @@ def run(job_id: str | uuid.UUID, *, context: WorkerContext | None = None) -> Job
 
 def _run(ctx: WorkerContext, jid: uuid.UUID) -> JobStatus | None:
     with session_scope(ctx.sessions) as session:
-        job = jobs.get(session, jid)
+        job = jobs.lock(session, jid)  # read once, locked: a concurrent delivery waits here
         if job is None:
             log.warning("job %s does not exist; dropping the message", jid)
             return None
@@ -60,20 +60,19 @@ def _run(ctx: WorkerContext, jid: uuid.UUID) -> JobStatus | None:
             return job.status
         gave_up = job.attempts >= MAX_ATTEMPTS
         if not gave_up:
-            job = jobs.mark_processing(session, jid)  # row lock: a concurrent run may have won
-            if job.status.is_terminal:
-                return job.status
+            job = jobs.mark_processing(session, jid, locked=job)
         org_id, input_key, attempts = job.org_id, job.input_key, job.attempts
     if gave_up:
         # Earlier deliveries died without finishing (e.g. the worker was killed): stop here.
         return _finish(
             ctx,
             jid,
-            lambda s: jobs.mark_failed(
+            lambda s, locked: jobs.mark_failed(
                 s,
                 jid,
                 error_code="internal_error",
                 error_message=f"The job could not be processed after {attempts} attempts.",
+                locked=locked,
             ),
         )
     try:
@@ -82,7 +81,11 @@ def _run(ctx: WorkerContext, jid: uuid.UUID) -> JobStatus | None:
         code, message = exc.code, exc.message
         log.info("job %s failed in ml_core: %s", jid, code)
         return _finish(
-            ctx, jid, lambda s: jobs.mark_failed(s, jid, error_code=code, error_message=message)
+            ctx,
+            jid,
+            lambda s, locked: jobs.mark_failed(
+                s, jid, error_code=code, error_message=message, locked=locked
+            ),
         )
     except Exception:
         log.exception("job %s: unexpected error on attempt %d", jid, attempts)
@@ -91,11 +94,12 @@ def _run(ctx: WorkerContext, jid: uuid.UUID) -> JobStatus | None:
         return _finish(
             ctx,
             jid,
-            lambda s: jobs.mark_failed(
+            lambda s, locked: jobs.mark_failed(
                 s,
                 jid,
                 error_code="internal_error",
                 error_message="An internal error stopped the processing of this job.",
+                locked=locked,
             ),
         )
 
@@ -136,13 +140,14 @@ def _process(ctx: WorkerContext, jid: uuid.UUID, org_id: uuid.UUID, input_key: s
         return _finish(
             ctx,
             jid,
-            lambda s: jobs.mark_rejected(
+            lambda s, locked: jobs.mark_rejected(
                 s,
                 jid,
                 reason_code=reason,
                 validation=validation,
                 input_meta=input_meta,
                 timings=timings,
+                locked=locked,
             ),
             timings,
         )
@@ -162,7 +167,7 @@ def _process(ctx: WorkerContext, jid: uuid.UUID, org_id: uuid.UUID, input_key: s
     return _finish(
         ctx,
         jid,
-        lambda s: jobs.mark_succeeded(
+        lambda s, locked: jobs.mark_succeeded(
             s,
             jid,
             label=prediction.label,
@@ -176,6 +181,7 @@ def _process(ctx: WorkerContext, jid: uuid.UUID, org_id: uuid.UUID, input_key: s
             validation=validation,
             input_meta=input_meta,
             timings=timings,
+            locked=locked,
         ),
         timings,
     )
@@ -195,17 +201,21 @@ def _input_meta(image: Any) -> dict[str, Any] | None:
 def _finish(
     ctx: WorkerContext,
     jid: uuid.UUID,
-    mark: Callable[[Session], Job],
+    mark: Callable[[Session, Job | None], Job],
     timings: dict[str, float] | None = None,
 ) -> JobStatus:
-    """Apply a terminal mark and schedule its webhook in one transaction, then enqueue delivery."""
+    """Apply a terminal mark and schedule its webhook in one transaction, then enqueue delivery.
+
+    `mark(session, locked)` gets the job row as `jobs.lock` read it, so the row is read once
+    (None if it is gone: the mark then raises JobNotFound, as before).
+    """
     start = time.perf_counter()
     with session_scope(ctx.sessions) as session:
-        current = session.get(Job, jid, with_for_update=True, populate_existing=True)
+        current = jobs.lock(session, jid)
         if current is not None and current.status.is_terminal:
             # A concurrent delivery of the same job finished first: it owns the webhook.
             return current.status
-        job = mark(session)
+        job = mark(session, current)
         delivery_id = webhooks.schedule(session, job, ctx)
         batch_delivery_id = batches.on_job_terminal(session, job.batch_id)  # batch.completed, once
         status = job.status

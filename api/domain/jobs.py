@@ -133,17 +133,31 @@ def list_for_org(
     return rows[:limit], next_cursor
 
 
-def _load_for_update(session: Session, job_id: uuid.UUID) -> Job:
-    # Row lock on PostgreSQL so two deliveries of the same id serialise; a no-op on SQLite.
-    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+def lock(session: Session, job_id: uuid.UUID) -> Job | None:
+    """The job read afresh and locked until this transaction ends, or None if it does not exist.
+
+    A row lock on PostgreSQL, so two deliveries of the same id serialise (SQLite serialises
+    writers anyway). Pass the result as `locked=` to the marks below in the same transaction and
+    they use it instead of reading the row again.
+    """
+    return session.get(Job, job_id, with_for_update=True, populate_existing=True)
+
+
+def _load_for_update(session: Session, job_id: uuid.UUID, locked: Job | None = None) -> Job:
+    if locked is not None and locked.id == job_id:
+        return locked
+    job = lock(session, job_id)
     if job is None:
         raise JobNotFound(details={"id": str(job_id)})
     return job
 
 
-def mark_processing(session: Session, job_id: uuid.UUID) -> Job:
-    """Move a queued (or redelivered processing) job to processing; a terminal job is returned unchanged."""
-    job = _load_for_update(session, job_id)
+def mark_processing(session: Session, job_id: uuid.UUID, *, locked: Job | None = None) -> Job:
+    """Move a queued (or redelivered processing) job to processing; a terminal job is returned unchanged.
+
+    `locked`: this job as `lock` returned it in the same transaction (saves reading it again).
+    """
+    job = _load_for_update(session, job_id, locked)
     if job.status in TERMINAL_STATUSES:
         log.info("job %s already %s; not processing again", job_id, job.status.value)
         return job
@@ -176,8 +190,14 @@ def touch(session: Session, job_id: uuid.UUID) -> Job:
     return job
 
 
-def _finish(session: Session, job_id: uuid.UUID, target: JobStatus, fields: dict[str, Any]) -> Job:
-    job = _load_for_update(session, job_id)
+def _finish(
+    session: Session,
+    job_id: uuid.UUID,
+    target: JobStatus,
+    fields: dict[str, Any],
+    locked: Job | None = None,
+) -> Job:
+    job = _load_for_update(session, job_id, locked)
     if job.status in TERMINAL_STATUSES:
         if job.status != target:
             log.warning("job %s is %s; ignoring mark %s", job_id, job.status.value, target.value)
@@ -222,6 +242,7 @@ def mark_succeeded(
     validation: dict[str, Any] | None = None,
     input_meta: dict[str, Any] | None = None,
     timings: dict[str, float] | None = None,
+    locked: Job | None = None,
 ) -> Job:
     """Record a classification result and finish the job as succeeded."""
     fields = {
@@ -238,7 +259,7 @@ def mark_succeeded(
         "timings": timings,
         **_input_fields(input_meta),
     }
-    return _finish(session, job_id, JobStatus.SUCCEEDED, fields)
+    return _finish(session, job_id, JobStatus.SUCCEEDED, fields, locked)
 
 
 def mark_rejected(
@@ -249,6 +270,7 @@ def mark_rejected(
     validation: dict[str, Any],
     input_meta: dict[str, Any] | None = None,
     timings: dict[str, float] | None = None,
+    locked: Job | None = None,
 ) -> Job:
     """Finish the job as rejected: the upload is not an acceptable liver slice."""
     fields = {
@@ -257,7 +279,7 @@ def mark_rejected(
         "timings": timings,
         **_input_fields(input_meta),
     }
-    return _finish(session, job_id, JobStatus.REJECTED, fields)
+    return _finish(session, job_id, JobStatus.REJECTED, fields, locked)
 
 
 def mark_failed(
@@ -267,6 +289,7 @@ def mark_failed(
     error_code: str,
     error_message: str,
     validation: dict[str, Any] | None = None,
+    locked: Job | None = None,
 ) -> Job:
     """Finish the job as failed with a machine-readable error code."""
     fields = {
@@ -274,7 +297,7 @@ def mark_failed(
         "error_message": error_message[:2000],
         "validation": validation,
     }
-    return _finish(session, job_id, JobStatus.FAILED, fields)
+    return _finish(session, job_id, JobStatus.FAILED, fields, locked)
 
 
 def set_report_key(session: Session, job_id: uuid.UUID, report_key: str) -> Job:

@@ -57,6 +57,26 @@ def test_terminal_states_are_final_and_marks_idempotent(session: Session, job: J
     assert job.finished_at == finished and job.attempts == 1
 
 
+def test_a_locked_row_is_used_only_for_its_own_job(session: Session, job: Job) -> None:
+    """`locked=` saves a read of the same job; another job's row passed by mistake is ignored, so
+    the mark lands on the job whose id was given, never on the row handed in."""
+    other = jobs.create_job(
+        session,
+        org_id=job.org_id,
+        upload=StoredObject(key=f"{job.org_id}/o/input", size=3, sha256="b" * 64,
+                            content_type="image/png"),
+        job_id=uuid.uuid4(),
+        filename="y.png",
+    )  # fmt: skip
+    locked = jobs.lock(session, job.id)
+    assert locked is job and jobs.lock(session, uuid.uuid4()) is None
+    jobs.mark_processing(session, job.id, locked=locked)
+    jobs.mark_processing(session, other.id, locked=locked)
+    jobs.mark_failed(session, other.id, error_code="x", error_message="y", locked=locked)
+    assert job.status is JobStatus.PROCESSING and job.attempts == 1 and job.error_code is None
+    assert other.status is JobStatus.FAILED and other.error_code == "x"
+
+
 def test_redelivery_goes_back_to_queued_and_counts_attempts(session: Session, job: Job) -> None:
     jobs.mark_processing(session, job.id)
     jobs.requeue(session, job.id)
