@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.domain import batches, jobs
+from api.domain import batches, jobs, retention
 from api.domain.db import session_scope
 from api.domain.models import Job, JobStatus
 from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # deliveries of one job that may end in an unexpected error (or a killed worker)
 RETRY_BASE_S = 5.0
+DELETED = "job_deleted"  # error.code of a job deleted before it finished (GET answers 410 anyway)
 
 
 def run(job_id: str | uuid.UUID, *, context: WorkerContext | None = None) -> JobStatus | None:
@@ -88,6 +89,9 @@ def _run(ctx: WorkerContext, jid: uuid.UUID) -> JobStatus | None:
             ),
         )
     except Exception:
+        if _deleted(ctx, jid):  # e.g. its upload is gone because an admin deleted the job
+            log.info("job %s was deleted while queued or processing; not retried", jid)
+            return _finish(ctx, jid, _unused_mark)
         log.exception("job %s: unexpected error on attempt %d", jid, attempts)
         if attempts < MAX_ATTEMPTS:
             return _retry_later(ctx, jid, attempts)
@@ -184,6 +188,7 @@ def _process(ctx: WorkerContext, jid: uuid.UUID, org_id: uuid.UUID, input_key: s
             locked=locked,
         ),
         timings,
+        stored=(heatmap_key, overlay_key),
     )
 
 
@@ -203,11 +208,15 @@ def _finish(
     jid: uuid.UUID,
     mark: Callable[[Session, Job | None], Job],
     timings: dict[str, float] | None = None,
+    stored: tuple[str, ...] = (),
 ) -> JobStatus:
     """Apply a terminal mark and schedule its webhook in one transaction, then enqueue delivery.
 
     `mark(session, locked)` gets the job row as `jobs.lock` read it, so the row is read once
-    (None if it is gone: the mark then raises JobNotFound, as before).
+    (None if it is gone: the mark then raises JobNotFound, as before). A job deleted meanwhile
+    (an admin's DELETE; the purge locks the same row, so one of the two sees the other) is not
+    marked: the artifacts this run `stored` are deleted, the job fails as `job_deleted`, and no
+    webhook tells anyone its result.
     """
     start = time.perf_counter()
     with session_scope(ctx.sessions) as session:
@@ -215,8 +224,20 @@ def _finish(
         if current is not None and current.status.is_terminal:
             # A concurrent delivery of the same job finished first: it owns the webhook.
             return current.status
-        job = mark(session, current)
-        delivery_id = webhooks.schedule(session, job, ctx)
+        delivery_id = None
+        if current is not None and retention.get_deletion(session, jid) is not None:
+            for key in stored:
+                ctx.storage.delete(key)
+            job = jobs.mark_failed(
+                session,
+                jid,
+                error_code=DELETED,
+                error_message="The job was deleted before it finished; nothing was kept.",
+                locked=current,
+            )
+        else:
+            job = mark(session, current)
+            delivery_id = webhooks.schedule(session, job, ctx)
         batch_delivery_id = batches.on_job_terminal(session, job.batch_id)  # batch.completed, once
         status = job.status
     for row_id in (delivery_id, batch_delivery_id):
@@ -227,6 +248,20 @@ def _finish(
         metrics.observe_stages(timings)
     metrics.JOBS.labels(status.value).inc()
     return status
+
+
+def _deleted(ctx: WorkerContext, jid: uuid.UUID) -> bool:
+    """Whether an admin or the retention period deleted the job (its bytes are gone)."""
+    try:
+        with session_scope(ctx.sessions) as session:
+            return retention.get_deletion(session, jid) is not None
+    except Exception:  # the database is down: the retry path deals with it
+        return False
+
+
+def _unused_mark(session: Session, locked: Job | None) -> Job:
+    """The mark of a job `_finish` finds deleted (it marks it `job_deleted` itself)."""
+    raise AssertionError("only for a deleted job, which _finish marks itself")
 
 
 def _retry_later(ctx: WorkerContext, jid: uuid.UUID, attempts: int) -> JobStatus:

@@ -534,7 +534,7 @@ def render_stored(ctx: WorkerContext, job_id: uuid.UUID) -> str | None:
 
     Idempotent: a job whose report exists is left alone; a job that did not succeed gets none.
     """
-    from api.domain import jobs
+    from api.domain import jobs, retention
     from api.domain.db import session_scope
     from api.domain.models import JobStatus
     from ml_core.validation import validate
@@ -582,5 +582,12 @@ def render_stored(ctx: WorkerContext, job_id: uuid.UUID) -> str | None:
         log.exception("job %s: report rendering failed; the result stays without a report", job_id)
         return None
     with session_scope(ctx.sessions) as session:
-        jobs.set_report_key(session, job_id, stored.report_key)
+        locked = jobs.lock(session, job_id)  # the purge locks it too: one sees the other
+        if retention.get_deletion(session, job_id) is not None:
+            # Deleted while rendering: nothing derived from the upload may stay behind.
+            for key in (stored.report_key, stored.overlay_sc_key, stored.sr_key):
+                if key is not None:
+                    ctx.storage.delete(key)
+            return None
+        jobs.set_report_key(session, job_id, stored.report_key, locked=locked)
     return stored.report_key

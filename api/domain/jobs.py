@@ -300,9 +300,11 @@ def mark_failed(
     return _finish(session, job_id, JobStatus.FAILED, fields, locked)
 
 
-def set_report_key(session: Session, job_id: uuid.UUID, report_key: str) -> Job:
+def set_report_key(
+    session: Session, job_id: uuid.UUID, report_key: str, *, locked: Job | None = None
+) -> Job:
     """Attach a report to a job (reports may be rendered after the job finished)."""
-    job = _load_for_update(session, job_id)
+    job = _load_for_update(session, job_id, locked)
     job.report_key = report_key
     session.flush()
     return job

@@ -53,7 +53,13 @@ def get_deletion(session: Session, job_id: uuid.UUID) -> JobDeletion | None:
 def purge(
     session: Session, storage: Storage, job: Job, *, reason: str, user_id: uuid.UUID | None
 ) -> JobDeletion:
-    """Delete a job's bytes from the store and mark it (idempotent: a second call changes nothing)."""
+    """Delete a job's bytes from the store and mark it (idempotent: a second call changes nothing).
+
+    The job row is locked (and re-read) first, as the worker locks it to record its artifacts:
+    either the worker's keys are committed before and are deleted here, or the worker sees this
+    mark and deletes what it wrote (worker/pipeline.py, worker/reports.py).
+    """
+    session.get(Job, job.id, with_for_update=True, populate_existing=True)
     existing = get_deletion(session, job.id)
     if existing is not None:
         return existing

@@ -7,13 +7,16 @@ content layer is reported as not run.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from worker_support import load_job, make_job, queued_tasks
 
-from api.domain.models import JobStatus
+from api.domain import retention
+from api.domain.models import Job, JobStatus
+from api.domain.storage import StoredObject
 from ml_core.classifier import Classifier
 from worker import model_cache, pipeline
 from worker.context import WorkerContext
@@ -126,6 +129,84 @@ def test_photo_is_rejected_before_the_model(ctx: WorkerContext, classifier: Clas
     assert pipeline.run(job_id, context=ctx) is JobStatus.REJECTED
     job = load_job(ctx, job_id)
     assert job.reason_code == "not_grayscale" and job.label is None
+
+
+def _purge(ctx: WorkerContext, job_id: uuid.UUID) -> None:
+    """An org admin's DELETE of the job, committed (the API calls the same domain function)."""
+    with ctx.sessions.begin() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        retention.purge(session, ctx.storage, job, reason=retention.ADMIN, user_id=None)
+
+
+def _kept_objects(ctx: WorkerContext, job_id: uuid.UUID) -> list[str]:
+    """Every object left in the (local) store under the job's folder."""
+    store = ctx.settings.storage_dir
+    return sorted(p.name for p in store.rglob("*") if p.is_file() and str(job_id) in str(p))
+
+
+def test_a_job_deleted_while_queued_is_not_processed_retried_or_announced(
+    ctx: WorkerContext, broker, classifier: Classifier, slice_png: bytes
+) -> None:
+    """Its upload is gone: the job ends `job_deleted` at once (no retry), no webhook, no bytes."""
+    model_cache.set_classifier(classifier)
+    job_id = make_job(ctx, slice_png, callback_url="http://127.0.0.1:9/hook")
+    _purge(ctx, job_id)
+    assert pipeline.run(job_id, context=ctx) is JobStatus.FAILED
+    job = load_job(ctx, job_id)
+    assert job.error_code == "job_deleted" and job.label is None and job.overlay_key is None
+    assert queued_tasks(broker, "webhooks") == [] and queued_tasks(broker, "inference") == []
+    assert _kept_objects(ctx, job_id) == []
+
+
+def test_a_job_deleted_while_it_ran_keeps_no_artifact(
+    ctx: WorkerContext, broker, classifier: Classifier, slice_png: bytes
+) -> None:
+    """Deleted after its heatmap and overlay were stored, before the result was recorded: both
+    are removed, no result is recorded, no webhook goes out."""
+    model_cache.set_classifier(classifier)
+    job_id = make_job(ctx, slice_png, callback_url="http://127.0.0.1:9/hook")
+    put, stored = ctx.storage.put, []
+
+    def put_then_delete(key: str, data: bytes, content_type: str) -> StoredObject:
+        out = put(key, data, content_type)
+        stored.append(key.rsplit("/", 1)[-1])
+        if key.endswith("overlay.png"):
+            _purge(ctx, job_id)
+        return out
+
+    ctx.storage.put = put_then_delete  # type: ignore[method-assign]
+    assert pipeline.run(job_id, context=ctx) is JobStatus.FAILED
+    assert stored == ["heatmap.png", "overlay.png"]  # the run did get that far
+    job = load_job(ctx, job_id)
+    assert job.error_code == "job_deleted" and job.label is None and job.probability is None
+    assert job.heatmap_key is None and job.overlay_key is None
+    assert queued_tasks(broker, "webhooks") == []
+    assert _kept_objects(ctx, job_id) == []
+
+
+def test_a_report_rendered_while_the_job_is_deleted_is_not_kept(
+    ctx: WorkerContext, classifier: Classifier, slice_png: bytes
+) -> None:
+    """The PDF written while an admin deleted the job is removed, and the job gets no report."""
+    from worker import reports
+
+    model_cache.set_classifier(classifier)
+    job_id = make_job(ctx, slice_png)
+    assert pipeline.run(job_id, context=ctx) is JobStatus.SUCCEEDED
+    put, stored = ctx.storage.put, []
+
+    def put_then_delete(key: str, data: bytes, content_type: str) -> StoredObject:
+        out = put(key, data, content_type)
+        stored.append(key.rsplit("/", 1)[-1])
+        _purge(ctx, job_id)
+        return out
+
+    ctx.storage.put = put_then_delete  # type: ignore[method-assign]
+    assert reports.render_stored(ctx, job_id) is None
+    assert stored == ["report.pdf"]  # it was rendered and stored before the deletion
+    assert load_job(ctx, job_id).report_key is None
+    assert _kept_objects(ctx, job_id) == []
 
 
 def test_missing_model_fails_the_job_with_its_code(ctx: WorkerContext, slice_png: bytes) -> None:
