@@ -55,7 +55,9 @@ def build_network(
 
     backbone "b0": keras.applications.EfficientNetB0(weights=None); "lite0": ml_core.lite0's
     EfficientNet-Lite0, with its ImageNet weights when ``pretrained`` (training start only), at
-    ``output_stride`` 32 or 16 (lite0 only).
+    ``output_stride`` 32 or 16, or 8 (lite0 only; 8 is the stride-16 network run atrous, for
+    weights trained at 16: the same weights file loads, the map is twice as fine and holds the
+    stride-16 map as its odd-position subgrid, see ``ml_core.lite0.build_lite0``).
 
     head "gap": global average pooling -> dropout -> one linear unit (the logit).
     head "max": dropout -> the same linear unit at every feature-map cell (a logit per cell of
