@@ -179,6 +179,7 @@ class _Spec:
     output_stride: int = 32
     logit_offset: float = 0.0
     min_side_frac: float = 0.0
+    cam_offset_cells: float = 0.0
 
 
 class Classifier:
@@ -245,6 +246,7 @@ class Classifier:
             output_stride=int(card["input"].get("output_stride", 32)),
             logit_offset=float(card.get("logit_offset", 0.0)),
             min_side_frac=float(card["input"].get("min_side_frac", 0.0)),
+            cam_offset_cells=float(card["input"].get("cam_offset_cells", 0.0)),
         )
         try:
             network = build_network(
@@ -346,7 +348,7 @@ class Classifier:
                     label="tumor" if p >= self._spec.threshold else "normal",
                     threshold=self._spec.threshold,
                     logit=float(logit),
-                    heatmap=cam_to_slice(cam, box, s.shape[:2]),
+                    heatmap=cam_to_slice(cam, box, s.shape[:2], self._spec.cam_offset_cells),
                 )
             )
         return preds

@@ -79,3 +79,17 @@ def test_a_16_by_16_cam_maps_each_cell_to_its_place_on_the_slice() -> None:
     yy, xx = np.unravel_index(int(np.argmax(heat)), heat.shape)
     assert abs(yy - (40 + 3.5 * 20)) <= 1 and abs(xx - (20 + 12.5 * 20)) <= 1
     assert heat[:40].max() == 0.0 and heat[:, 340:].max() == 0.0
+
+
+def test_an_atrous_cam_offset_moves_every_cell_by_half_a_cell() -> None:
+    """offset_cells -0.5 (atrous stride 8 of stride-16 weights): cell j is centred at j cells, not j + 0.5."""
+    cam = np.zeros((16, 16), np.float32)
+    cam[3, 12] = 1.0
+    box = (40, 20, 360, 340)  # 20 px per cell
+    heat = cam_to_slice(cam, box, (400, 400), offset_cells=-0.5)
+    yy, xx = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    assert abs(yy - (40 + 3 * 20)) <= 1 and abs(xx - (20 + 12 * 20)) <= 1
+    assert heat[:30].max() == 0.0 and heat[:, 330:].max() == 0.0
+    np.testing.assert_array_equal(
+        cam_to_slice(cam, box, (400, 400), 0.0), cam_to_slice(cam, box, (400, 400))
+    )
