@@ -73,7 +73,9 @@ class ValidationSet:
 
     slices: uint8 (H, W) each; labels float32 (N,) 0/1; weights int (N,) >= 1 (how many times
     a slice counts in the fits); meta: one dict per slice (source, patient, kind and, for
-    lesioned slices, diameter_mm, contrast_hu, hyperdense, size_class, contrast_class).
+    lesioned slices, diameter_mm, contrast_hu, hyperdense, size_class, contrast_class);
+    masks: one bool (H, W) lesion mask per slice, None for clean slices (empty when the set
+    keeps none), for the validation pointing game.
     """
 
     name: str
@@ -81,6 +83,7 @@ class ValidationSet:
     labels: np.ndarray
     weights: np.ndarray
     meta: list[dict[str, Any]] = field(default_factory=list)
+    masks: list[np.ndarray | None] = field(default_factory=list)
 
     def expand(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(values, labels) with each slice repeated ``weight`` times, for the unweighted fits."""
@@ -193,12 +196,14 @@ def realistic_set(
     """The realistic validation set (module docstring): real val negatives + one-lesion copies over the 3 x 3 design."""
     bgs = realistic_backgrounds(liver_masks, backgrounds)
     slices, labels, weights, meta = [], [], [], []
+    masks: list[np.ndarray | None] = []
     for i, bg in enumerate(bgs):
         who = {"source": bg.source, "patient": bg.patient, "split": bg.split}
         slices.append(render_w400(bg.image, bg.is_hu))
         labels.append(0.0)
         weights.append(COPIES)
         meta.append({**who, "kind": "clean"})
+        masks.append(None)
         for s in range(COPIES):
             draw = lesion_draw(seed, i, s)
             for attempt in range(5):  # a thin liver can swallow a lesion: draw its place again
@@ -212,6 +217,12 @@ def realistic_set(
             labels.append(1.0)
             weights.append(1)
             meta.append({**who, "kind": "lesion", **draw, "lesion_px": int(mask.sum())})
+            masks.append(np.asarray(mask, bool))
     return ValidationSet(
-        "realistic", slices, np.asarray(labels, np.float32), np.asarray(weights, np.int64), meta
+        "realistic",
+        slices,
+        np.asarray(labels, np.float32),
+        np.asarray(weights, np.int64),
+        meta,
+        masks,
     )

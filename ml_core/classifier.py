@@ -55,7 +55,9 @@ def build_network(
 
     backbone "b0": keras.applications.EfficientNetB0(weights=None); "lite0": ml_core.lite0's
     EfficientNet-Lite0, with its ImageNet weights when ``pretrained`` (training start only), at
-    ``output_stride`` 32 or 16 (lite0 only).
+    ``output_stride`` 32 or 16, or 8 (lite0 only; 8 is the stride-16 network run atrous, for
+    weights trained at 16: the same weights file loads, the map is twice as fine and holds the
+    stride-16 map as its odd-position subgrid, see ``ml_core.lite0.build_lite0``).
 
     head "gap": global average pooling -> dropout -> one linear unit (the logit).
     head "max": dropout -> the same linear unit at every feature-map cell (a logit per cell of
@@ -177,6 +179,7 @@ class _Spec:
     output_stride: int = 32
     logit_offset: float = 0.0
     min_side_frac: float = 0.0
+    cam_offset_cells: float = 0.0
 
 
 class Classifier:
@@ -243,6 +246,7 @@ class Classifier:
             output_stride=int(card["input"].get("output_stride", 32)),
             logit_offset=float(card.get("logit_offset", 0.0)),
             min_side_frac=float(card["input"].get("min_side_frac", 0.0)),
+            cam_offset_cells=float(card["input"].get("cam_offset_cells", 0.0)),
         )
         try:
             network = build_network(
@@ -344,7 +348,7 @@ class Classifier:
                     label="tumor" if p >= self._spec.threshold else "normal",
                     threshold=self._spec.threshold,
                     logit=float(logit),
-                    heatmap=cam_to_slice(cam, box, s.shape[:2]),
+                    heatmap=cam_to_slice(cam, box, s.shape[:2], self._spec.cam_offset_cells),
                 )
             )
         return preds

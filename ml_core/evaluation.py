@@ -14,7 +14,9 @@ liver-area-matched AUC (tumor/no-tumor pairs whose liver areas differ < 1.5x) an
 tumor-ablation AUC (each tumor slice against itself with the tumor inpainted away by OpenCV
 Telea on the dilated mask plus matched noise). Per export format (PNG, JPEG q90, DICOM
 through ml_core.decoding) and per window (W350-400 / L40-60). Localisation: pointing game and
-heatmap energy share inside the liver and inside the tumor.
+heatmap energy share inside the liver and inside the tumor; on validation, the pointing game
+over the realistic set's synthetic lesions (whose masks are known), for model choices made
+without the test patient.
 """
 
 from __future__ import annotations
@@ -191,6 +193,56 @@ def fit_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
     return best_t
 
 
+def point_hit(heat: np.ndarray, mask: np.ndarray, near_px: float = 15.0) -> tuple[float, float]:
+    """Pointing game of one full-slice heatmap: (max inside ``mask``, max within ``near_px`` of it) as 0/1.
+
+    The maximum is the first pixel of np.argmax; a heatmap that is 0 everywhere scores (0, 0).
+    """
+    import cv2
+
+    if heat.max() <= 0:
+        return 0.0, 0.0
+    yy, xx = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    dist = cv2.distanceTransform((~mask.astype(bool)).astype(np.uint8), cv2.DIST_L2, 5)
+    return float(mask[yy, xx]), float(dist[yy, xx] <= near_px)
+
+
+def validation_pointing(
+    heat: list[np.ndarray], vset: ValidationSet, threshold_hits: np.ndarray | None = None
+) -> dict[str, Any] | None:
+    """Validation pointing game over the lesioned slices of a set that keeps lesion masks; None otherwise.
+
+    Share of lesioned slices whose full-slice heatmap maximum lies inside the synthetic lesion
+    mask, and within 15 px of it, overall and per size and contrast class (every lesioned slice
+    counts, detected or not; ``threshold_hits`` (N,) bool adds the share among those above the
+    threshold).
+    """
+    rows = [i for i, m in enumerate(vset.masks or []) if m is not None and m.any()]
+    if not rows:
+        return None
+    hit = np.zeros(len(vset.slices))
+    near = np.zeros(len(vset.slices))
+    for i in rows:
+        hit[i], near[i] = point_hit(heat[i], vset.masks[i])
+    out: dict[str, Any] = {
+        "lesion_slices": len(rows),
+        "pointing_game": float(hit[rows].mean()),
+        "pointing_game_within_15px": float(near[rows].mean()),
+    }
+    for key, classes in (("size_class", SIZE_CLASSES_MM), ("contrast_class", CONTRAST_CLASSES_HU)):
+        by: dict[str, float] = {}
+        for c, (lo, hi) in enumerate(classes):
+            sel = [i for i in rows if vset.meta[i].get(key) == c]
+            if sel:
+                by[f"{lo:g}-{hi:g}"] = float(hit[sel].mean())
+        out[f"pointing_game_by_{key}"] = by
+    if threshold_hits is not None:
+        sel = [i for i in rows if threshold_hits[i]]
+        out["pointing_game_detected"] = float(hit[sel].mean()) if sel else None
+        out["detected"] = len(sel)
+    return out
+
+
 def matched_auc(
     scores: np.ndarray, labels: np.ndarray, area: np.ndarray, ratio: float = 1.5
 ) -> tuple[float, int]:
@@ -365,7 +417,7 @@ def fit_on(clf: Classifier, vset: ValidationSet, *, fit: bool = True) -> dict[st
     families with their ECE and NLL, the logit cut, and per stratum / per patient figures);
     "_logits" and "_labels" are the weight-expanded validation arrays.
     """
-    raw, _ = _logits(clf, vset.slices)
+    raw, heat = _logits(clf, vset.slices)
     z, y = vset.expand(raw)
     t_only = fit_temperature(z, y)
     platt = fit_platt(z, y)
@@ -419,6 +471,10 @@ def fit_on(clf: Classifier, vset: ValidationSet, *, fit: bool = True) -> dict[st
             )
     if per_patient:
         report["specificity_by_patient"] = {k: float(np.mean(v)) for k, v in per_patient.items()}
+    pointing = validation_pointing(heat, vset, raw_prob >= threshold)
+    if pointing is not None:
+        report["localisation"] = pointing
+    del heat
     return {
         "temperature": temperature,
         "logit_offset": offset,
@@ -468,13 +524,24 @@ def evaluate(
     fits = {name: fit_on(clf, load_validation_set(name, clf), fit=fit) for name in VAL_SET_NAMES}
     for name, f in fits.items():
         log.info(
-            "validation %s: AUC %.3f, T %.3f, offset %.3f, threshold %.3f",
+            "validation %s: AUC %.3f, T %.3f, offset %.3f, threshold %.3f, sens %.3f, spec %.3f",
             name,
             f["validation"]["auc"],
             f["temperature"],
             f["logit_offset"],
             f["threshold"],
+            f["validation"]["sensitivity"],
+            f["validation"]["specificity"],
         )
+        if "localisation" in f["validation"]:
+            loc = f["validation"]["localisation"]
+            log.info(
+                "validation %s pointing game: %.3f (within 15 px %.3f) over %d lesion slices",
+                name,
+                loc["pointing_game"],
+                loc["pointing_game_within_15px"],
+                loc["lesion_slices"],
+            )
     chosen = fits[val_set]
     temperature, offset, threshold = (
         chosen["temperature"],
@@ -542,19 +609,14 @@ def evaluate(
         "pairs": len(pos),
     }
     # Localisation on the real tumor slices.
-    import cv2
-
     hits, near, e_liver, e_tumor, chance = [], [], [], [], []
     for i in pos:
         h = heat[i]
+        hit, close = point_hit(h, t["tumor"][i])
+        hits.append(hit)
+        near.append(close)
         if h.max() <= 0:
-            hits.append(0.0)
-            near.append(0.0)
             continue
-        yy, xx = np.unravel_index(int(np.argmax(h)), h.shape)
-        hits.append(float(t["tumor"][i][yy, xx]))
-        dist = cv2.distanceTransform((~t["tumor"][i]).astype(np.uint8), cv2.DIST_L2, 5)
-        near.append(float(dist[yy, xx] <= 15.0))
         tot = float(h.sum())
         e_liver.append(float(h[t["liver"][i]].sum()) / tot)
         e_tumor.append(float(h[t["tumor"][i]].sum()) / tot)

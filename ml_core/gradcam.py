@@ -79,11 +79,18 @@ def gradient_tape_gradcam(model: Any, images: np.ndarray) -> np.ndarray:
 
 
 def cam_to_slice(
-    cam: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int]
+    cam: np.ndarray,
+    box: tuple[int, int, int, int],
+    shape: tuple[int, int],
+    offset_cells: float = 0.0,
 ) -> np.ndarray:
     """Map one crop CAM (h, w) back onto the full slice: box (y0, x0, y1, x1) in slice px -> float32 (H, W) [0, 1].
 
     The box may extend past the slice (the square crop was zero-padded); outside the box is 0.
+    Cell (i, j) stands for the tile i..i+1, j..j+1 (in cells) of the box, which is what training
+    supervises (``training.cell_targets``); ``offset_cells`` moves every tile by that many cells
+    in both axes (-0.5 for an atrous stride-8 map of stride-16 weights, whose cell j covers
+    what a stride-16 tile centred at j * 8 px covers: ``input.cam_offset_cells`` in the card).
     """
     import cv2
 
@@ -93,6 +100,10 @@ def cam_to_slice(
     bh, bw = y1 - y0, x1 - x0
     if bh <= 0 or bw <= 0:
         return out
+    if offset_cells:
+        dy = int(round(offset_cells * bh / cam.shape[0]))
+        dx = int(round(offset_cells * bw / cam.shape[1]))
+        y0, y1, x0, x1 = y0 + dy, y1 + dy, x0 + dx, x1 + dx
     # Zero-pad one cell before the bilinear upsampling so each cell's value peaks at the cell
     # centre and fades towards the box edge (plain resizing makes flat plateaus up to the box
     # edge, whose first pixel then wins every argmax: the pointing game would hit the border).

@@ -141,8 +141,12 @@ def _block(
     filters_in: int,
     filters_out: int,
     drop_rate: float,
+    dilation: int = 1,
 ) -> Any:
-    """One MBConv block without squeeze-and-excitation: expand, depthwise, project, skip."""
+    """One MBConv block without squeeze-and-excitation: expand, depthwise, project, skip.
+
+    ``dilation`` > 1 dilates the depthwise convolution (atrous; stride must then be 1).
+    """
     from keras import layers
 
     inputs = x
@@ -153,6 +157,7 @@ def _block(
         kernel,
         strides=stride,
         padding="same",
+        dilation_rate=dilation,
         use_bias=False,
         depthwise_initializer=_CONV_INIT,
         name=f"{name}_dwconv",
@@ -191,9 +196,19 @@ def build_lite0(
     ``include_preprocessing=False`` expects inputs already mapped by (x - 127) / 128.
     ``output_stride=16`` makes the first block of stage 6 stride 1 (same weights, a feature map
     twice as fine: ceil(H/16)), for finer class activation maps on small inputs.
+    ``output_stride=8`` is the output-stride-16 network run atrous ("hole" algorithm, no new
+    weights, meant for weights trained at stride 16): on top of stride 16, the first block of
+    stage 4 (``block4a``, 40 -> 80 channels) is stride 1 and every later depthwise convolution
+    (``block4b``, ``block4c``, stages 5, 6 and 7, i.e. stage indices 3-6) has dilation 2; 1x1
+    convolutions need none. The map is ceil(H/8) per side. For H a multiple of 16, the
+    stride-16 map is exactly its odd-position subgrid ``[1::2, 1::2]`` (TensorFlow 'SAME'
+    padding of an even input puts a stride-2 window's centre at 2i + 1, and a dilated window
+    at an odd position reads only odd positions, with zeros past the border exactly where the
+    stride-16 network pads), up to float rounding (tests/ml_core/test_lite0.py); the even
+    positions are the same network with its stride-16 grid moved by 8 px.
     """
-    if output_stride not in (16, 32):
-        raise ValueError(f"output_stride must be 16 or 32, not {output_stride}")
+    if output_stride not in (8, 16, 32):
+        raise ValueError(f"output_stride must be 8, 16 or 32, not {output_stride}")
     resolved = None if weights_path is None else _resolve_weights(weights_path, weights_sha256)
 
     import keras
@@ -209,9 +224,13 @@ def build_lite0(
     names = iter(BLOCK_NAMES)
     index = 0
     for number, (kernel, repeats, stride, expand, filters_in, filters_out) in enumerate(STAGES):
-        if output_stride == 16 and number == 5:
+        if output_stride in (8, 16) and number == 5:
+            stride = 1
+        if output_stride == 8 and number == 3:
             stride = 1
         for rep in range(repeats):
+            # Atrous stride 8: every depthwise conv after block4a's (now stride 1) is dilated by 2.
+            atrous = output_stride == 8 and (number > 3 or (number == 3 and rep > 0))
             x = _block(
                 x,
                 next(names),
@@ -221,6 +240,7 @@ def build_lite0(
                 filters_in=filters_in if rep == 0 else filters_out,
                 filters_out=filters_out,
                 drop_rate=drop_connect_rate * index / len(BLOCK_NAMES),
+                dilation=2 if atrous else 1,
             )
             index += 1
 

@@ -91,3 +91,14 @@ def test_painted_lesion_has_the_drawn_polarity_and_about_the_drawn_contrast() ->
             )
             ratio = (-change_hu if draw["hyperdense"] else change_hu) / draw["contrast_hu"]
             assert 0.2 < ratio < 1.5, (i, s, draw, ratio)
+
+
+def test_lesion_masks_are_kept_for_the_pointing_game(vset) -> None:  # type: ignore[no-untyped-def]
+    """Every lesioned slice keeps its lesion mask (its pixel count as recorded), clean slices None."""
+    assert len(vset.masks) == len(vset.slices)
+    for m, meta, img in zip(vset.masks, vset.meta, vset.slices, strict=True):
+        if meta["kind"] == "clean":
+            assert m is None
+        else:
+            assert m.dtype == bool and m.shape == img.shape
+            assert int(m.sum()) == meta["lesion_px"] >= 3

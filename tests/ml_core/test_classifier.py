@@ -184,6 +184,45 @@ def test_crop_floor_bounds_the_magnification_of_a_small_liver(
     assert square_box(big, min_side_frac=0.27) == square_box(big)
 
 
+def test_card_output_stride_8_runs_stride_16_weights_atrous(artifact: Path, tmp_path: Path) -> None:
+    """A card with input.output_stride 8 loads the same stride-16 weights file: a 2x finer CAM grid
+    holding the stride-16 cell logits as its odd subgrid, so the slice logit (their max) can only rise."""
+    import keras
+
+    from ml_core.classifier import build_network, cell_logits, combined_sha256, sha256_file
+
+    def folder_at(stride: int) -> Path:
+        folder = tmp_path / f"os{stride}"
+        shutil.copytree(artifact, folder)
+        keras.utils.set_random_seed(4)
+        build_network(64, "lite0", head="max", output_stride=16).save_weights(str(folder / WEIGHTS))
+        card = json.loads((folder / CARD).read_text())
+        card["backbone"] = "lite0"
+        card["input"].update(size=64, head="max", output_stride=stride)
+        card["files"] = {k: sha256_file(folder / k) for k in card["files"]}
+        card["sha256"] = combined_sha256(card["files"])
+        (folder / CARD).write_text(json.dumps(card))
+        return folder
+
+    coarse, fine = Classifier.load(folder_at(16)), Classifier.load(folder_at(8))
+    assert (coarse.cam_cells, fine.cam_cells) == (4, 8)
+    assert fine.info.sha256 == coarse.info.sha256  # same files; only the card differs
+    slices = _slices()
+    boxes = coarse.boxes(slices)
+    lc, cc = coarse.logits_and_cams(slices, boxes)
+    lf, cf = fine.logits_and_cams(slices, boxes)
+    assert cc.shape[1:] == (4, 4) and cf.shape[1:] == (8, 8)
+    assert np.all(lf >= lc - 1e-5)
+    from ml_core.classifier import crop, to_model_input
+
+    x = to_model_input([crop(s, b, 64) for s, b in zip(slices, boxes, strict=True)])
+    cells_c = np.asarray(cell_logits(coarse._network, coarse._network(x, training=False)[1]))
+    cells_f = np.asarray(cell_logits(fine._network, fine._network(x, training=False)[1]))
+    np.testing.assert_allclose(cells_f[:, 1::2, 1::2], cells_c, atol=1e-4)
+    for s, p in zip(slices, fine.predict(slices), strict=True):
+        assert p.heatmap.shape == s.shape and not np.isnan(p.heatmap).any()
+
+
 @pytest.mark.integration
 def test_shipped_model_loads_verified_with_its_gate(shipped: Classifier) -> None:
     """The shipped artifact passes its sha256 check, names itself, and brings the content gate."""

@@ -12,7 +12,9 @@ from ml_core.evaluation import (
     fit_temperature,
     fit_threshold,
     matched_auc,
+    point_hit,
     point_metrics,
+    validation_pointing,
     with_intervals,
 )
 
@@ -121,3 +123,41 @@ def test_heldout_tumor_free_specificity_counts_only_test_patients_and_their_flag
     assert none["flagged"] == 0 and none["specificity"]["value"] == 1.0
     assert every["flagged"] == every["slices"] and every["specificity"]["value"] == 0.0
     assert every["specificity"]["ci95"] == [0.0, 0.0]
+
+
+def test_validation_pointing_counts_heatmap_maxima_inside_the_lesion_masks() -> None:
+    """Share of lesioned slices whose heatmap maximum is inside the mask / within 15 px; clean slices ignored."""
+    from ml_core.calibration_sets import ValidationSet
+
+    mask = np.zeros((100, 100), bool)
+    mask[40:50, 40:50] = True
+    on, near, far, flat = (np.zeros((100, 100), np.float32) for _ in range(4))
+    on[45, 45] = 1.0
+    near[45, 60] = 1.0  # 11 px right of the mask
+    far[90, 5] = 1.0
+    clean = np.zeros((100, 100), np.float32)
+    clean[0, 0] = 1.0
+    assert point_hit(on, mask) == (1.0, 1.0)
+    assert point_hit(near, mask) == (0.0, 1.0)
+    assert point_hit(far, mask) == (0.0, 0.0)
+    assert point_hit(flat, mask) == (0.0, 0.0)
+    meta = [{"kind": "clean"}] + [
+        {"kind": "lesion", "size_class": c, "contrast_class": 0} for c in (0, 1, 2, 2)
+    ]
+    vset = ValidationSet(
+        "t",
+        [np.zeros((100, 100), np.uint8)] * 5,
+        np.array([0, 1, 1, 1, 1], np.float32),
+        np.array([4, 1, 1, 1, 1]),
+        meta,
+        [None, mask, mask, mask, mask],
+    )
+    res = validation_pointing([clean, on, near, far, flat], vset, np.array([0, 1, 1, 0, 0], bool))
+    assert res is not None
+    assert res["lesion_slices"] == 4
+    assert res["pointing_game"] == pytest.approx(0.25)
+    assert res["pointing_game_within_15px"] == pytest.approx(0.5)
+    assert res["pointing_game_by_size_class"] == {"5-15": 1.0, "15-30": 0.0, "30-50": 0.0}
+    assert res["pointing_game_detected"] == pytest.approx(0.5) and res["detected"] == 2
+    no_masks = ValidationSet("s", vset.slices, vset.labels, vset.weights, meta)
+    assert validation_pointing([clean, on, near, far, flat], no_masks) is None

@@ -12,8 +12,8 @@ tf = pytest.importorskip("tensorflow")
 
 @pytest.fixture(
     scope="module",
-    params=[("b0", "gap", 32, 2), ("lite0", "max", 16, 4)],
-    ids=["b0-gap", "lite0-max-os16"],
+    params=[("b0", "gap", 32, 2), ("lite0", "max", 16, 4), ("lite0", "max", 8, 8)],
+    ids=["b0-gap", "lite0-max-os16", "lite0-max-os8-atrous"],
 )
 def network(request):  # type: ignore[no-untyped-def]
     """The classifier network (real B0 / Lite0 architecture, random weights) at 64 px, and its map side."""
@@ -68,3 +68,28 @@ def test_cam_maps_back_onto_the_full_slice() -> None:
     yy, xx = np.unravel_index(int(np.argmax(heat)), heat.shape)
     assert 20 <= xx < 100 and 0 <= yy < 80
     assert heat[:, :20].max() == 0.0
+
+
+def test_a_16_by_16_cam_maps_each_cell_to_its_place_on_the_slice() -> None:
+    """The stride-8 grid (16 x 16 at 128 px) maps back like the coarser ones: a cell peaks at its centre."""
+    cam = np.zeros((16, 16), np.float32)
+    cam[3, 12] = 1.0
+    box = (40, 20, 360, 340)  # 320 px box: 20 px per cell
+    heat = cam_to_slice(cam, box, (400, 400))
+    yy, xx = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    assert abs(yy - (40 + 3.5 * 20)) <= 1 and abs(xx - (20 + 12.5 * 20)) <= 1
+    assert heat[:40].max() == 0.0 and heat[:, 340:].max() == 0.0
+
+
+def test_an_atrous_cam_offset_moves_every_cell_by_half_a_cell() -> None:
+    """offset_cells -0.5 (atrous stride 8 of stride-16 weights): cell j is centred at j cells, not j + 0.5."""
+    cam = np.zeros((16, 16), np.float32)
+    cam[3, 12] = 1.0
+    box = (40, 20, 360, 340)  # 20 px per cell
+    heat = cam_to_slice(cam, box, (400, 400), offset_cells=-0.5)
+    yy, xx = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    assert abs(yy - (40 + 3 * 20)) <= 1 and abs(xx - (20 + 12 * 20)) <= 1
+    assert heat[:30].max() == 0.0 and heat[:, 330:].max() == 0.0
+    np.testing.assert_array_equal(
+        cam_to_slice(cam, box, (400, 400), 0.0), cam_to_slice(cam, box, (400, 400))
+    )

@@ -87,6 +87,45 @@ def test_feature_extractor_ends_in_the_1280_channel_map(imagenet_model) -> None:
     np.testing.assert_allclose(via_features, _logits(imagenet_model, rgb), atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [64, 48])
+def test_atrous_stride_8_holds_the_stride_16_map_as_its_odd_subgrid(size: int) -> None:
+    """output_stride=8 runs the stride-16 weights atrous: the stride-16 map is its [1::2, 1::2] subgrid.
+
+    Exact at every position, borders included (TensorFlow 'SAME' padding of an even map centres a
+    stride-2 window at 2i + 1; the dilated windows at odd positions read only odd positions and
+    pad with zeros exactly where the stride-16 network does), so the tolerance is float rounding.
+    """
+    os16 = lite0.build_lite0(
+        (size, size, 3), include_top=False, weights_path="imagenet", output_stride=16
+    )
+    os8 = lite0.build_lite0(
+        (size, size, 3), include_top=False, weights_path="imagenet", output_stride=8
+    )
+    assert os8.count_params() == os16.count_params()
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+    coarse = np.asarray(os16(x, training=False))
+    fine = np.asarray(os8(x, training=False))
+    assert coarse.shape == (2, size // 16, size // 16, 1280)
+    assert fine.shape == (2, size // 8, size // 8, 1280)
+    assert coarse.std() > 0.1  # not a saturated or dead map
+    np.testing.assert_allclose(fine[:, 1::2, 1::2], coarse, rtol=0, atol=1e-5)
+    # The other positions are new cells, not copies of the stride-16 ones.
+    assert np.abs(fine[:, ::2, ::2] - coarse).max() > 0.1
+    dilated = {
+        layer.name for layer in os8.layers if getattr(layer, "dilation_rate", (1, 1)) == (2, 2)
+    }
+    assert dilated == {f"{b}_dwconv" for b in lite0.BLOCK_NAMES if b >= "block4b"}
+    assert os8.get_layer("block4a_dwconv").strides == (1, 1)
+    assert all(getattr(layer, "dilation_rate", (1, 1)) == (1, 1) for layer in os16.layers)
+
+
+def test_output_stride_other_than_8_16_32_is_refused() -> None:
+    """Only the three documented strides build."""
+    with pytest.raises(ValueError):
+        lite0.build_lite0((64, 64, 3), include_top=False, output_stride=4)
+
+
 def test_random_init_without_weights_is_untrained(
     imagenet_model, reference: dict, reference_batch: np.ndarray
 ) -> None:
