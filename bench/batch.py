@@ -85,11 +85,13 @@ def rate(fn: Any, items: int, min_s: float = 5.0) -> float:
     return items * calls / (time.perf_counter() - t0)
 
 
-def bench_model(slices: list[np.ndarray], batch: int, config: dict[str, Any]) -> dict[str, float]:
+def bench_model(
+    slices: list[np.ndarray], batch: int, config: dict[str, Any], model: Path | None = None
+) -> dict[str, float]:
     """Bare model figures (img/s) at batch 1 and at the worker's batch size."""
     from ml_core.classifier import Classifier, default_model_path
 
-    classifier = Classifier.load(default_model_path())
+    classifier = Classifier.load(model or default_model_path())
     gate = classifier.gate()
     out: dict[str, float] = {}
     for size in sorted({1, batch}):
@@ -191,7 +193,13 @@ def _wait_http(url: str, timeout_s: float) -> None:
 
 
 def bench_end_to_end(
-    pngs: list[bytes], workers: int, batch: int, config: dict[str, Any], *, drain: bool = False
+    pngs: list[bytes],
+    workers: int,
+    batch: int,
+    config: dict[str, Any],
+    *,
+    drain: bool = False,
+    model: Path | None = None,
 ) -> float:
     """One batch through API → Redis → K workers → PostgreSQL, bytes on S3; returns img/s.
 
@@ -223,6 +231,8 @@ def bench_end_to_end(
         "LIVERSCAN_DEVICE": "cpu",
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
+    if model is not None:
+        env["LIVERSCAN_MODEL_PATH"] = str(model)
     base = f"http://127.0.0.1:{api_port}"
     api_cmd = [sys.executable, "-m", "waitress", "--host=127.0.0.1", f"--port={api_port}",
                "--threads=4", "--call", "api.app:create_app"]  # fmt: skip
@@ -410,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-note", default="CPU", help="recorded in every line's config")
     parser.add_argument("--skip-e2e", action="store_true", help="model figures only")
     parser.add_argument(
+        "--model", type=Path, default=None, help="model folder (default: ml_core/models/CURRENT)"
+    )
+    parser.add_argument(
         "--no-drain",
         dest="drain",
         action="store_false",
@@ -420,15 +433,17 @@ def main(argv: list[str] | None = None) -> int:
     from ml_core.overlay import encode_png
 
     config = {"device": args.device_note, "cpus": os.cpu_count(), "batch": args.batch}
+    if args.model is not None:
+        config["model"] = args.model.name
     slices = liver_slices(max(args.n, args.batch))
-    bare = bench_model(slices, args.batch, config)
+    bare = bench_model(slices, args.batch, config, args.model)
     if args.skip_e2e:
         return 0
     pngs = [encode_png(s) for s in slices[: args.n]]
     for workers in (int(w) for w in args.workers.split(",")):
-        throughput = bench_end_to_end(pngs, workers, args.batch, config)
+        throughput = bench_end_to_end(pngs, workers, args.batch, config, model=args.model)
         if workers == 1 and args.drain:
-            drained = bench_end_to_end(pngs, 1, args.batch, config, drain=True)
+            drained = bench_end_to_end(pngs, 1, args.batch, config, drain=True, model=args.model)
             emit(
                 f"drain_over_model_batch{args.batch}",
                 drained / bare[f"model{args.batch}"],

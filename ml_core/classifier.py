@@ -50,6 +50,7 @@ def build_network(
     pretrained: bool = False,
     head: str = "gap",
     output_stride: int = 32,
+    score_stride: int | None = None,
 ) -> Any:
     """Keras model images float32 (N, S, S, 3) 0..255 -> [logit (N, 1), last feature maps (N, s, s, K)].
 
@@ -63,11 +64,17 @@ def build_network(
     head "max": dropout -> the same linear unit at every feature-map cell (a logit per cell of
     the crop) -> the slice logit is their maximum. Training can then supervise each cell with
     the synthetic lesion mask; Grad-CAM stays exactly relu(sum_k w_k A_k) (ml_core.gradcam).
+    ``score_stride`` 16 with ``output_stride`` 8 (max head): the logit is the maximum over the
+    odd-position cells only, i.e. exactly the stride-16 network's logit, while the feature maps
+    (and so the CAM, the exact Grad-CAM of that logit over them) keep all stride-8 cells.
     """
     import keras
 
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}")
+    subgrid = (head, output_stride, score_stride) == ("max", 8, 16)
+    if score_stride not in (None, output_stride) and not subgrid:
+        raise ValueError("score_stride 16 needs the max head at output_stride 8 (atrous)")
     inp = keras.Input((input_size, input_size, 3), name="image")
     if backbone == "b0":
         if output_stride != 32:
@@ -94,6 +101,8 @@ def build_network(
     else:
         x = keras.layers.Dropout(dropout, name="dropout")(feats)
         cells = keras.layers.Dense(1, name="logit")(x)  # (N, s, s, 1): one logit per cell
+        if subgrid:
+            cells = cells[:, 1::2, 1::2, :]  # the stride-16 cells (ml_core.lite0.build_lite0)
         logit = keras.layers.GlobalMaxPooling2D(name="max")(cells)
     return keras.Model(inp, [logit, feats], name=f"liverscan_{backbone}")
 
@@ -180,6 +189,11 @@ class _Spec:
     logit_offset: float = 0.0
     min_side_frac: float = 0.0
     cam_offset_cells: float = 0.0
+    score_stride: int | None = None
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 class Classifier:
@@ -247,10 +261,15 @@ class Classifier:
             logit_offset=float(card.get("logit_offset", 0.0)),
             min_side_frac=float(card["input"].get("min_side_frac", 0.0)),
             cam_offset_cells=float(card["input"].get("cam_offset_cells", 0.0)),
+            score_stride=_optional_int(card["input"].get("score_stride")),
         )
         try:
             network = build_network(
-                spec.input_size, spec.backbone, head=spec.head, output_stride=spec.output_stride
+                spec.input_size,
+                spec.backbone,
+                head=spec.head,
+                output_stride=spec.output_stride,
+                score_stride=spec.score_stride,
             )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")

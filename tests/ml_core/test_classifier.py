@@ -191,14 +191,16 @@ def test_card_output_stride_8_runs_stride_16_weights_atrous(artifact: Path, tmp_
 
     from ml_core.classifier import build_network, cell_logits, combined_sha256, sha256_file
 
-    def folder_at(stride: int) -> Path:
-        folder = tmp_path / f"os{stride}"
+    def folder_at(stride: int, score_stride: int | None = None) -> Path:
+        folder = tmp_path / f"os{stride}-{score_stride}"
         shutil.copytree(artifact, folder)
         keras.utils.set_random_seed(4)
         build_network(64, "lite0", head="max", output_stride=16).save_weights(str(folder / WEIGHTS))
         card = json.loads((folder / CARD).read_text())
         card["backbone"] = "lite0"
         card["input"].update(size=64, head="max", output_stride=stride)
+        if score_stride is not None:
+            card["input"]["score_stride"] = score_stride
         card["files"] = {k: sha256_file(folder / k) for k in card["files"]}
         card["sha256"] = combined_sha256(card["files"])
         (folder / CARD).write_text(json.dumps(card))
@@ -221,6 +223,17 @@ def test_card_output_stride_8_runs_stride_16_weights_atrous(artifact: Path, tmp_
     np.testing.assert_allclose(cells_f[:, 1::2, 1::2], cells_c, atol=1e-4)
     for s, p in zip(slices, fine.predict(slices), strict=True):
         assert p.heatmap.shape == s.shape and not np.isnan(p.heatmap).any()
+
+    # Scored on its stride-16 cells: the stride-16 model's logits, probabilities and labels
+    # exactly, with the stride-8 heatmap.
+    both = Classifier.load(folder_at(8, score_stride=16))
+    lb, cb = both.logits_and_cams(slices, boxes)
+    np.testing.assert_allclose(lb, lc, atol=1e-5)
+    np.testing.assert_allclose(cb, cf, atol=1e-6)
+    for pc, pb in zip(coarse.predict(slices), both.predict(slices), strict=True):
+        assert pb.label == pc.label and pb.probability == pytest.approx(pc.probability, abs=1e-6)
+    with pytest.raises(ValueError, match="score_stride"):
+        build_network(64, "lite0", head="max", output_stride=16, score_stride=8)
 
 
 @pytest.mark.integration

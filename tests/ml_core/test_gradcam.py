@@ -1,4 +1,5 @@
-"""The forward-pass CAM equals GradientTape Grad-CAM of the real architectures (both heads)."""
+"""The forward-pass CAM equals GradientTape Grad-CAM of the real architectures (both heads; a
+stride-8 map scored on its stride-16 cells included: Grad-CAM of that logit over all 64 cells)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ tf = pytest.importorskip("tensorflow")
 
 @pytest.fixture(
     scope="module",
-    params=[("b0", "gap", 32, 2), ("lite0", "max", 16, 4), ("lite0", "max", 8, 8)],
-    ids=["b0-gap", "lite0-max-os16", "lite0-max-os8-atrous"],
+    params=[
+        ("b0", "gap", 32, 2, None),
+        ("lite0", "max", 16, 4, None),
+        ("lite0", "max", 8, 8, None),
+        ("lite0", "max", 8, 8, 16),
+    ],
+    ids=["b0-gap", "lite0-max-os16", "lite0-max-os8-atrous", "lite0-max-os8-scored-at-16"],
 )
 def network(request):  # type: ignore[no-untyped-def]
     """The classifier network (real B0 / Lite0 architecture, random weights) at 64 px, and its map side."""
@@ -21,9 +27,9 @@ def network(request):  # type: ignore[no-untyped-def]
 
     from ml_core.classifier import build_network
 
-    backbone, head, stride, side = request.param
+    backbone, head, stride, side, score_stride = request.param
     keras.utils.set_random_seed(3)
-    net = build_network(64, backbone, head=head, output_stride=stride)
+    net = build_network(64, backbone, head=head, output_stride=stride, score_stride=score_stride)
     net.map_side = side
     return net
 
