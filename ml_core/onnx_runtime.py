@@ -131,7 +131,8 @@ def export(
 ) -> dict[str, Any]:
     """Write <folder>/classifier.onnx, check it against TensorFlow, record it in the card; returns the entry.
 
-    Raises ModelLoadError (nothing written to the card) when the outputs differ by more than TOLERANCE.
+    Raises ModelLoadError, leaving the folder as it was, when the export does not run in ONNX
+    Runtime or its outputs differ from TensorFlow's by more than TOLERANCE.
     """
     import tensorflow as tf
     import tf2onnx
@@ -145,9 +146,15 @@ def export(
     path = folder / ONNX_FILE
     tmp = path.with_suffix(".onnx.tmp")
     t0 = time.perf_counter()
-    tf2onnx.convert.from_function(
-        clf._forward, input_signature=spec, opset=opset, output_path=str(tmp)
-    )
+    try:
+        tf2onnx.convert.from_function(
+            clf._forward, input_signature=spec, opset=opset, output_path=str(tmp)
+        )
+    except Exception as exc:  # noqa: BLE001 - an op tf2onnx cannot convert, at this opset
+        tmp.unlink(missing_ok=True)
+        raise ModelLoadError(
+            f"tf2onnx cannot convert the forward: {type(exc).__name__}: {exc}"
+        ) from exc
     seconds = time.perf_counter() - t0
     card = read_card(folder)
     digest = sha256_file(tmp)
@@ -157,29 +164,33 @@ def export(
         "sha256": digest,
         "weights_sha256": card["files"].get(weights),
     }
-    probe = {**card, "runtimes": {**(card.get("runtimes") or {}), "onnx": entry}}
-    tmp.replace(path)
+    # Check the new file under its temporary name: a failed export leaves any previous one intact.
+    probe = {
+        **card,
+        "runtimes": {**(card.get("runtimes") or {}), "onnx": {**entry, "file": tmp.name}},
+    }
     try:
         forward = load_forward(folder, probe, threads)
         x = check_inputs(clf, volume)
         tf_logits, tf_cams = (np.asarray(t) for t in clf._forward(tf.constant(x)))
         ort_logits, ort_cams = forward(x)
     except ModelLoadError:
-        path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. a graph input tf2onnx left unbound
-        path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise ModelLoadError(
             f"the ONNX export does not run in onnxruntime: {type(exc).__name__}: {exc}"
         ) from exc
     d_logit = float(np.abs(tf_logits - ort_logits).max())
     d_cam = float(np.abs(tf_cams - ort_cams).max())
     if not (d_logit <= TOLERANCE and d_cam <= TOLERANCE):
-        path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise ModelLoadError(
             f"ONNX export differs from TensorFlow: max |dlogit| {d_logit:.2e}, "
             f"max |dCAM| {d_cam:.2e} (tolerance {TOLERANCE:g})"
         )
+    tmp.replace(path)
     import onnx
     import onnxruntime
 
@@ -201,7 +212,7 @@ def export(
             "max_abs_diff_cam": d_cam,
             "tolerance": TOLERANCE,
             "size_bytes": path.stat().st_size,
-            "note": "derived from classifier.weights.h5 (the files above); not part of the card's sha256",
+            "note": f"derived from {weights} (weights_sha256); not part of the card's sha256",
         }
     )
     card.setdefault("runtimes", {})["onnx"] = entry
@@ -230,9 +241,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export and print the card entry as JSON; 0 on success, 1 when the check fails."""
+    """Export and print the card entry as JSON; 0 on success, 1 when it fails, 2 without tf2onnx/onnx."""
     try:
         entry = export(args.model, opset=args.opset, volume=args.volume)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("tf2onnx", "onnx", "onnxruntime"):
+            raise
+        log.error("export-onnx needs %s: pip install -e '.[ml,onnx-export]'", exc.name)
+        return 2
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 1
