@@ -15,6 +15,7 @@ machine vary from run to run: compare numbers from the same run only.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -163,6 +164,14 @@ def main() -> int:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    for needed in ("onnxruntime", "tf2onnx"):
+        try:
+            importlib.import_module(needed)
+        except ModuleNotFoundError:  # `make bench` runs every bench/ml_*.py: skip, do not fail
+            log.warning(
+                "bench/ml_onnx.py skipped: %s is not installed (the onnx-export extra)", needed
+            )
+            return 0
     for folder in args.model or [str(default_model_path())]:
         measure(Path(folder), args)
     return 0
