@@ -86,12 +86,16 @@ def rate(fn: Any, items: int, min_s: float = 5.0) -> float:
 
 
 def bench_model(
-    slices: list[np.ndarray], batch: int, config: dict[str, Any], model: Path | None = None
+    slices: list[np.ndarray],
+    batch: int,
+    config: dict[str, Any],
+    model: Path | None = None,
+    runtime: str = "auto",
 ) -> dict[str, float]:
     """Bare model figures (img/s) at batch 1 and at the worker's batch size."""
     from ml_core.classifier import Classifier, default_model_path
 
-    classifier = Classifier.load(model or default_model_path())
+    classifier = Classifier.load(model or default_model_path(), runtime=runtime)
     gate = classifier.gate()
     out: dict[str, float] = {}
     for size in sorted({1, batch}):
@@ -200,6 +204,7 @@ def bench_end_to_end(
     *,
     drain: bool = False,
     model: Path | None = None,
+    runtime: str = "auto",
 ) -> float:
     """One batch through API → Redis → K workers → PostgreSQL, bytes on S3; returns img/s.
 
@@ -233,6 +238,7 @@ def bench_end_to_end(
     }
     if model is not None:
         env["LIVERSCAN_MODEL_PATH"] = str(model)
+    env["LIVERSCAN_MODEL_RUNTIME"] = runtime
     base = f"http://127.0.0.1:{api_port}"
     api_cmd = [sys.executable, "-m", "waitress", "--host=127.0.0.1", f"--port={api_port}",
                "--threads=4", "--call", "api.app:create_app"]  # fmt: skip
@@ -423,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
         "--model", type=Path, default=None, help="model folder (default: ml_core/models/CURRENT)"
     )
     parser.add_argument(
+        "--runtime",
+        choices=("auto", "tf", "onnx"),
+        default="auto",
+        help="classifier forward runtime (LIVERSCAN_MODEL_RUNTIME) for the bare model and workers",
+    )
+    parser.add_argument(
         "--no-drain",
         dest="drain",
         action="store_false",
@@ -435,15 +447,20 @@ def main(argv: list[str] | None = None) -> int:
     config = {"device": args.device_note, "cpus": os.cpu_count(), "batch": args.batch}
     if args.model is not None:
         config["model"] = args.model.name
+    config["runtime"] = args.runtime
     slices = liver_slices(max(args.n, args.batch))
-    bare = bench_model(slices, args.batch, config, args.model)
+    bare = bench_model(slices, args.batch, config, args.model, args.runtime)
     if args.skip_e2e:
         return 0
     pngs = [encode_png(s) for s in slices[: args.n]]
     for workers in (int(w) for w in args.workers.split(",")):
-        throughput = bench_end_to_end(pngs, workers, args.batch, config, model=args.model)
+        throughput = bench_end_to_end(
+            pngs, workers, args.batch, config, model=args.model, runtime=args.runtime
+        )
         if workers == 1 and args.drain:
-            drained = bench_end_to_end(pngs, 1, args.batch, config, drain=True, model=args.model)
+            drained = bench_end_to_end(
+                pngs, 1, args.batch, config, drain=True, model=args.model, runtime=args.runtime
+            )
             emit(
                 f"drain_over_model_batch{args.batch}",
                 drained / bare[f"model{args.batch}"],

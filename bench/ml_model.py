@@ -1,8 +1,11 @@
-"""Benchmark of the tumor classifier: forward img/s at batch 1/8/32, CAM cost, ml_core end to end.
+"""Benchmark of the tumor classifier: forward img/s at batch 1/8/32 per runtime, CAM cost, ml_core end to end.
 
-Prints JSON lines {"name", "value", "unit", "config"}. Runtimes here vary up to 2x from run to
-run (shared 2-core machine): compare numbers from the same run only. Uses the shipped model
-(ml_core/models/CURRENT) when present, else random weights of the same architecture.
+Runtimes: TensorFlow (the compiled function) always; ONNX Runtime too when onnxruntime imports
+and the artifact ships a verified classifier.onnx (``config.runtime`` names each line's); the end
+to end figure is run for each. Prints JSON lines {"name", "value", "unit", "config"}. Timings
+here vary up to 2x from run to run (shared 2-core machine): compare numbers from the same run
+only. Uses the shipped model (ml_core/models/CURRENT) when present, else random weights of the
+same architecture.
 """
 
 from __future__ import annotations
@@ -58,12 +61,12 @@ def main() -> int:
     return 0
 
 
-def load_classifier(folder: str | None) -> tuple[Any, str]:
+def load_classifier(folder: str | None, runtime: str = "tf") -> tuple[Any, str]:
     """The artifact at ``folder`` (default CURRENT) and its name; random B0 weights if none ships."""
     from ml_core.classifier import Classifier, default_model_path
 
     try:
-        clf = Classifier.load(folder or default_model_path())
+        clf = Classifier.load(folder or default_model_path(), runtime=runtime)
         return clf, f"{clf.info.name}-{clf.info.version}"
     except Exception as exc:  # no shipped model in this checkout: measure the architecture
         if folder:
@@ -73,15 +76,23 @@ def load_classifier(folder: str | None) -> tuple[Any, str]:
 
 
 def measure(folder: str | None) -> None:
-    """Forward, forward+CAM at batch 1/8/32 and ml_core end to end for one model."""
+    """Forward, forward+CAM at batch 1/8/32 (each runtime) and ml_core end to end for one model."""
     import tensorflow as tf
 
     from ml_core.decoding import decode
     from ml_core.evaluation import load_test, window_u8
+    from ml_core.onnx_runtime import DEFAULT_THREADS
     from ml_core.overlay import encode_png, overlay_png
     from ml_core.preprocessing import to_slice_u8
 
     clf, model = load_classifier(folder)
+    runtimes = [clf]
+    try:  # the ONNX Runtime forward of the same artifact, when it ships one
+        from ml_core.classifier import Classifier, default_model_path
+
+        runtimes.append(Classifier.load(folder or default_model_path(), runtime="onnx"))
+    except Exception as exc:  # noqa: BLE001 - no onnxruntime or no export: TensorFlow only
+        log.warning("no ONNX Runtime figures: %s", exc)
     size = clf._spec.input_size
     net = clf._network
     cfg = {
@@ -103,28 +114,37 @@ def measure(folder: str | None) -> None:
         emit("classifier_forward", fwd, "img/s", {**cfg, "batch": b})
         emit("classifier_forward_with_cam", cam, "img/s", {**cfg, "batch": b})
         emit("cam_cost_ratio", fwd / cam, "x forward", {**cfg, "batch": b})
+        for other in runtimes[1:]:  # one call returns logits and CAM: no logits-only figure
+            xn = x.numpy()
+            ort = rate(lambda xn=xn, o=other: o._forward(xn), b)
+            ocfg = {**cfg, "runtime": "onnxruntime CPU", "threads": DEFAULT_THREADS, "batch": b}
+            emit("classifier_forward_with_cam", ort, "img/s", ocfg)
+            rcfg = {**cfg, "runtime": "onnxruntime / tensorflow", "batch": b}
+            emit("onnx_over_tf_forward_with_cam", ort / cam, "x", rcfg)
 
     import cv2
 
     t = load_test()
     pngs = [cv2.imencode(".png", window_u8(h, 400, 50))[1].tobytes() for h in t["hu"][:8]]
 
-    def end_to_end() -> None:
+    def end_to_end(c: Any) -> None:
         slices = [to_slice_u8(decode(b)) for b in pngs]
-        for s, p in zip(slices, clf.predict(slices), strict=True):
+        for s, p in zip(slices, c.predict(slices), strict=True):
             overlay_png(s, p.heatmap)
             encode_png(s)
 
-    emit(
-        "ml_core_end_to_end",
-        rate(end_to_end, len(pngs), 5.0),
-        "img/s",
-        {
-            **cfg,
-            "batch": len(pngs),
-            "steps": "decode PNG -> to_slice_u8 -> localise+crop -> predict+CAM -> overlay PNG",
-        },
-    )
+    for c in runtimes:
+        emit(
+            "ml_core_end_to_end",
+            rate(lambda c=c: end_to_end(c), len(pngs), 5.0),
+            "img/s",
+            {
+                **cfg,
+                "runtime": c.runtime,
+                "batch": len(pngs),
+                "steps": "decode PNG -> to_slice_u8 -> localise+crop -> predict+CAM -> overlay PNG",
+            },
+        )
 
 
 if __name__ == "__main__":

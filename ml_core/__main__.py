@@ -1,10 +1,11 @@
-"""Command line: ``python -m ml_core validate|train|evaluate …``.
+"""Command line: ``python -m ml_core validate|train|evaluate|export-onnx …``.
 
 ``validate PATH… [--json] [--no-gate] [--model DIR]`` checks files or folders (recursively)
 before a batch is sent: one row per file (file, passed, reason_code, failing check detail),
 or one JSON object per line with ``--json``. Exit status 0 when every file passed, 1 when
-any was rejected, 2 on usage errors. ``train`` and ``evaluate`` live in ml_core/training.py
-and ml_core/evaluation.py (each exposes ``add_arguments(parser)`` and ``run(args) -> int``).
+any was rejected, 2 on usage errors. ``train``, ``evaluate`` and ``export-onnx`` live in
+ml_core/training.py, ml_core/evaluation.py and ml_core/onnx_runtime.py (each exposes
+``add_arguments(parser)`` and ``run(args) -> int``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ log = logging.getLogger("ml_core")
 _SUBMODULES = {
     "train": ("ml_core.training", "train the liver localiser, classifier and gate"),
     "evaluate": ("ml_core.evaluation", "evaluate a model artifact and write metrics and plots"),
+    "export-onnx": (
+        "ml_core.onnx_runtime",
+        "write classifier.onnx (tf2onnx) into a model folder, checked against TensorFlow",
+    ),
 }
 
 

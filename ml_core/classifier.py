@@ -30,6 +30,7 @@ WEIGHTS = "classifier.weights.h5"
 DEFAULT_INPUT = 128
 DEFAULT_MARGIN = 0.10
 HEADS = ("gap", "max")
+RUNTIMES = ("auto", "tf", "onnx")
 
 
 def default_model_path() -> Path:
@@ -200,9 +201,17 @@ class Classifier:
     """A loaded artifact: localiser + EfficientNet classifier + content gate."""
 
     info: ModelInfo
+    #: What runs the classifier's forward: "tensorflow" or "onnxruntime" (localiser and gate: TF).
+    runtime: str
 
     def __init__(
-        self, network: Any, spec: _Spec, info: ModelInfo, folder: Path | None, localiser: Any
+        self,
+        network: Any,
+        spec: _Spec,
+        info: ModelInfo,
+        folder: Path | None,
+        localiser: Any,
+        forward: Any = None,
     ) -> None:
         from ml_core.gradcam import make_forward
 
@@ -211,7 +220,8 @@ class Classifier:
         self.info = info
         self._folder = folder
         self._localiser = localiser
-        self._forward = make_forward(network)
+        self._forward = forward if forward is not None else make_forward(network)
+        self.runtime = "tensorflow" if forward is None else "onnxruntime"
         self._gate: Any = None
 
     @property
@@ -245,8 +255,18 @@ class Classifier:
         return self._spec.temperature
 
     @classmethod
-    def load(cls, path: str | Path) -> Classifier:
-        """Load an artifact folder; verify the sha256 of every file in model_card.json, else ModelLoadError."""
+    def load(cls, path: str | Path, runtime: str = "auto") -> Classifier:
+        """Load an artifact folder; verify the sha256 of every file in model_card.json, else ModelLoadError.
+
+        ``runtime`` runs the classifier's forward (logits + CAM): "tf" the TensorFlow compiled
+        function; "onnx" ONNX Runtime on the folder's verified ``classifier.onnx``
+        (``ml_core.onnx_runtime``; ModelLoadError when onnxruntime is missing, the card has no
+        export, or the file fails its sha256); "auto" ONNX Runtime when onnxruntime imports and
+        the card lists an export, else TensorFlow, and TensorFlow with a warning when that export
+        fails its check. The localiser and the gate always run in TensorFlow.
+        """
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; one of {', '.join(RUNTIMES)}")
         folder = Path(path)
         card = read_card(folder)
         verify_files(folder, card)
@@ -289,8 +309,10 @@ class Classifier:
             name=str(card["name"]), version=str(card["version"]), sha256=str(card["sha256"])
         )
         localiser = _load_localiser(folder, card)
-        log.info("loaded model %s %s from %s", info.name, info.version, folder)
-        return cls(network, spec, info, folder, localiser)
+        forward = _onnx_forward(folder, card, runtime)
+        clf = cls(network, spec, info, folder, localiser, forward)
+        log.info("loaded model %s %s from %s (%s)", info.name, info.version, folder, clf.runtime)
+        return clf
 
     @classmethod
     def build_untrained(
@@ -411,6 +433,23 @@ def verify_files(folder: Path, card: dict[str, Any]) -> None:
             raise ModelLoadError(f"model file fails its sha256 check: {rel}")
     if combined_sha256(files) != card["sha256"]:
         raise ModelLoadError("model card sha256 does not match its files")
+
+
+def _onnx_forward(folder: Path, card: dict[str, Any], runtime: str) -> Any:
+    """The ONNX Runtime forward for ``runtime`` "onnx" or "auto" (None: use TensorFlow)."""
+    from ml_core import onnx_runtime
+
+    if runtime == "tf":
+        return None
+    if runtime == "onnx":
+        return onnx_runtime.load_forward(folder, card)
+    if onnx_runtime.onnx_entry(card) is None or not onnx_runtime.available():
+        return None
+    try:
+        return onnx_runtime.load_forward(folder, card)
+    except ModelLoadError as exc:  # a bad export never stops serving: the weights are verified
+        log.warning("serving the classifier through TensorFlow: %s", exc)
+        return None
 
 
 def _load_localiser(folder: Path, card: dict[str, Any]) -> Any:

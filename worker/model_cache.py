@@ -33,6 +33,11 @@ def model_path(settings: Settings) -> Path:
     return default_model_path()
 
 
+def model_runtime(setting: str, device: str) -> str:
+    """Classifier.load's runtime for LIVERSCAN_MODEL_RUNTIME: "auto" on a GPU is TensorFlow (ORT runs on the CPU here)."""
+    return "tf" if setting == "auto" and device == "gpu" else setting
+
+
 def get_classifier(settings: Settings | None = None) -> Classifier:
     """Return this process's classifier, loading it on first use (raises ml_core ModelLoadError)."""
     global _classifier
@@ -43,11 +48,12 @@ def get_classifier(settings: Settings | None = None) -> Classifier:
                 from worker import device
 
                 settings = settings or get_settings()
-                device.configure(settings.device)  # before the first TensorFlow op
+                used = device.configure(settings.device)  # before the first TensorFlow op
                 path = model_path(settings)
-                log.info("loading model from %s", path)
-                _classifier = Classifier.load(path)
-                log.info("model %s loaded", _classifier.info)
+                runtime = model_runtime(settings.model_runtime, used)
+                log.info("loading model from %s (runtime %s)", path, runtime)
+                _classifier = Classifier.load(path, runtime=runtime)
+                log.info("model %s loaded, forward on %s", _classifier.info, _classifier.runtime)
     return _classifier
 
 

@@ -69,3 +69,16 @@ def test_every_dashboard_series_is_exported(settings: Settings, broker) -> None:
         assert name in families or base in families, name
     for queue in ("inference", "webhooks", "reports"):
         assert f'liverscan_queue_depth{{queue="{queue}"}}' in api_text
+
+
+def test_model_runtime_setting() -> None:
+    """LIVERSCAN_MODEL_RUNTIME: auto (default) | tf | onnx, anything else fails at startup; "auto"
+    on a GPU worker is TensorFlow (ONNX Runtime runs on the CPU here)."""
+    from worker.model_cache import model_runtime
+
+    assert Settings().model_runtime == "auto"
+    with pytest.raises(ValidationError):
+        Settings(model_runtime="torch")  # type: ignore[arg-type]
+    assert model_runtime("auto", "cpu") == "auto"
+    assert model_runtime("auto", "gpu") == "tf"
+    assert model_runtime("onnx", "gpu") == "onnx" and model_runtime("tf", "cpu") == "tf"
