@@ -23,7 +23,7 @@ $(VENV)/.stamp-ml: pyproject.toml | $(PY)
 
 # Everything the test suite, linters and benchmarks need.
 $(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-ml
-	$(PY) -m pip install -e '.[ml,test,dev]'
+	$(PY) -m pip install -e '.[ml,onnx-export,test,dev]'
 	touch $@
 
 migrate: $(VENV)/.stamp-ml
