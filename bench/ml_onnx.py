@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.ml_model import rate  # noqa: E402  (items per second after a warm-up call)
 
 log = logging.getLogger("bench.ml_onnx")
 
@@ -40,18 +41,6 @@ def emit(name: str, value: float, unit: str, config: dict[str, Any]) -> None:
         json.dumps({"name": name, "value": round(value, 6), "unit": unit, "config": config}) + "\n"
     )
     sys.stdout.flush()
-
-
-def rate(fn: Any, n_items: int, min_s: float) -> float:
-    """Items per second of ``fn`` after one warm-up call, over at least ``min_s`` seconds."""
-    fn()
-    t0, k = time.perf_counter(), 0
-    while True:
-        fn()
-        k += 1
-        dt = time.perf_counter() - t0
-        if dt >= min_s:
-            return k * n_items / dt
 
 
 def real_inputs(clf: Any, volume: Path, n: int) -> np.ndarray:
@@ -77,7 +66,7 @@ def measure(folder: Path, args: argparse.Namespace) -> None:
 
     from ml_core.classifier import Classifier, calibrated_probability
 
-    clf = Classifier.load(folder)
+    clf = Classifier.load(folder, runtime="tf")  # the TF function is what gets converted
     model = f"{clf.info.name}-{clf.info.version}"
     size = clf.input_size
     spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name="image"),)
