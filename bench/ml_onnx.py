@@ -64,25 +64,19 @@ def measure(folder: Path, args: argparse.Namespace) -> None:
     import tensorflow as tf
     import tf2onnx
 
+    from ml_core import onnx_runtime
     from ml_core.classifier import Classifier, calibrated_probability
 
     clf = Classifier.load(folder, runtime="tf")  # the TF function is what gets converted
     model = f"{clf.info.name}-{clf.info.version}"
     size = clf.input_size
-    spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name="image"),)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "classifier.onnx"
-        tf2onnx.convert.from_function(
-            clf._forward, input_signature=spec, opset=args.opset, output_path=str(path)
-        )
+        onnx_runtime.convert(clf, path, args.opset)
         convert_s = time.perf_counter() - t0
         onnx_mb = path.stat().st_size / 1e6
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = args.threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess = onnx_runtime.open_session(path, args.threads)
     in_name = sess.get_inputs()[0].name
     base = {
         "model": model,

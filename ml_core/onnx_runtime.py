@@ -67,7 +67,7 @@ def load_forward(folder: Path, card: dict[str, Any], threads: int = DEFAULT_THRE
     from ml_core.classifier import WEIGHTS, sha256_file
 
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401  (a clear error before anything else)
     except ImportError as exc:
         raise ModelLoadError(
             "runtime 'onnx' needs onnxruntime (pip install onnxruntime, in the 'ml' extra)"
@@ -83,17 +83,36 @@ def load_forward(folder: Path, card: dict[str, Any], threads: int = DEFAULT_THRE
     weights = str(card.get("weights", WEIGHTS))
     if entry.get("weights_sha256") != card["files"].get(weights):
         raise ModelLoadError(f"{path.name} was exported from other weights than {weights}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = open_session(path, threads)
     except Exception as exc:  # noqa: BLE001 - any ORT failure is a load failure
         raise ModelLoadError(
             f"{path.name} does not load in onnxruntime: {type(exc).__name__}"
         ) from exc
     return OnnxForward(session)
+
+
+def open_session(path: Path, threads: int = DEFAULT_THREADS) -> Any:
+    """An ONNX Runtime CPU session of ``path`` (no checks): ``threads`` intra-op, full graph optimisation."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def convert(clf: Any, path: Path, opset: int = OPSET) -> None:
+    """Convert a TensorFlow-served Classifier's compiled forward (logits + CAM, dynamic batch) to ``path``."""
+    import tensorflow as tf
+    import tf2onnx
+
+    size = clf.input_size
+    spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name="image"),)
+    tf2onnx.convert.from_function(
+        clf._forward, input_signature=spec, opset=opset, output_path=str(path)
+    )
 
 
 def check_inputs(clf: Any, volume: Path | None = None, n: int = 16, seed: int = 0) -> np.ndarray:
@@ -141,15 +160,11 @@ def export(
 
     folder = Path(folder)
     clf = Classifier.load(folder, runtime="tf")
-    size = clf.input_size
-    spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name="image"),)
     path = folder / ONNX_FILE
     tmp = path.with_suffix(".onnx.tmp")
     t0 = time.perf_counter()
     try:
-        tf2onnx.convert.from_function(
-            clf._forward, input_signature=spec, opset=opset, output_path=str(tmp)
-        )
+        convert(clf, tmp, opset)
     except Exception as exc:  # noqa: BLE001 - an op tf2onnx cannot convert, at this opset
         tmp.unlink(missing_ok=True)
         raise ModelLoadError(

@@ -59,7 +59,9 @@ def purge(
     either the worker's keys are committed before and are deleted here, or the worker sees this
     mark and deletes what it wrote (worker/pipeline.py, worker/reports.py).
     """
-    session.get(Job, job.id, with_for_update=True, populate_existing=True)
+    from api.domain import jobs  # jobs imports this module (JobDeletion)
+
+    jobs.lock(session, job.id)
     existing = get_deletion(session, job.id)
     if existing is not None:
         return existing
