@@ -91,7 +91,7 @@ def _run(ctx: WorkerContext, jid: uuid.UUID) -> JobStatus | None:
     except Exception:
         if _deleted(ctx, jid):  # e.g. its upload is gone because an admin deleted the job
             log.info("job %s was deleted while queued or processing; not retried", jid)
-            return _finish(ctx, jid, _unused_mark)
+            return _finish(ctx, jid, _mark_deleted)
         log.exception("job %s: unexpected error on attempt %d", jid, attempts)
         if attempts < MAX_ATTEMPTS:
             return _retry_later(ctx, jid, attempts)
@@ -228,13 +228,7 @@ def _finish(
         if current is not None and retention.get_deletion(session, jid) is not None:
             for key in stored:
                 ctx.storage.delete(key)
-            job = jobs.mark_failed(
-                session,
-                jid,
-                error_code=DELETED,
-                error_message="The job was deleted before it finished; nothing was kept.",
-                locked=current,
-            )
+            job = _mark_deleted(session, current)
         else:
             job = mark(session, current)
             delivery_id = webhooks.schedule(session, job, ctx)
@@ -259,9 +253,16 @@ def _deleted(ctx: WorkerContext, jid: uuid.UUID) -> bool:
         return False
 
 
-def _unused_mark(session: Session, locked: Job | None) -> Job:
-    """The mark of a job `_finish` finds deleted (it marks it `job_deleted` itself)."""
-    raise AssertionError("only for a deleted job, which _finish marks itself")
+def _mark_deleted(session: Session, locked: Job | None) -> Job:
+    """Finish a job deleted before it finished as failed `job_deleted` (no result is recorded)."""
+    assert locked is not None  # a deleted job keeps its row (audit)
+    return jobs.mark_failed(
+        session,
+        locked.id,
+        error_code=DELETED,
+        error_message="The job was deleted before it finished; nothing was kept.",
+        locked=locked,
+    )
 
 
 def _retry_later(ctx: WorkerContext, jid: uuid.UUID, attempts: int) -> JobStatus:
