@@ -293,11 +293,23 @@ def make_pair(
 CELL_FULL = 0.03  # a cell whose area is >= 3% lesion is a full positive; less scales linearly
 
 
-def cell_targets(mask: np.ndarray, cells: int) -> np.ndarray:
-    """Per-cell lesion targets float32 (cells, cells) in [0, 1] from a crop's lesion mask (S, S)."""
+def cell_targets(mask: np.ndarray, cells: int, *, atrous: bool = False) -> np.ndarray:
+    """Per-cell lesion targets float32 (cells, cells) in [0, 1] from a crop's lesion mask (S, S).
+
+    ``atrous`` (output stride 8 run atrous): cell j sees the stride-16 tile centred at
+    j * S / cells, so its target is the lesion share of that 2S/cells window; on the odd
+    subgrid ``[1::2, 1::2]`` these are exactly the stride-16 network's targets.
+    """
     import cv2
 
-    frac = cv2.resize(mask.astype(np.float32), (cells, cells), interpolation=cv2.INTER_AREA)
+    if not atrous:
+        frac = cv2.resize(mask.astype(np.float32), (cells, cells), interpolation=cv2.INTER_AREA)
+        return np.clip(frac / CELL_FULL, 0.0, 1.0).astype(np.float32)
+    step = mask.shape[0] // cells
+    padded = np.pad(mask.astype(np.float32), step)  # window [8j - 8, 8j + 8) at 16 cells, 128 px
+    blocks = padded.reshape(cells + 2, step, cells + 2, step).sum(axis=(1, 3))
+    window = blocks[:-1, :-1] + blocks[1:, :-1] + blocks[:-1, 1:] + blocks[1:, 1:]
+    frac = window[:cells, :cells] / float(4 * step * step)
     return np.clip(frac / CELL_FULL, 0.0, 1.0).astype(np.float32)
 
 
@@ -311,6 +323,7 @@ def batches(
     cells: int = 1,
     min_contrast_hu: float = 15.0,
     min_side_frac: float = 0.0,
+    atrous: bool = False,
 ) -> Any:
     """Infinite generator of (images (B, S, S, 3), labels (B,), cell targets (B, c, c)) from B/2 pairs.
 
@@ -332,7 +345,7 @@ def batches(
             )
             crops += [a, b]
             labels += [0.0, 1.0]
-            targets += [np.zeros((cells, cells), np.float32), cell_targets(m, cells)]
+            targets += [np.zeros((cells, cells), np.float32), cell_targets(m, cells, atrous=atrous)]
         yield to_model_input(crops), np.asarray(labels, np.float32), np.stack(targets)
         step += 1
 
@@ -375,7 +388,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="gap: pooled features -> logit; max: a logit per feature-map cell, slice = max",
     )
     parser.add_argument(
-        "--output-stride", type=int, choices=[16, 32], default=32, help="lite0 feature stride"
+        "--output-stride",
+        type=int,
+        choices=[8, 16, 32],
+        default=32,
+        help="lite0 feature stride (8: the stride-16 network run atrous, cell targets 16 x 16 at 128 px)",
     )
     parser.add_argument(
         "--cell-weight",
@@ -560,6 +577,7 @@ def train_loop(args: argparse.Namespace, ckpt: Path) -> None:
         cells,
         args.min_contrast_hu,
         args.min_side_frac,
+        atrous=args.output_stride == 8,
     )
     ds = tf.data.Dataset.from_generator(
         lambda: gen,
@@ -746,6 +764,8 @@ def export_artifact(
             "crop": "square box around the localiser's liver mask plus 10% per side, zero-padded, resized",
             "head": a.get("head", "gap"),
             "output_stride": int(a.get("output_stride", 32)),
+            # atrous stride 8: cell j covers the stride-16 tile centred at 8j px (docs/model.md)
+            **({"cam_offset_cells": -0.5} if int(a.get("output_stride", 32)) == 8 else {}),
             **({"min_side_frac": float(a["min_side_frac"])} if a.get("min_side_frac") else {}),
         },
         "window": {

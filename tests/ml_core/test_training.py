@@ -79,6 +79,22 @@ def test_cell_targets_mark_the_cells_that_hold_the_lesion() -> None:
     assert 0.0 < cell_targets(edge, 4)[0, 0] < 1.0
 
 
+def test_atrous_cell_targets_are_the_stride_16_targets_on_the_odd_subgrid() -> None:
+    """Output stride 8 (atrous): the odd cells keep the stride-16 targets, the even ones sit between."""
+    rng = np.random.default_rng(5)
+    mask = np.zeros((128, 128), np.float32)
+    mask[37:61, 70:83] = 1.0
+    mask[rng.random((128, 128)) < 0.002] = 1.0  # scattered pixels: border windows count too
+    fine, coarse = cell_targets(mask, 16, atrous=True), cell_targets(mask, 8)
+    assert fine.shape == (16, 16)
+    np.testing.assert_allclose(fine[1::2, 1::2], coarse, atol=1e-6)
+    # a lesion on the stride-16 boundary at 64 px: the cell centred there holds all of it
+    straddle = np.zeros((128, 128), np.float32)
+    straddle[60:68, 60:68] = 1.0
+    t = cell_targets(straddle, 16, atrous=True)
+    assert t[8, 8] == 1.0 and t[6, 6] == 0.0 and not t[:6].any()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "arch",
