@@ -17,6 +17,7 @@ Usage: python bench/ml_gate_onnx.py [--models DIR (default ml_core/models/CURREN
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -26,9 +27,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ml_gate import emit, heldout_groups, validator_files  # noqa: E402
+from ml_gate import heldout_groups, validator_files  # noqa: E402
 
 log = logging.getLogger("bench.ml_gate_onnx")
+
+
+def emit(name: str, value: float, unit: str, config: dict[str, Any]) -> None:
+    """Print one JSON line; the value unrounded (differences are ~1e-7)."""
+    line = {"name": name, "value": float(value), "unit": unit, "config": config}
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
 
 
 class Tally:

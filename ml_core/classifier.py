@@ -316,8 +316,8 @@ class Classifier:
         info = ModelInfo(
             name=str(card["name"]), version=str(card["version"]), sha256=str(card["sha256"])
         )
-        localiser = _load_localiser(folder, card, runtime)
         forward = onnx_runtime.forward_for(folder, card, "classifier", runtime)
+        localiser = _load_localiser(folder, card, runtime)
         clf = cls(
             network, spec, info, folder, localiser, forward, runtime_choice=runtime, card=card
         )
