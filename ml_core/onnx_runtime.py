@@ -47,16 +47,21 @@ ARTIFACT_CARD = "model_card.json"
 
 @dataclass(frozen=True)
 class Part:
-    """An exportable forward: its key under the card's ``runtimes`` and its file in the artifact."""
+    """An exportable forward: its key under the card's ``runtimes``, its file in the artifact,
+    and its serving session's intra-op threads."""
 
     key: str
     file: str
+    threads: int
 
 
+#: The small U-Net and gate CNN run at 1 intra-op thread: on 2 shared cores, 2 spinning threads
+#: per session made them ~2x slower than TensorFlow (docs/model_gate.md, "ONNX Runtime for the
+#: localiser and the gate", runs A and B).
 PARTS = {
-    "classifier": Part("onnx", ONNX_FILE),
-    "localiser": Part("onnx_localiser", "localiser/localiser.onnx"),
-    "gate": Part("onnx_gate", "gate/gate.onnx"),
+    "classifier": Part("onnx", ONNX_FILE, DEFAULT_THREADS),
+    "localiser": Part("onnx_localiser", "localiser/localiser.onnx", 1),
+    "gate": Part("onnx_gate", "gate/gate.onnx", 1),
 }
 
 
@@ -105,12 +110,13 @@ def load_forward(
     part: str = "classifier",
     *,
     weights_sha256: str | None = None,
-    threads: int = DEFAULT_THREADS,
+    threads: int | None = None,
 ) -> OnnxForward:
     """ONNX Runtime forward of ``part``'s file in the artifact ``folder`` after its checks; ModelLoadError if not.
 
     ``weights_sha256``: of the weights the caller has verified (default: the classifier's,
-    from the card's ``files``); an export recorded for other weights is refused.
+    from the card's ``files``); an export recorded for other weights is refused. ``threads``:
+    intra-op threads (default the part's, ``PARTS``).
     """
     try:
         import onnxruntime  # noqa: F401  (a clear error before anything else)
@@ -136,7 +142,7 @@ def load_forward(
     if entry.get("weights_sha256") != weights_sha256:
         raise ModelLoadError(f"{path.name} was exported from other weights than the {part}'s")
     try:
-        session = open_session(path, threads)
+        session = open_session(path, spec.threads if threads is None else threads)
     except Exception as exc:  # noqa: BLE001 - any ORT failure is a load failure
         raise ModelLoadError(
             f"{path.name} does not load in onnxruntime: {type(exc).__name__}"
@@ -303,7 +309,7 @@ def _jobs(clf: Any, card: dict[str, Any], parts: list[str], volume: Path | None)
 
 
 def _convert_and_check(
-    folder: Path, job: _Job, opset: int, threads: int
+    folder: Path, job: _Job, opset: int, threads: int | None
 ) -> tuple[Path, dict[str, Any]]:
     """Convert ``job`` to a temporary file and check it against TensorFlow; (that file, its entry).
 
@@ -395,7 +401,7 @@ def export(
     *,
     opset: int = OPSET,
     volume: Path | None = None,
-    threads: int = DEFAULT_THREADS,
+    threads: int | None = None,
     parts: tuple[str, ...] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write the ONNX files of ``parts`` into the artifact ``folder``, each checked, and record them in the card.
