@@ -425,6 +425,7 @@ class Classifier:
                     runtime=self._runtime_choice,
                     artifact=self._card,
                 )
+                log.info("content gate loaded (%s)", self._gate.runtime)
             except ModelLoadError:
                 raise
             except Exception as exc:
