@@ -21,8 +21,10 @@ Prints JSON lines {"name", "value", "unit", "config"}:
   (pydicom's abdomen CT and MR: test; TotalSegmentator's 20-slice CT series: val); validator_negatives_rejected: the files of ../shared/data/negatives
   through the whole validator (rules, then gate), test split and all files.
 Runtimes vary up to 2x from run to run on this shared 2-core machine: compare within a run.
+``--runtime`` (auto | tf | onnx, as ``Classifier.load``) picks what runs the gate CNN and the
+localiser U-Net (and the classifier in upload_ms); every line's config names the runtimes used.
 
-Usage: python bench/ml_gate.py [--models DIR (default: the shipped model, ml_core/models/CURRENT)] [--no-rates]
+Usage: python bench/ml_gate.py [--models DIR (default: the shipped model, ml_core/models/CURRENT)] [--no-rates] [--runtime auto|tf|onnx]
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def median_ms(fn: Any, repeats: int = 30, before: Any = None) -> float:
     return float(np.median(times))
 
 
-def bench_validate(gate: Any, folder: Path, cfg: dict[str, Any]) -> None:
+def bench_validate(gate: Any, folder: Path, cfg: dict[str, Any], runtime: str = "auto") -> None:
     """Whole-validator and validate+predict cost per 512x512 upload (PNG, JPEG, DICOM)."""
     from ml_validation import ct_dicom, encode
 
@@ -90,7 +92,7 @@ def bench_validate(gate: Any, folder: Path, cfg: dict[str, Any]) -> None:
     loc = gate.localiser
     clf = None
     if (folder / "model_card.json").is_file():
-        clf = Classifier.load(folder)
+        clf = Classifier.load(folder, runtime=runtime)
         gate = clf.gate()  # the worker's objects: one localiser shared by gate and classifier
         loc = gate.localiser
     for fmt, data in uploads.items():
@@ -119,15 +121,20 @@ def bench_validate(gate: Any, folder: Path, cfg: dict[str, Any]) -> None:
         )
 
 
-def bench_validator_rates(gate: Any, cfg: dict[str, Any]) -> None:
-    """Held-out liver slices as CT DICOM, and the negative files, through the whole validator."""
+def validator_files() -> dict[str, list[tuple[str, bytes]]]:
+    """Files for the whole validator, as (name, bytes) by kind.
+
+    "dicom": the held-out liver slices (test split + 3Dircadb1.1, liver >= MIN_EVAL_LIVER_PX_512
+    at 512) written as CT DICOM at W400/L50's source HU; "real_dicom_test" / "real_dicom_val":
+    the real DICOM liver slices (pydicom's abdomen CT and MR; TotalSegmentator's 20-slice CT
+    series); "negatives": every file of ../shared/data/negatives (named by its relative path).
+    """
     from ml_validation import ct_dicom
 
     from ml_core import datasets as D
     from ml_core import gate as G
-    from ml_core.validation import validate
 
-    ok = n = 0
+    liver = []
     for split in ("test", "holdout"):
         for vol in D.iter_hu_volumes(split):
             if vol.liver is None:
@@ -135,38 +142,60 @@ def bench_validator_rates(gate: Any, cfg: dict[str, Any]) -> None:
             px = vol.liver.reshape(vol.liver.shape[0], -1).sum(axis=1) * (512.0 * 512.0)
             px /= vol.liver.shape[1] * vol.liver.shape[2]
             for zi in np.flatnonzero(px >= G.MIN_EVAL_LIVER_PX_512):
-                n += 1
-                ok += validate(ct_dicom(vol.hu[zi]), gate=gate).passed
+                liver.append((f"{vol.patient}#z={zi}", ct_dicom(vol.hu[zi])))
+    root = D.default_root()
+    real = {
+        "test": sorted((root / "pydicom_abdomen").glob("*.dcm")),
+        "val": sorted((root / "totalsegmentator" / "example_ct_dicom").iterdir()),
+    }
+    out = {"dicom": liver}
+    for split, files in real.items():
+        out[f"real_dicom_{split}"] = [(f.name, f.read_bytes()) for f in files]
+    negatives = sorted(D.load_splits()["negatives"])
+    out["negatives"] = [(rel, (root / "negatives" / rel).read_bytes()) for rel in negatives]
+    return out
+
+
+def bench_validator_rates(gate: Any, cfg: dict[str, Any]) -> None:
+    """Held-out liver slices as CT DICOM, and the negative files, through the whole validator."""
+    from ml_core import datasets as D
+    from ml_core import gate as G
+    from ml_core.validation import validate
+
+    files = validator_files()
+    liver = files["dicom"]
+    ok = sum(validate(data, gate=gate).passed for _name, data in liver)
     emit(
         "validator_liver_accepted/dicom",
-        ok / max(n, 1),
+        ok / max(len(liver), 1),
         "fraction",
-        {**cfg, "n": n, "min_liver_px_512": G.MIN_EVAL_LIVER_PX_512, "window": "W400/L50"},
+        {
+            **cfg,
+            "n": len(liver),
+            "min_liver_px_512": G.MIN_EVAL_LIVER_PX_512,
+            "window": "W400/L50",
+        },
     )
-    real = {  # real DICOM files of liver slices, by split
-        "test": sorted((D.default_root() / "pydicom_abdomen").glob("*.dcm")),
-        "val": sorted((D.default_root() / "totalsegmentator" / "example_ct_dicom").iterdir()),
-    }
-    for split, files in real.items():
-        passed = [validate(f.read_bytes(), gate=gate).passed for f in files]
+    for split in ("test", "val"):
+        real = files[f"real_dicom_{split}"]
+        passed = [validate(data, gate=gate).passed for _name, data in real]
         emit(
             f"validator_liver_accepted/real_dicom_{split}",
             float(np.mean(passed)),
             "fraction",
             {
                 **cfg,
-                "n": len(files),
-                "rejected": [f.name for f, ok in zip(files, passed, strict=True) if not ok],
+                "n": len(real),
+                "rejected": [name for (name, _d), ok in zip(real, passed, strict=True) if not ok],
             },
         )
     splits = D.load_splits()["negatives"]
-    root = D.default_root() / "negatives"
     rejected: dict[str, list[bool]] = {"test": [], "all": []}
     passed_names = []
-    for rel, split in sorted(splits.items()):
-        r = validate((root / rel).read_bytes(), gate=gate)
+    for rel, data in files["negatives"]:
+        r = validate(data, gate=gate)
         rejected["all"].append(not r.passed)
-        if split == "test":
+        if splits[rel] == "test":
             rejected["test"].append(not r.passed)
         if r.passed:
             passed_names.append(rel)
@@ -179,6 +208,23 @@ def bench_validator_rates(gate: Any, cfg: dict[str, Any]) -> None:
         )
 
 
+def heldout_groups(loc: Any) -> dict[str, list[np.ndarray]]:
+    """The gate's held-out slices by group (test split + 3Dircadb1.1), uint8 (H, W) each."""
+    from ml_core import gate as G
+
+    test = G.GatePools("test", loc, seed=2, shrink=4096)
+    hold = G.GatePools("holdout", loc, seed=3, shrink=4096)
+    groups = G.evaluation_set(test, seed=202)
+    groups.update(
+        {
+            f"{g}@3Dircadb1.1": v
+            for g, v in G.evaluation_set(hold, seed=303, n_generated=0).items()
+            if g.startswith(("pos/hu", "neg/far", "neg/lung", "neg/reformat"))
+        }
+    )
+    return groups
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the gate/localiser benchmark and print JSON lines."""
     parser = argparse.ArgumentParser(prog="bench/ml_gate.py")
@@ -186,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         "--models", type=Path, default=None, help="folder with localiser/ and gate/"
     )
     parser.add_argument("--no-rates", action="store_true", help="timings only")
+    parser.add_argument(
+        "--runtime",
+        choices=("auto", "tf", "onnx"),
+        default="auto",
+        help="what runs the gate CNN, the localiser and the classifier (Classifier.load)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -194,9 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     from ml_core.classifier import default_model_path
 
     folder = args.models or default_model_path()
-    gate = G.LiverGate.load(folder / "gate")
-    loc = L.Localiser.load(folder / "localiser")
-    cfg = {"models": str(folder), "threshold": round(gate.threshold, 4), "size": "512x512"}
+    gate = G.LiverGate.load(folder / "gate", runtime=args.runtime)
+    loc = L.Localiser.load(folder / "localiser", runtime=args.runtime)
+    cfg = {
+        "models": str(folder),
+        "threshold": round(gate.threshold, 4),
+        "size": "512x512",
+        "runtime": {"gate": gate.runtime, "localiser": loc.runtime},
+    }
 
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (512, 512), dtype=np.uint8)
@@ -216,21 +273,12 @@ def main(argv: list[str] | None = None) -> int:
             loc.segment(b)
 
         emit(f"localiser_ms_per_slice/batch{n}", ms_per_item(fresh_segment, n), "ms", cfg)
-    bench_validate(gate, folder, cfg)
+    bench_validate(gate, folder, cfg, args.runtime)
     if args.no_rates:
         return 0
     bench_validator_rates(gate, cfg)
 
-    test = G.GatePools("test", loc, seed=2, shrink=4096)
-    hold = G.GatePools("holdout", loc, seed=3, shrink=4096)
-    groups = G.evaluation_set(test, seed=202)
-    groups.update(
-        {
-            f"{g}@3Dircadb1.1": v
-            for g, v in G.evaluation_set(hold, seed=303, n_generated=0).items()
-            if g.startswith(("pos/hu", "neg/far", "neg/lung", "neg/reformat"))
-        }
-    )
+    groups = heldout_groups(loc)
     r = G.rates(G.score_groups(gate, groups), gate.threshold)
     rcfg = {
         **cfg,

@@ -128,6 +128,8 @@ def measure(folder: str | None) -> None:
     pngs = [cv2.imencode(".png", window_u8(h, 400, 50))[1].tobytes() for h in t["hu"][:8]]
 
     def end_to_end(c: Any) -> None:
+        if c._localiser is not None:  # every upload is a new slice: the U-Net runs each time
+            c._localiser.clear_cache()
         slices = [to_slice_u8(decode(b)) for b in pngs]
         for s, p in zip(slices, c.predict(slices), strict=True):
             overlay_png(s, p.heatmap)
@@ -141,6 +143,7 @@ def measure(folder: str | None) -> None:
             {
                 **cfg,
                 "runtime": c.runtime,
+                "localiser_runtime": getattr(c._localiser, "runtime", None),
                 "batch": len(pngs),
                 "steps": "decode PNG -> to_slice_u8 -> localise+crop -> predict+CAM -> overlay PNG",
             },

@@ -73,7 +73,7 @@ def measure(folder: Path, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "classifier.onnx"
-        onnx_runtime.convert(clf, path, args.opset)
+        onnx_runtime.convert(clf._forward, (None, size, size, 3), path, args.opset)
         convert_s = time.perf_counter() - t0
         onnx_mb = path.stat().st_size / 1e6
         sess = onnx_runtime.open_session(path, args.threads)

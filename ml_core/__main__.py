@@ -26,7 +26,7 @@ _SUBMODULES = {
     "evaluate": ("ml_core.evaluation", "evaluate a model artifact and write metrics and plots"),
     "export-onnx": (
         "ml_core.onnx_runtime",
-        "write classifier.onnx (tf2onnx) into a model folder, checked against TensorFlow",
+        "write classifier.onnx, localiser.onnx, gate.onnx (tf2onnx) into a model folder, checked against TensorFlow",
     ),
 }
 

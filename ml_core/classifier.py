@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ml_core import onnx_runtime
 from ml_core.errors import ModelLoadError
+from ml_core.onnx_runtime import RUNTIMES
 from ml_core.types import ModelInfo, Prediction
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,6 @@ WEIGHTS = "classifier.weights.h5"
 DEFAULT_INPUT = 128
 DEFAULT_MARGIN = 0.10
 HEADS = ("gap", "max")
-RUNTIMES = ("auto", "tf", "onnx")
 
 
 def default_model_path() -> Path:
@@ -201,7 +202,8 @@ class Classifier:
     """A loaded artifact: localiser + EfficientNet classifier + content gate."""
 
     info: ModelInfo
-    #: What runs the classifier's forward: "tensorflow" or "onnxruntime" (localiser and gate: TF).
+    #: What runs the classifier's forward: "tensorflow" or "onnxruntime" (the localiser's and
+    #: the gate's: their own ``runtime``).
     runtime: str
 
     def __init__(
@@ -212,6 +214,9 @@ class Classifier:
         folder: Path | None,
         localiser: Any,
         forward: Any = None,
+        *,
+        runtime_choice: str = "tf",
+        card: dict[str, Any] | None = None,
     ) -> None:
         from ml_core.gradcam import make_forward
 
@@ -223,6 +228,8 @@ class Classifier:
         self._forward = forward if forward is not None else make_forward(network)
         self.runtime = "tensorflow" if forward is None else "onnxruntime"
         self._gate: Any = None
+        self._runtime_choice = runtime_choice  # the gate, loaded later, is served the same way
+        self._card = card or {}
 
     @property
     def threshold(self) -> float:
@@ -258,12 +265,13 @@ class Classifier:
     def load(cls, path: str | Path, runtime: str = "auto") -> Classifier:
         """Load an artifact folder; verify the sha256 of every file in model_card.json, else ModelLoadError.
 
-        ``runtime`` runs the classifier's forward (logits + CAM): "tf" the TensorFlow compiled
-        function; "onnx" ONNX Runtime on the folder's verified ``classifier.onnx``
-        (``ml_core.onnx_runtime``; ModelLoadError when onnxruntime is missing, the card has no
-        export, or the file fails its sha256); "auto" ONNX Runtime when onnxruntime imports and
-        the card lists an export, else TensorFlow, and TensorFlow with a warning when that export
-        fails its check. The localiser and the gate always run in TensorFlow.
+        ``runtime`` runs the forwards of the classifier (logits + CAM), the localiser and the
+        gate (``gate()``): "tf" TensorFlow compiled functions; "onnx" ONNX Runtime on the
+        folder's verified ``classifier.onnx``, ``localiser/localiser.onnx`` and
+        ``gate/gate.onnx`` (``ml_core.onnx_runtime``; ModelLoadError when onnxruntime is missing,
+        the card has no export of a part, or its file fails its sha256); "auto" ONNX Runtime for
+        each part whose export the card lists, else TensorFlow, and TensorFlow with a warning
+        when that export fails its check (``onnx_runtime.forward_for`` decides, per part).
         """
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r}; one of {', '.join(RUNTIMES)}")
@@ -308,10 +316,19 @@ class Classifier:
         info = ModelInfo(
             name=str(card["name"]), version=str(card["version"]), sha256=str(card["sha256"])
         )
-        localiser = _load_localiser(folder, card)
-        forward = _onnx_forward(folder, card, runtime)
-        clf = cls(network, spec, info, folder, localiser, forward)
-        log.info("loaded model %s %s from %s (%s)", info.name, info.version, folder, clf.runtime)
+        forward = onnx_runtime.forward_for(folder, card, "classifier", runtime)
+        localiser = _load_localiser(folder, card, runtime)
+        clf = cls(
+            network, spec, info, folder, localiser, forward, runtime_choice=runtime, card=card
+        )
+        log.info(
+            "loaded model %s %s from %s (classifier %s, localiser %s)",
+            info.name,
+            info.version,
+            folder,
+            clf.runtime,
+            localiser.runtime,
+        )
         return clf
 
     @classmethod
@@ -402,7 +419,13 @@ class Classifier:
             try:
                 from ml_core.gate import LiverGate
 
-                self._gate = LiverGate.load(self._folder / "gate", localiser=self._localiser)
+                self._gate = LiverGate.load(
+                    self._folder / "gate",
+                    localiser=self._localiser,
+                    runtime=self._runtime_choice,
+                    artifact=self._card,
+                )
+                log.info("content gate loaded (%s)", self._gate.runtime)
             except ModelLoadError:
                 raise
             except Exception as exc:
@@ -435,31 +458,14 @@ def verify_files(folder: Path, card: dict[str, Any]) -> None:
         raise ModelLoadError("model card sha256 does not match its files")
 
 
-def _onnx_forward(folder: Path, card: dict[str, Any], runtime: str) -> Any:
-    """The ONNX Runtime forward for ``runtime`` "onnx" or "auto" (None: use TensorFlow)."""
-    from ml_core import onnx_runtime
-
-    if runtime == "tf":
-        return None
-    if runtime == "onnx":
-        return onnx_runtime.load_forward(folder, card)
-    if onnx_runtime.onnx_entry(card) is None or not onnx_runtime.available():
-        return None
-    try:
-        return onnx_runtime.load_forward(folder, card)
-    except ModelLoadError as exc:  # a bad export never stops serving: the weights are verified
-        log.warning("serving the classifier through TensorFlow: %s", exc)
-        return None
-
-
-def _load_localiser(folder: Path, card: dict[str, Any]) -> Any:
-    """Load H4a's Localiser from <folder>/localiser (ModelLoadError on failure)."""
+def _load_localiser(folder: Path, card: dict[str, Any], runtime: str = "tf") -> Any:
+    """Load H4a's Localiser from <folder>/localiser, served by ``runtime`` (ModelLoadError on failure)."""
     if not (folder / "localiser").is_dir():
         raise ModelLoadError("artifact has no localiser folder")
     try:
         from ml_core.localiser import Localiser
 
-        return Localiser.load(folder / "localiser")
+        return Localiser.load(folder / "localiser", runtime=runtime, artifact=card)
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -467,10 +473,16 @@ def _load_localiser(folder: Path, card: dict[str, Any]) -> Any:
 
 
 def write_untrained_artifact(
-    folder: str | Path, *, input_size: int = 32, seed: int = 0, threshold: float = 0.5
+    folder: str | Path,
+    *,
+    input_size: int = 32,
+    seed: int = 0,
+    threshold: float = 0.5,
+    gate: bool = False,
 ) -> Path:
     """Write a tiny random-weight artifact (B0 at ``input_size`` px + tiny localiser) for fast tests; returns the folder.
 
+    ``gate``: add a tiny content gate (32 px CNN, threshold 0.5) calibrated with that localiser.
     Real files, real sha256s, real loading path; predictions are meaningless.
     """
     import keras
@@ -492,6 +504,19 @@ def write_untrained_artifact(
         "sha256": sha256_file(out / "localiser" / loc.WEIGHTS_NAME),
     }
     (out / "localiser" / loc.CARD_NAME).write_text(json.dumps(lcard))
+    if gate:
+        from ml_core import gate as G
+
+        (out / "gate").mkdir(exist_ok=True)
+        G.build_gate_cnn(32).save_weights(str(out / "gate" / G.WEIGHTS_NAME))
+        gcard = {
+            "input_size": 32,
+            "threshold": 0.5,
+            "weights": G.WEIGHTS_NAME,
+            "sha256": sha256_file(out / "gate" / G.WEIGHTS_NAME),
+            "localiser_sha256": lcard["sha256"],
+        }
+        (out / "gate" / G.CARD_NAME).write_text(json.dumps(gcard))
     files = {
         str(p.relative_to(out)): sha256_file(p)
         for p in sorted(out.rglob("*"))

@@ -9,7 +9,8 @@ window" (it rejects photos, documents, brains and other body parts, wrong window
 viewer screenshots). The shipped liver localiser gives the liver area in pixels at 512x512
 scale; the ramp rises from 0 to 1 over ``AREA_RAMP_PX512`` (150-600 px; the localiser finds
 0 px on every slice far from the liver here), so a slice far above or below the liver scores 0
-whatever the CNN says. CNN and U-Net run in one compiled call; the U-Net's output goes into
+whatever the CNN says. CNN and U-Net run in one compiled call (TensorFlow; with ONNX Runtime,
+``onnx_runtime``, the two sessions one after the other); the U-Net's output goes into
 the localiser's content-keyed cache, so the classifier's crop of the same slice reuses it
 (the localiser runs once per upload). The localiser's sha256 is in the gate's card: the
 threshold is only valid with that localiser. Without a localiser (tests) score = P_cnn.
@@ -119,10 +120,11 @@ class LiverGate:
         threshold: float,
         area_ramp: tuple[float, float] = AREA_RAMP_PX512,
         card: dict[str, Any] | None = None,
+        onnx_forward: Any = None,
     ) -> None:
         import tensorflow as tf
 
-        self.cnn = cnn
+        self.cnn = cnn  # the Keras CNN (training, and the TensorFlow forward)
         self.localiser = localiser
         self.threshold = float(threshold)
         self.area_ramp = (float(area_ramp[0]), float(area_ramp[1]))
@@ -135,8 +137,13 @@ class LiverGate:
             return tf.sigmoid(cnn(x, training=False))[:, 0]
 
         self._forward = tf.function(forward, input_signature=[spec], autograph=False)
+        #: ONNX Runtime forward of the same CNN + sigmoid (``onnx_runtime.OnnxForward``) or None.
+        self._onnx = onnx_forward
+        #: What runs the CNN: "tensorflow" or "onnxruntime".
+        self.runtime = "tensorflow" if onnx_forward is None else "onnxruntime"
         self._joint: Any = None
-        if localiser is not None:
+        # one compiled call only when both networks are TensorFlow's
+        if localiser is not None and onnx_forward is None and localiser.runtime == "tensorflow":
             unet = localiser.model
             loc = int(localiser.input_size)
             loc_spec = tf.TensorSpec((None, loc, loc, 1), tf.float32)
@@ -148,12 +155,30 @@ class LiverGate:
             self._joint = tf.function(joint, input_signature=[spec, loc_spec], autograph=False)
 
     @classmethod
-    def load(cls, path: str | Path, localiser: Localiser | None = None) -> LiverGate:
-        """Load ``gate.json`` + weights (sha256 verified) and the localiser beside it (``../localiser``)."""
+    def load(
+        cls,
+        path: str | Path,
+        localiser: Localiser | None = None,
+        *,
+        runtime: str = "auto",
+        artifact: dict[str, Any] | None = None,
+    ) -> LiverGate:
+        """Load ``gate.json`` + weights (sha256 verified) and the localiser beside it (``../localiser``).
+
+        ``runtime`` ("auto" | "tf" | "onnx", see ``onnx_runtime.forward_for``) picks what runs
+        the CNN (and the localiser loaded here); the ONNX exports are listed in the card of the
+        artifact holding this folder (``artifact``, default <path>/../model_card.json).
+        """
+        from ml_core import onnx_runtime
+
         folder = Path(path)
         card = read_card(folder, CARD_NAME, WEIGHTS_NAME)
+        if artifact is None:
+            artifact = onnx_runtime.artifact_card(folder.parent)
         if localiser is None and card.get("localiser_sha256"):
-            localiser = Localiser.load(folder.parent / "localiser")
+            localiser = Localiser.load(
+                folder.parent / "localiser", runtime=runtime, artifact=artifact
+            )
         if localiser is not None and card.get("localiser_sha256") != localiser.card.get("sha256"):
             raise ModelLoadError("the gate was calibrated with another localiser (sha256 differs)")
         try:
@@ -163,7 +188,23 @@ class LiverGate:
             ramp = tuple(card.get("area_ramp_px512", AREA_RAMP_PX512))
         except Exception as exc:  # keras raises many types for a bad file
             raise ModelLoadError("gate weights do not load", detail=type(exc).__name__) from exc
-        return cls(cnn, localiser, threshold=threshold, area_ramp=(ramp[0], ramp[1]), card=card)
+        onnx_forward = onnx_runtime.forward_for(
+            folder.parent, artifact, "gate", runtime, weights_sha256=card.get("sha256")
+        )
+        return cls(
+            cnn,
+            localiser,
+            threshold=threshold,
+            area_ramp=(ramp[0], ramp[1]),
+            card=card,
+            onnx_forward=onnx_forward,
+        )
+
+    def p_cnn(self, batch: np.ndarray) -> np.ndarray:
+        """P_cnn float32 (N,) for a letterboxed batch float32 (N, S, S, 1) 0..255."""
+        if self._onnx is not None:
+            return np.asarray(self._onnx(batch)[0], np.float32)
+        return np.asarray(self._forward(batch).numpy(), np.float32)
 
     def liver_area_px512(
         self, slices_u8: Sequence[np.ndarray], probs: Sequence[np.ndarray]
@@ -190,7 +231,7 @@ class LiverGate:
         if batch.shape[0] == 0:
             return np.zeros((0,), np.float32)
         x = tf.constant(batch, tf.float32)
-        p_cnn = self._forward(x).numpy()
+        p_cnn = self.p_cnn(batch.astype(np.float32))
         if self.localiser is None:
             return p_cnn
         size = self.localiser.input_size
@@ -210,7 +251,7 @@ class LiverGate:
             return []
         if self.localiser is None:
             batch, _ = to_input(slices_u8, self.input_size)
-            return [float(s) for s in self._forward(batch).numpy()]
+            return [float(s) for s in self.p_cnn(batch)]
         p_cnn, area = self.score_parts(slices_u8)
         return [float(s) for s in p_cnn * area_ramp(area, self.area_ramp).astype(np.float32)]
 
@@ -226,11 +267,14 @@ class LiverGate:
         probs = self.localiser.cached(keys)
         if any(p is None for p in probs):
             xl, _ = to_input(slices_u8, self.localiser.input_size)
-            p_cnn, small = (t.numpy() for t in self._joint(batch, xl))
+            if self._joint is not None:
+                p_cnn, small = (t.numpy() for t in self._joint(batch, xl))
+            else:  # ONNX Runtime: the two sessions one after the other
+                p_cnn, small = self.p_cnn(batch), self.localiser.probabilities_small(xl)
             self.localiser.remember(keys, small)
             probs = list(small)
         else:
-            p_cnn = self._forward(batch).numpy()
+            p_cnn = self.p_cnn(batch)
         area = self.liver_area_px512(slices_u8, [p for p in probs if p is not None])
         return np.asarray(p_cnn, np.float32), area
 

@@ -7,6 +7,8 @@ mapped back to the input's full resolution and thresholded. Trained on every liv
 
 Artifact folder: ``localiser.weights.h5`` + ``localiser.json`` (sha256, input size, threshold,
 metrics, training command). ``Localiser.load`` verifies the sha256 before building anything.
+Serving can run the same forward through ONNX Runtime (``localiser.onnx``, listed in the
+artifact's card; ``ml_core.onnx_runtime``); training is TensorFlow.
 
 TensorFlow is imported lazily, so the pure helpers (``dice``, ``liver_bbox``) stay cheap.
 """
@@ -179,7 +181,7 @@ def to_input(
 
 
 class Localiser:
-    """A loaded liver localiser; ``segment`` runs one batched compiled call.
+    """A loaded liver localiser; ``segment`` runs one batched compiled call (TensorFlow or ONNX Runtime).
 
     Outputs are cached by slice content (``CACHE_SLICES``, LRU): asking again for a slice it
     has already seen (the content gate, then the classifier's crop, on one upload) reuses
@@ -194,10 +196,11 @@ class Localiser:
         threshold: float,
         card: dict[str, Any] | None = None,
         cache_slices: int = CACHE_SLICES,
+        onnx_forward: Any = None,
     ) -> None:
         import tensorflow as tf
 
-        self.model = model
+        self.model = model  # the Keras U-Net (training, and the TensorFlow forward)
         self.input_size = input_size
         self.threshold = threshold
         self.card = card or {}
@@ -211,12 +214,27 @@ class Localiser:
             return tf.sigmoid(model(x, training=False))
 
         self._forward = tf.function(forward, input_signature=[spec])
+        #: ONNX Runtime forward of the same U-Net + sigmoid (``onnx_runtime.OnnxForward``) or None.
+        self._onnx = onnx_forward
+        #: What runs the U-Net: "tensorflow" or "onnxruntime".
+        self.runtime = "tensorflow" if onnx_forward is None else "onnxruntime"
 
     @classmethod
-    def load(cls, path: str | Path) -> Localiser:
-        """Load an artifact folder (``localiser.json`` + weights), verifying the sha256 first."""
+    def load(
+        cls, path: str | Path, *, runtime: str = "auto", artifact: dict[str, Any] | None = None
+    ) -> Localiser:
+        """Load a localiser folder (``localiser.json`` + weights), verifying the sha256 first.
+
+        ``runtime`` ("auto" | "tf" | "onnx", see ``onnx_runtime.forward_for``) picks what runs
+        the U-Net; its ONNX export is listed in the card of the artifact holding this folder
+        (``artifact``, default <path>/../model_card.json; none: TensorFlow under "auto").
+        """
+        from ml_core import onnx_runtime
+
         folder = Path(path)
         card = read_card(folder, CARD_NAME, WEIGHTS_NAME)
+        if artifact is None:
+            artifact = onnx_runtime.artifact_card(folder.parent)
         try:
             model = build_unet(int(card["input_size"]), int(card.get("base_filters", BASE_FILTERS)))
             model.load_weights(str(folder / str(card.get("weights", WEIGHTS_NAME))))
@@ -224,17 +242,23 @@ class Localiser:
             raise ModelLoadError(
                 "localiser weights do not load", detail=type(exc).__name__
             ) from exc
+        onnx_forward = onnx_runtime.forward_for(
+            folder.parent, artifact, "localiser", runtime, weights_sha256=card.get("sha256")
+        )
         return cls(
             model,
             input_size=int(card["input_size"]),
             threshold=float(card.get("threshold", 0.5)),
             card=card,
+            onnx_forward=onnx_forward,
         )
 
     def probabilities_small(self, batch: np.ndarray) -> np.ndarray:
         """Liver probability float32 (N, S, S) for a letterboxed float32 batch (N, S, S, 1)."""
         if batch.shape[0] == 0:
             return np.zeros((0, self.input_size, self.input_size), np.float32)
+        if self._onnx is not None:
+            return np.asarray(self._onnx(batch)[0], np.float32)[..., 0]
         return self._forward(batch).numpy()[..., 0]
 
     def clear_cache(self) -> None:

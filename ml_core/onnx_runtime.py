@@ -1,15 +1,22 @@
-"""The classifier's forward through ONNX Runtime: export (tf2onnx) and a verified session.
+"""Forward passes through ONNX Runtime: export (tf2onnx) and verified sessions, for three parts.
 
-``export`` converts the compiled forward of ``ml_core.gradcam.make_forward`` (images float32
-(N, S, S, 3) 0..255 -> logits (N,), CAM (N, h, w) in [0, 1], one call, dynamic batch) into
-``classifier.onnx`` in the artifact folder, checks ONNX Runtime against TensorFlow on
-``check`` inputs, and records the file's sha256 and the differences in the card under
-``runtimes.onnx``. The card's top-level ``files``/``sha256`` (the artifact identity every job
-records) are not changed: the ONNX file is a derived, verified copy of the same weights.
+The parts of an artifact that serve through ONNX Runtime (``PARTS``): the classifier's compiled
+forward of ``ml_core.gradcam.make_forward`` (images float32 (N, S, S, 3) 0..255 -> logits (N,),
+CAM (N, h, w) in [0, 1]), the localiser U-Net's (grey float32 (N, s, s, 1) 0..255 -> liver
+probability (N, s, s, 1)) and the gate CNN's (grey float32 (N, g, g, 1) 0..255 -> P_cnn (N,)),
+each one call at a dynamic batch. ``export`` converts them into ``classifier.onnx``,
+``localiser/localiser.onnx`` and ``gate/gate.onnx``, checks ONNX Runtime against TensorFlow on
+``check`` inputs, and records each file's sha256, the sha256 of the weights it was made from
+and the differences in the artifact's card under ``runtimes.<key>`` (``onnx``,
+``onnx_localiser``, ``onnx_gate``). The card's top-level ``files``/``sha256`` (the artifact
+identity every job records) are not changed: the ONNX files are derived, verified copies of
+the same weights.
 
-``load_forward`` opens a session only when the file matches that sha256 (else ModelLoadError).
-onnxruntime is the serving dependency (the ``ml`` extra); tf2onnx and onnx are needed by
-``export`` only (the ``onnx-export`` extra). Both are imported lazily.
+``forward_for`` is the one place that decides, per part, between TensorFlow and ONNX Runtime
+("auto" / "tf" / "onnx"); ``load_forward`` opens a session only when the file matches its
+sha256 and was made from the verified weights (else ModelLoadError). onnxruntime is the
+serving dependency (the ``ml`` extra); tf2onnx and onnx are needed by ``export`` only (the
+``onnx-export`` extra). Both are imported lazily.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +37,32 @@ log = logging.getLogger(__name__)
 
 ONNX_FILE = "classifier.onnx"
 OPSET = 17
-#: Largest |ONNX Runtime - TensorFlow| accepted on the check inputs, for logits and for CAMs.
+#: Largest |ONNX Runtime - TensorFlow| accepted on the check inputs, for every output.
 TOLERANCE = 1e-3
 DEFAULT_THREADS = 2
+#: What runs a forward: "auto" (ONNX Runtime when a verified export is listed), "tf", "onnx".
+RUNTIMES = ("auto", "tf", "onnx")
+ARTIFACT_CARD = "model_card.json"
+
+
+@dataclass(frozen=True)
+class Part:
+    """An exportable forward: its key under the card's ``runtimes``, its file in the artifact,
+    and its serving session's intra-op threads."""
+
+    key: str
+    file: str
+    threads: int
+
+
+#: The small U-Net and gate CNN run at 1 intra-op thread: on 2 shared cores, 2 spinning threads
+#: per session made them ~2x slower than TensorFlow (docs/model_gate.md, "ONNX Runtime for the
+#: localiser and the gate", runs A and B).
+PARTS = {
+    "classifier": Part("onnx", ONNX_FILE, DEFAULT_THREADS),
+    "localiser": Part("onnx_localiser", "localiser/localiser.onnx", 1),
+    "gate": Part("onnx_gate", "gate/gate.onnx", 1),
+}
 
 
 def available() -> bool:
@@ -43,53 +74,110 @@ def available() -> bool:
     return True
 
 
-def onnx_entry(card: dict[str, Any]) -> dict[str, Any] | None:
-    """The card's ``runtimes.onnx`` entry, or None."""
-    entry = (card.get("runtimes") or {}).get("onnx")
+def onnx_entry(card: dict[str, Any], part: str = "classifier") -> dict[str, Any] | None:
+    """The card's ``runtimes`` entry of ``part`` (``runtimes.onnx`` for the classifier), or None."""
+    entry = (card.get("runtimes") or {}).get(PARTS[part].key)
     return entry if isinstance(entry, dict) else None
 
 
+def artifact_card(folder: Path) -> dict[str, Any]:
+    """The artifact card at <folder>/model_card.json as JSON, or {} (a localiser or gate folder alone).
+
+    Only its ``runtimes`` entries are used from here: each binds an ONNX file to the sha256 of
+    weights that the part's own loader has verified.
+    """
+    try:
+        card = json.loads((Path(folder) / ARTIFACT_CARD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
 class OnnxForward:
-    """Callable images float32 (N, S, S, 3) -> (logits (N,), CAM (N, h, w)), like make_forward's."""
+    """Callable input float32 -> the tuple of the graph's outputs, like the TensorFlow forward's."""
 
     def __init__(self, session: Any) -> None:
         self._session = session
         self._input = session.get_inputs()[0].name
 
-    def __call__(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
-        x = np.ascontiguousarray(np.asarray(images, np.float32))
-        logits, cams = self._session.run(None, {self._input: x})
-        return logits, cams
+    def __call__(self, x: Any) -> tuple[np.ndarray, ...]:
+        return tuple(self._session.run(None, {self._input: np.ascontiguousarray(x, np.float32)}))
 
 
-def load_forward(folder: Path, card: dict[str, Any], threads: int = DEFAULT_THREADS) -> OnnxForward:
-    """ONNX Runtime session of <folder>/classifier.onnx after its sha256 check; ModelLoadError if not."""
-    from ml_core.classifier import WEIGHTS, sha256_file
+def load_forward(
+    folder: Path,
+    card: dict[str, Any],
+    part: str = "classifier",
+    *,
+    weights_sha256: str | None = None,
+    threads: int | None = None,
+) -> OnnxForward:
+    """ONNX Runtime forward of ``part``'s file in the artifact ``folder`` after its checks; ModelLoadError if not.
 
+    ``weights_sha256``: of the weights the caller has verified (default: the classifier's,
+    from the card's ``files``); an export recorded for other weights is refused. ``threads``:
+    intra-op threads (default the part's, ``PARTS``).
+    """
     try:
         import onnxruntime  # noqa: F401  (a clear error before anything else)
     except ImportError as exc:
         raise ModelLoadError(
             "runtime 'onnx' needs onnxruntime (pip install onnxruntime, in the 'ml' extra)"
         ) from exc
-    entry = onnx_entry(card)
+    spec = PARTS[part]
+    entry = onnx_entry(card, part)
     if entry is None:
-        raise ModelLoadError(f"model card has no runtimes.onnx entry ({ONNX_FILE} not exported)")
-    path = folder / str(entry.get("file", ONNX_FILE))
+        raise ModelLoadError(
+            f"model card has no runtimes.{spec.key} entry ({spec.file} not exported)"
+        )
+    path = Path(folder) / str(entry.get("file", spec.file))
     if not path.is_file():
         raise ModelLoadError(f"model file missing: {path.name}")
+    from ml_core.classifier import WEIGHTS, sha256_file
+
     if sha256_file(path) != entry.get("sha256"):
         raise ModelLoadError(f"model file fails its sha256 check: {path.name}")
-    weights = str(card.get("weights", WEIGHTS))
-    if entry.get("weights_sha256") != card["files"].get(weights):
-        raise ModelLoadError(f"{path.name} was exported from other weights than {weights}")
+    if weights_sha256 is None:
+        weights_sha256 = (card.get("files") or {}).get(str(card.get("weights", WEIGHTS)))
+    if entry.get("weights_sha256") != weights_sha256:
+        raise ModelLoadError(f"{path.name} was exported from other weights than the {part}'s")
     try:
-        session = open_session(path, threads)
+        session = open_session(path, spec.threads if threads is None else threads)
     except Exception as exc:  # noqa: BLE001 - any ORT failure is a load failure
         raise ModelLoadError(
             f"{path.name} does not load in onnxruntime: {type(exc).__name__}"
         ) from exc
     return OnnxForward(session)
+
+
+def forward_for(
+    folder: Path,
+    card: dict[str, Any],
+    part: str,
+    runtime: str,
+    *,
+    weights_sha256: str | None = None,
+) -> OnnxForward | None:
+    """What serves ``part``: an ONNX Runtime forward, or None for TensorFlow. The one place deciding.
+
+    "tf": None. "onnx": ``load_forward`` (ModelLoadError when onnxruntime is missing, the card
+    lists no export, or it fails a check). "auto": ONNX Runtime when onnxruntime imports and
+    the card lists an export, else None; an export failing its checks gives None with a
+    warning (the weights themselves are verified, so serving continues in TensorFlow).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; one of {', '.join(RUNTIMES)}")
+    if runtime == "tf":
+        return None
+    if runtime == "onnx":
+        return load_forward(folder, card, part, weights_sha256=weights_sha256)
+    if onnx_entry(card, part) is None or not available():
+        return None
+    try:
+        return load_forward(folder, card, part, weights_sha256=weights_sha256)
+    except ModelLoadError as exc:
+        log.warning("serving the %s through TensorFlow: %s", part, exc)
+        return None
 
 
 def open_session(path: Path, threads: int = DEFAULT_THREADS) -> Any:
@@ -103,20 +191,24 @@ def open_session(path: Path, threads: int = DEFAULT_THREADS) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def convert(clf: Any, path: Path, opset: int = OPSET) -> None:
-    """Convert a TensorFlow-served Classifier's compiled forward (logits + CAM, dynamic batch) to ``path``."""
+def convert(function: Any, input_shape: tuple[Any, ...], path: Path, opset: int = OPSET) -> None:
+    """Convert a tf.function of one float32 input of ``input_shape`` (batch None) to ONNX at ``path``.
+
+    A function compiled with its own ``input_signature`` is converted at that signature.
+    """
     import tensorflow as tf
     import tf2onnx
 
-    size = clf.input_size
-    spec = (tf.TensorSpec((None, size, size, 3), tf.float32, name="image"),)
+    spec = getattr(function, "input_signature", None) or (
+        tf.TensorSpec(input_shape, tf.float32, name="image"),
+    )
     tf2onnx.convert.from_function(
-        clf._forward, input_signature=spec, opset=opset, output_path=str(path)
+        function, input_signature=spec, opset=opset, output_path=str(path)
     )
 
 
 def check_inputs(clf: Any, volume: Path | None = None, n: int = 16, seed: int = 0) -> np.ndarray:
-    """Inputs float32 (n, S, S, 3) for the export check: noise 0..255, or liver crops of ``volume``.
+    """Classifier inputs float32 (n, S, S, 3) for the export check: noise 0..255, or liver crops of ``volume``.
 
     ``volume``: an .npz with ``ct_hu`` (Z, H, W) HU and ``liver`` (Z, H, W) bool (3D-IRCADb as
     stored under ../shared/data/ircadb); ``n`` slices spread over the liver, windowed W400/L50,
@@ -141,73 +233,142 @@ def check_inputs(clf: Any, volume: Path | None = None, n: int = 16, seed: int = 
     return to_model_input(crops)
 
 
-def export(
-    folder: str | Path,
-    *,
-    opset: int = OPSET,
-    volume: Path | None = None,
-    threads: int = DEFAULT_THREADS,
-) -> dict[str, Any]:
-    """Write <folder>/classifier.onnx, check it against TensorFlow, record it in the card; returns the entry.
+def slice_inputs(size: int, volume: Path | None = None, n: int = 16, seed: int = 0) -> np.ndarray:
+    """Localiser / gate inputs float32 (n, size, size, 1) 0..255: noise, or letterboxed slices of ``volume``.
 
-    Raises ModelLoadError, leaving the folder as it was, when the export does not run in ONNX
-    Runtime or its outputs differ from TensorFlow's by more than TOLERANCE.
+    ``volume`` as for ``check_inputs``; ``n`` slices spread over the whole volume (liver and
+    far from it), windowed W400/L50.
+    """
+    if volume is None:
+        rng = np.random.default_rng(seed)
+        return rng.uniform(0, 255, (n, size, size, 1)).astype(np.float32)
+    from ml_core.localiser import to_input
+    from ml_core.preprocessing import window
+
+    with np.load(volume) as d:
+        hu = d["ct_hu"]
+    picks = np.linspace(0, len(hu) - 1, n).round().astype(int)
+    return to_input([window(hu[z]) for z in picks], size)[0]
+
+
+@dataclass
+class _Job:
+    """One part to export: the TensorFlow function, its input shape, check inputs and weights."""
+
+    part: str
+    function: Any
+    input_shape: tuple[Any, ...]
+    x: np.ndarray
+    outputs: tuple[str, ...]
+    weights: str  # the weights file, relative to the artifact folder
+    weights_sha256: str
+    check: str  # what the check inputs are, for the card
+
+
+def _jobs(clf: Any, card: dict[str, Any], parts: list[str], volume: Path | None) -> list[_Job]:
+    from ml_core.classifier import WEIGHTS
+
+    where = f"{Path(volume).name} (W400/L50)" if volume else "uniform-noise images 0..255 (seed 0)"
+    jobs = []
+    for part in parts:
+        if part == "classifier":
+            size = clf.input_size
+            x = check_inputs(clf, volume)
+            weights = str(card.get("weights", WEIGHTS))
+            jobs.append(
+                _Job(
+                    part,
+                    clf._forward,
+                    (None, size, size, 3),
+                    x,
+                    ("logit", "cam"),
+                    weights,
+                    card["files"][weights],
+                    f"{len(x)} liver crops of {where}" if volume else f"{len(x)} {where}",
+                )
+            )
+            continue
+        model = clf._localiser if part == "localiser" else clf.gate()
+        size = int(model.input_size)
+        x = slice_inputs(size, volume)
+        jobs.append(
+            _Job(
+                part,
+                model._forward,
+                (None, size, size, 1),
+                x,
+                ("probability",),
+                f"{part}/{model.card.get('weights')}",
+                str(model.card.get("sha256")),
+                f"{len(x)} slices spread over {where}, letterboxed to {size} px"
+                if volume
+                else f"{len(x)} {where}",
+            )
+        )
+    return jobs
+
+
+def _convert_and_check(
+    folder: Path, job: _Job, opset: int, threads: int | None
+) -> tuple[Path, dict[str, Any]]:
+    """Convert ``job`` to a temporary file and check it against TensorFlow; (that file, its entry).
+
+    Raises ModelLoadError, removing the temporary file, when the export does not convert, does
+    not run in ONNX Runtime, or differs from TensorFlow by more than TOLERANCE.
     """
     import tensorflow as tf
-    import tf2onnx
 
-    from ml_core.classifier import CARD, WEIGHTS, Classifier, read_card, sha256_file
-
-    folder = Path(folder)
-    clf = Classifier.load(folder, runtime="tf")
-    path = folder / ONNX_FILE
+    spec = PARTS[job.part]
+    path = folder / spec.file
     tmp = path.with_suffix(".onnx.tmp")
     t0 = time.perf_counter()
     try:
-        convert(clf, tmp, opset)
+        convert(job.function, job.input_shape, tmp, opset)
     except Exception as exc:  # noqa: BLE001 - an op tf2onnx cannot convert, at this opset
         tmp.unlink(missing_ok=True)
         raise ModelLoadError(
-            f"tf2onnx cannot convert the forward: {type(exc).__name__}: {exc}"
+            f"tf2onnx cannot convert the {job.part}'s forward: {type(exc).__name__}: {exc}"
         ) from exc
     seconds = time.perf_counter() - t0
-    card = read_card(folder)
-    digest = sha256_file(tmp)
-    weights = str(card.get("weights", WEIGHTS))
+    from ml_core.classifier import sha256_file
+
     entry: dict[str, Any] = {
-        "file": ONNX_FILE,
-        "sha256": digest,
-        "weights_sha256": card["files"].get(weights),
+        "file": spec.file,
+        "sha256": sha256_file(tmp),
+        "weights_sha256": job.weights_sha256,
     }
     # Check the new file under its temporary name: a failed export leaves any previous one intact.
-    probe = {
-        **card,
-        "runtimes": {**(card.get("runtimes") or {}), "onnx": {**entry, "file": tmp.name}},
-    }
+    probe = {"runtimes": {spec.key: {**entry, "file": str(tmp.relative_to(folder))}}}
     try:
-        forward = load_forward(folder, probe, threads)
-        x = check_inputs(clf, volume)
-        tf_logits, tf_cams = (np.asarray(t) for t in clf._forward(tf.constant(x)))
-        ort_logits, ort_cams = forward(x)
+        forward = load_forward(
+            folder, probe, job.part, weights_sha256=job.weights_sha256, threads=threads
+        )
+        reference = job.function(tf.constant(job.x))
+        if not isinstance(reference, (tuple, list)):
+            reference = (reference,)
+        ours = forward(job.x)
+        diffs = {
+            name: float(np.abs(np.asarray(a) - np.asarray(b)).max())
+            for name, a, b in zip(job.outputs, reference, ours, strict=True)
+        }
     except ModelLoadError:
         tmp.unlink(missing_ok=True)
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. a graph input tf2onnx left unbound
         tmp.unlink(missing_ok=True)
         raise ModelLoadError(
-            f"the ONNX export does not run in onnxruntime: {type(exc).__name__}: {exc}"
+            f"the {job.part}'s ONNX export does not run in onnxruntime: {type(exc).__name__}: {exc}"
         ) from exc
-    d_logit = float(np.abs(tf_logits - ort_logits).max())
-    d_cam = float(np.abs(tf_cams - ort_cams).max())
-    if not (d_logit <= TOLERANCE and d_cam <= TOLERANCE):
+    if not all(d <= TOLERANCE for d in diffs.values()):
         tmp.unlink(missing_ok=True)
         raise ModelLoadError(
-            f"ONNX export differs from TensorFlow: max |dlogit| {d_logit:.2e}, "
-            f"max |dCAM| {d_cam:.2e} (tolerance {TOLERANCE:g})"
+            f"the {job.part}'s ONNX export differs from TensorFlow: "
+            + ", ".join(f"max |d{k}| {v:.2e}" for k, v in diffs.items())
+            + f" (tolerance {TOLERANCE:g})"
         )
-    tmp.replace(path)
     import onnx
     import onnxruntime
+    import tf2onnx
 
     entry.update(
         {
@@ -218,29 +379,66 @@ def export(
                 "tensorflow": tf.__version__,
             },
             "checked_with": {"onnxruntime": onnxruntime.__version__},
-            "check_inputs": (
-                f"{len(x)} liver crops of {Path(volume).name} (W400/L50)"
-                if volume
-                else f"{len(x)} uniform-noise images 0..255 (seed 0)"
-            ),
-            "max_abs_diff_logit": d_logit,
-            "max_abs_diff_cam": d_cam,
+            "check_inputs": job.check,
+            **{f"max_abs_diff_{k}": v for k, v in diffs.items()},
             "tolerance": TOLERANCE,
-            "size_bytes": path.stat().st_size,
-            "note": f"derived from {weights} (weights_sha256); not part of the card's sha256",
+            "size_bytes": tmp.stat().st_size,
+            "note": f"derived from {job.weights} (weights_sha256); not part of the card's sha256",
         }
     )
-    card.setdefault("runtimes", {})["onnx"] = entry
-    (folder / CARD).write_text(json.dumps(card, indent=2))
     log.info(
-        "wrote %s (%.1f MB, %.0f s): max |dlogit| %.2e, max |dCAM| %.2e",
-        path,
+        "%s: %.1f MB, converted in %.0f s, %s",
+        spec.file,
         entry["size_bytes"] / 1e6,
         seconds,
-        d_logit,
-        d_cam,
+        ", ".join(f"max |d{k}| {v:.2e}" for k, v in diffs.items()),
     )
-    return entry
+    return tmp, entry
+
+
+def export(
+    folder: str | Path,
+    *,
+    opset: int = OPSET,
+    volume: Path | None = None,
+    threads: int | None = None,
+    parts: tuple[str, ...] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Write the ONNX files of ``parts`` into the artifact ``folder``, each checked, and record them in the card.
+
+    ``parts``: of ``PARTS``; default every part the folder holds (the classifier, and the
+    localiser and gate when their folders are there).
+
+    Returns the card entries by part. Raises ModelLoadError, leaving the folder as it was,
+    when any part does not convert, does not run in ONNX Runtime or differs from TensorFlow by
+    more than TOLERANCE: the files replace the old ones only once every part has passed.
+    """
+    from ml_core.classifier import CARD, Classifier, read_card
+
+    folder = Path(folder)
+    if parts is None:
+        parts = tuple(p for p in PARTS if p == "classifier" or (folder / p).is_dir())
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown parts {unknown}; of {', '.join(PARTS)}")
+    clf = Classifier.load(folder, runtime="tf")
+    card = read_card(folder)
+    done: list[tuple[Path, dict[str, Any]]] = []
+    try:
+        for job in _jobs(clf, card, list(parts), volume):
+            done.append(_convert_and_check(folder, job, opset, threads))
+    except BaseException:
+        for tmp, _entry in done:
+            tmp.unlink(missing_ok=True)
+        raise
+    runtimes = card.setdefault("runtimes", {})
+    out = {}
+    for part, (tmp, entry) in zip(parts, done, strict=True):
+        tmp.replace(folder / entry["file"])
+        runtimes[PARTS[part].key] = entry
+        out[part] = entry
+    (folder / CARD).write_text(json.dumps(card, indent=2))
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -251,21 +449,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--volume",
         type=Path,
         default=None,
-        help="check on liver crops of this .npz (ct_hu, liver), e.g. ../shared/data/ircadb/3Dircadb1.7.npz; default noise",
+        help="check on liver crops / slices of this .npz (ct_hu, liver), e.g. ../shared/data/ircadb/3Dircadb1.7.npz; default noise",
+    )
+    parser.add_argument(
+        "--parts",
+        default=None,
+        help=f"comma-separated parts to export, of {','.join(PARTS)} (default: every part the "
+        "folder holds); the others stay as they are",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export and print the card entry as JSON; 0 on success, 1 when it fails, 2 without tf2onnx/onnx."""
+    """Export and print the card entries as JSON; 0 on success, 1 when it fails, 2 without tf2onnx/onnx."""
+    parts = None if args.parts is None else tuple(p.strip() for p in args.parts.split(","))
     try:
-        entry = export(args.model, opset=args.opset, volume=args.volume)
+        entries = export(args.model, opset=args.opset, volume=args.volume, parts=parts)
     except ModuleNotFoundError as exc:
         if exc.name not in ("tf2onnx", "onnx", "onnxruntime"):
             raise
         log.error("export-onnx needs %s: pip install -e '.[ml,onnx-export]'", exc.name)
         return 2
-    except ModelLoadError as exc:
+    except (ModelLoadError, ValueError) as exc:
         log.error("%s", exc)
         return 1
-    print(json.dumps(entry, indent=2))
+    print(json.dumps(entries, indent=2))
     return 0

@@ -87,9 +87,10 @@ class Settings(BaseSettings):
     worker_batch_wait_ms: int = Field(default=50, ge=0, le=60_000)
     worker_concurrency: int | None = Field(default=None, ge=1)  # default: 2 x batch (threads)
     device: Literal["cpu", "gpu", "auto"] = "auto"  # where the model runs; gpu: fail without one
-    # What runs the classifier's forward (ml_core Classifier.load runtime): "onnx" ONNX Runtime on
-    # the artifact's verified classifier.onnx (fail without one), "tf" TensorFlow, "auto" ONNX
-    # Runtime when it is installed and the artifact ships an export and the device is the CPU.
+    # What runs the classifier's, localiser's and gate's forwards (ml_core Classifier.load runtime):
+    # "onnx" ONNX Runtime on the artifact's verified exports (fail without them), "tf" TensorFlow,
+    # "auto" ONNX Runtime per part when it is installed, the artifact ships that export and the
+    # device is the CPU.
     model_runtime: Literal["auto", "tf", "onnx"] = "auto"
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # worker /metrics; 0 = off
     # Load the model when a worker process starts (off for webhook/report-only workers, which

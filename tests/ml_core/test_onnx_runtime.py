@@ -1,4 +1,5 @@
-"""The classifier's forward through ONNX Runtime: equal to TensorFlow, verified, with a clear fallback.
+"""The classifier's, the localiser's and the gate's forwards through ONNX Runtime: equal to
+TensorFlow, verified, with a clear fallback.
 
 Export tests need tf2onnx + onnx (the ``onnx-export`` extra) and skip without them; loading,
 tamper and shipped-model tests need onnxruntime only (the ``ml`` extra).
@@ -39,12 +40,13 @@ def _slices() -> list[np.ndarray]:
 
 def _tiny_lite0(folder: Path) -> Path:
     """A tiny real artifact with the shipped architecture: Lite0 at 64 px, max head, stride 8
-    atrous scored on its stride-16 cells (random weights, real files and sha256s)."""
+    atrous scored on its stride-16 cells, a tiny localiser and gate (random weights, real files
+    and sha256s)."""
     import keras
 
     from ml_core.classifier import WEIGHTS, build_network, combined_sha256, sha256_file
 
-    write_untrained_artifact(folder)
+    write_untrained_artifact(folder, gate=True)
     keras.utils.set_random_seed(4)
     build_network(64, "lite0", head="max", output_stride=16).save_weights(str(folder / WEIGHTS))
     card = json.loads((folder / CARD).read_text())
@@ -58,7 +60,7 @@ def _tiny_lite0(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Lite0 artifact with classifier.onnx exported into it."""
+    """The tiny Lite0 artifact with classifier.onnx, localiser.onnx and gate.onnx exported into it."""
     pytest.importorskip("tf2onnx")
     pytest.importorskip("onnxruntime")
     folder = _tiny_lite0(tmp_path_factory.mktemp("model") / "tiny")
@@ -163,6 +165,107 @@ def test_no_export_means_tensorflow(tmp_path: Path) -> None:
         Classifier.load(folder, runtime="torch")
 
 
+# --------------------------------------------------------------------------- localiser and gate
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_export_writes_the_localiser_and_gate_files_beside_their_weights(exported: Path) -> None:
+    """runtimes.onnx_localiser / onnx_gate name files in localiser/ and gate/, made from the verified weights."""
+    from ml_core.classifier import sha256_file, verify_files
+
+    card = json.loads((exported / CARD).read_text())
+    for part, weights in (
+        ("localiser", "localiser/localiser.weights.h5"),
+        ("gate", "gate/gate.weights.h5"),
+    ):
+        entry = onnx_runtime.onnx_entry(card, part)
+        assert entry is not None and entry["file"] == f"{part}/{part}.onnx"
+        assert entry["sha256"] == sha256_file(exported / entry["file"])
+        assert entry["weights_sha256"] == card["files"][weights]
+        assert entry["max_abs_diff_probability"] <= TOL
+        assert entry["file"] not in card["files"]
+    verify_files(exported, card)
+
+
+def test_onnx_localiser_and_gate_agree_with_tensorflow(exported: Path) -> None:
+    """Localiser maps, masks (away from the threshold), P_cnn and gate scores equal TF's within the tolerance."""
+    tf_clf = Classifier.load(exported, runtime="tf")
+    ort_clf = Classifier.load(exported, runtime="onnx")
+    tg, og = tf_clf.gate(), ort_clf.gate()
+    assert (tf_clf._localiser.runtime, tg.runtime) == ("tensorflow", "tensorflow")
+    assert (ort_clf._localiser.runtime, og.runtime) == ("onnxruntime", "onnxruntime")
+    assert og.localiser is ort_clf._localiser  # one localiser per artifact, as before
+    slices = _slices()
+    p_t, a_t = tg.score_parts(slices)
+    p_o, a_o = og.score_parts(slices)
+    np.testing.assert_allclose(p_o, p_t, atol=TOL)
+    np.testing.assert_allclose(og.score(slices), tg.score(slices), atol=TOL)
+    loc_t, loc_o = tf_clf._localiser, ort_clf._localiser
+    for s, pt, po in zip(
+        slices, loc_t.probabilities(slices), loc_o.probabilities(slices), strict=True
+    ):
+        assert po.shape == s.shape
+        np.testing.assert_allclose(po, pt, atol=TOL)
+        sure = np.abs(pt - loc_t.threshold) > TOL  # a pixel at the threshold may go either way
+        np.testing.assert_array_equal((po >= loc_o.threshold)[sure], (pt >= loc_t.threshold)[sure])
+
+
+def test_onnx_gate_then_classifier_still_runs_the_localiser_once(exported: Path) -> None:
+    """With ONNX Runtime the gate runs both sessions and leaves the U-Net's map for the classifier's crop."""
+    clf = Classifier.load(exported, runtime="onnx")
+    gate = clf.gate()
+    (s,) = _slices()[:1]
+    before = clf._localiser.runs
+    gate.score([s])
+    clf.predict([s.copy()])
+    assert clf._localiser.runs - before == 1
+
+
+@pytest.mark.parametrize("part", ["localiser", "gate"])
+def test_tampered_localiser_or_gate_export_falls_back_on_auto_and_is_refused_on_onnx(
+    exported: Path, tmp_path: Path, part: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A localiser.onnx / gate.onnx failing its sha256: "auto" serves that part through TensorFlow
+    with a warning (the other parts stay on ONNX Runtime); "onnx" raises ModelLoadError."""
+    folder = _copy(exported, tmp_path)
+    _corrupt(folder / part / f"{part}.onnx")
+    with caplog.at_level("WARNING", logger="ml_core.onnx_runtime"):
+        clf = Classifier.load(folder)
+        gate = clf.gate()
+    runtimes = {"localiser": clf._localiser.runtime, "gate": gate.runtime}
+    assert runtimes[part] == "tensorflow"
+    assert runtimes[{"localiser": "gate", "gate": "localiser"}[part]] == "onnxruntime"
+    assert clf.runtime == "onnxruntime"
+    assert any(f"serving the {part} through TensorFlow" in r.message for r in caplog.records)
+    assert len(gate.score(_slices())) == 3  # mixed runtimes still score
+    with pytest.raises(ModelLoadError, match="sha256"):
+        Classifier.load(folder, runtime="onnx").gate()
+
+
+def test_localiser_and_gate_folders_alone_pick_their_runtime_from_the_artifact_card(
+    exported: Path, tmp_path: Path
+) -> None:
+    """Localiser.load / LiverGate.load read the exports from ../model_card.json; without one,
+    "auto" is TensorFlow and "onnx" refuses."""
+    from ml_core.gate import LiverGate
+    from ml_core.localiser import Localiser
+
+    assert Localiser.load(exported / "localiser").runtime == "onnxruntime"
+    assert Localiser.load(exported / "localiser", runtime="tf").runtime == "tensorflow"
+    gate = LiverGate.load(exported / "gate", runtime="onnx")
+    assert (gate.runtime, gate.localiser.runtime) == ("onnxruntime", "onnxruntime")
+    alone = tmp_path / "localiser"
+    shutil.copytree(exported / "localiser", alone)
+    assert Localiser.load(alone).runtime == "tensorflow"
+    with pytest.raises(ModelLoadError, match="runtimes.onnx_localiser"):
+        Localiser.load(alone, runtime="onnx")
+
+
 @pytest.mark.integration
 def test_shipped_onnx_export_equals_tensorflow_on_real_slices(data_dir: Path) -> None:
     """The shipped classifier.onnx against TensorFlow on 12 real 3Dircadb1.7 slices: logits, CAMs, labels."""
@@ -185,3 +288,38 @@ def test_shipped_onnx_export_equals_tensorflow_on_real_slices(data_dir: Path) ->
     np.testing.assert_allclose(co, ct, atol=TOL)
     labels = [[p.label for p in c.predict(slices)] for c in (tf_clf, ort_clf)]
     assert labels[0] == labels[1]
+
+
+@pytest.mark.integration
+def test_shipped_localiser_and_gate_exports_equal_tensorflow_on_real_slices(data_dir: Path) -> None:
+    """The shipped localiser.onnx and gate.onnx against TensorFlow on 16 slices of held-out
+    3Dircadb1.1 (liver and far from it), a generated document and brain: probabilities, decisions, masks."""
+    pytest.importorskip("onnxruntime")
+    from ml_core import gate as G
+    from ml_core import localiser as L
+    from ml_core.preprocessing import window
+
+    folder = default_model_path()
+    card = json.loads((folder / CARD).read_text())
+    if onnx_runtime.onnx_entry(card, "localiser") is None:
+        pytest.skip("the shipped model has no localiser/gate ONNX export")
+    tg = Classifier.load(folder, runtime="tf").gate()
+    og = Classifier.load(folder, runtime="onnx").gate()
+    with np.load(data_dir / "ircadb" / "3Dircadb1.1.npz") as z:
+        hu = z["ct_hu"]
+    slices = [window(hu[k]) for k in np.linspace(0, len(hu) - 1, 16).round().astype(int)]
+    rng = np.random.default_rng(0)
+    slices += [G.gen_document(rng), G.gen_brain(rng)]
+    p_t, a_t = tg.score_parts(slices)
+    p_o, a_o = og.score_parts(slices)
+    np.testing.assert_allclose(p_o, p_t, atol=TOL)
+    keys = [L.slice_key(s) for s in slices]
+    for mt, mo in zip(tg.localiser.cached(keys), og.localiser.cached(keys), strict=True):
+        np.testing.assert_allclose(mo, mt, atol=TOL)
+    assert tg.accepts(slices) == og.accepts(slices)
+    assert any(tg.accepts(slices)) and not all(tg.accepts(slices))  # both kinds are there
+    for pt, po in zip(
+        tg.localiser.probabilities(slices), og.localiser.probabilities(slices), strict=True
+    ):
+        mt, mo = L.keep_main_components(pt >= 0.5), L.keep_main_components(po >= 0.5)
+        assert np.all(np.abs(pt[mt != mo] - 0.5) <= TOL)  # only threshold flips, if any
