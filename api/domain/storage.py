@@ -153,8 +153,16 @@ class LocalStorage:
             raise StorageUnavailable(details={"root": str(self.root)})
 
 
+#: botocore's default connection pool size; a client shared by more threads needs more.
+S3_MIN_CONNECTIONS = 10
+
+
 class S3Storage:
-    """An S3 bucket through boto3; `endpoint_url` points at MinIO or moto when set."""
+    """An S3 bucket through boto3; `endpoint_url` points at MinIO or moto when set.
+
+    `max_connections` should be at least the number of threads sharing the client: beyond the
+    pool's size, urllib3 opens a new connection per request and throws it away afterwards.
+    """
 
     def __init__(
         self,
@@ -164,6 +172,7 @@ class S3Storage:
         region: str = "us-east-1",
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
+        max_connections: int = S3_MIN_CONNECTIONS,
     ) -> None:
         self.bucket = bucket
         self.client: Any = boto3.client(
@@ -178,6 +187,7 @@ class S3Storage:
                 connect_timeout=5,
                 read_timeout=30,
                 retries={"max_attempts": 3, "mode": "standard"},
+                max_pool_connections=max_connections,
             ),
         )
 
@@ -278,6 +288,8 @@ def make_storage(settings: Settings) -> Storage:
             region=settings.s3_region,
             access_key_id=settings.aws_access_key_id,
             secret_access_key=settings.aws_secret_access_key,
+            # one connection per worker thread (the API's waitress threads are fewer)
+            max_connections=max(S3_MIN_CONNECTIONS, settings.worker_threads),
         )
     assert settings.storage_dir is not None  # filled by Settings
     return LocalStorage(settings.storage_dir)

@@ -137,3 +137,39 @@ def test_make_storage_follows_settings(tmp_path: Path, s3_endpoint: str) -> None
         )
     )
     assert isinstance(s3, S3Storage) and s3.bucket == "b1"
+
+
+def test_s3_store_keeps_a_connection_per_worker_thread(
+    tmp_path: Path, s3_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker's threads (2 x batch = 32 by default) share one S3 client: none of them has its
+    connection thrown away and a new one opened for every request (a new TLS handshake against a
+    real store), which urllib3 reports as "Connection pool is full, discarding connection"."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = Settings(
+        env="test",
+        data_dir=tmp_path,
+        storage_backend="s3",
+        s3_bucket=f"pool-{uuid.uuid4().hex[:12]}",
+        s3_endpoint_url=s3_endpoint,
+        aws_access_key_id="a",
+        aws_secret_access_key="b",
+    )
+    assert settings.worker_threads == 32
+    store = make_storage(settings)
+    assert isinstance(store, S3Storage)
+    store.ensure_bucket()
+    payload = bytes(range(256)) * 64
+
+    def put_get(i: int) -> bool:
+        key = f"org/job-{i}/overlay.png"
+        store.put(key, payload, "image/png")
+        return store.get(key) == payload
+
+    with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
+        with ThreadPoolExecutor(settings.worker_threads) as pool:
+            results = list(pool.map(put_get, range(8 * settings.worker_threads)))
+    assert all(results)
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
