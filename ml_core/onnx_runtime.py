@@ -80,6 +80,17 @@ def onnx_entry(card: dict[str, Any], part: str = "classifier") -> dict[str, Any]
     return entry if isinstance(entry, dict) else None
 
 
+#: The card fields the classifier's compiled forward is built from (``Classifier.load``): an
+#: export made for other values computes other logits (e.g. ``score_stride``), so it is refused.
+FORWARD_INPUT_KEYS = ("size", "head", "output_stride", "score_stride")
+
+
+def forward_spec(card: dict[str, Any]) -> dict[str, Any]:
+    """What the classifier's forward is built from, per the card: backbone and FORWARD_INPUT_KEYS."""
+    given = card.get("input") or {}
+    return {"backbone": card.get("backbone"), **{k: given.get(k) for k in FORWARD_INPUT_KEYS}}
+
+
 def artifact_card(folder: Path) -> dict[str, Any]:
     """The artifact card at <folder>/model_card.json as JSON, or {} (a localiser or gate folder alone).
 
@@ -141,6 +152,11 @@ def load_forward(
         weights_sha256 = (card.get("files") or {}).get(str(card.get("weights", WEIGHTS)))
     if entry.get("weights_sha256") != weights_sha256:
         raise ModelLoadError(f"{path.name} was exported from other weights than the {part}'s")
+    if part == "classifier" and entry.get("forward_spec") != forward_spec(card):
+        raise ModelLoadError(
+            f"{path.name} was exported for another forward than the card's input "
+            f"({', '.join(FORWARD_INPUT_KEYS)}); re-run export-onnx"
+        )
     try:
         session = open_session(path, spec.threads if threads is None else threads)
     except Exception as exc:  # noqa: BLE001 - any ORT failure is a load failure
@@ -263,6 +279,7 @@ class _Job:
     weights: str  # the weights file, relative to the artifact folder
     weights_sha256: str
     check: str  # what the check inputs are, for the card
+    forward: dict[str, Any] | None = None  # the classifier's forward_spec; None for other parts
 
 
 def _jobs(clf: Any, card: dict[str, Any], parts: list[str], volume: Path | None) -> list[_Job]:
@@ -285,6 +302,7 @@ def _jobs(clf: Any, card: dict[str, Any], parts: list[str], volume: Path | None)
                     weights,
                     card["files"][weights],
                     f"{len(x)} liver crops of {where}" if volume else f"{len(x)} {where}",
+                    forward_spec(card),
                 )
             )
             continue
@@ -336,9 +354,15 @@ def _convert_and_check(
         "file": spec.file,
         "sha256": sha256_file(tmp),
         "weights_sha256": job.weights_sha256,
+        **({"forward_spec": job.forward} if job.forward is not None else {}),
     }
     # Check the new file under its temporary name: a failed export leaves any previous one intact.
-    probe = {"runtimes": {spec.key: {**entry, "file": str(tmp.relative_to(folder))}}}
+    probe: dict[str, Any] = {
+        "runtimes": {spec.key: {**entry, "file": str(tmp.relative_to(folder))}}
+    }
+    if job.forward is not None:  # the card fields the entry was made for
+        probe["backbone"] = job.forward["backbone"]
+        probe["input"] = {k: job.forward[k] for k in FORWARD_INPUT_KEYS}
     try:
         forward = load_forward(
             folder, probe, job.part, weights_sha256=job.weights_sha256, threads=threads

@@ -144,6 +144,22 @@ def test_export_of_other_weights_is_refused(exported: Path, tmp_path: Path) -> N
     assert Classifier.load(folder).runtime == "tensorflow"
 
 
+@pytest.mark.parametrize(("key", "value"), [("score_stride", None), ("output_stride", 16)])
+def test_export_made_for_another_forward_is_refused(
+    exported: Path, tmp_path: Path, key: str, value: int | None
+) -> None:
+    """A card edited after the export (e.g. score_stride) would make ONNX Runtime serve the old
+    logits: the export is refused on "onnx" and "auto" serves the card's forward in TensorFlow."""
+    folder = _copy(exported, tmp_path)
+    card = json.loads((folder / CARD).read_text())
+    assert card["input"].get(key) != value
+    card["input"][key] = value
+    (folder / CARD).write_text(json.dumps(card))
+    with pytest.raises(ModelLoadError, match="another forward"):
+        Classifier.load(folder, runtime="onnx")
+    assert Classifier.load(folder).runtime == "tensorflow"
+
+
 def test_onnx_runtime_without_onnxruntime_is_a_clear_load_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
