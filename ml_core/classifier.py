@@ -478,11 +478,12 @@ def write_untrained_artifact(
     input_size: int = 32,
     seed: int = 0,
     threshold: float = 0.5,
-    gate: bool = False,
+    gate_threshold: float | None = None,
 ) -> Path:
     """Write a tiny random-weight artifact (B0 at ``input_size`` px + tiny localiser) for fast tests; returns the folder.
 
-    ``gate``: add a tiny content gate (32 px CNN, threshold 0.5) calibrated with that localiser.
+    ``gate_threshold``: add a tiny content gate (32 px CNN) with that threshold, calibrated with
+    that localiser (0 admits every decodable slice).
     Real files, real sha256s, real loading path; predictions are meaningless.
     """
     import keras
@@ -504,14 +505,14 @@ def write_untrained_artifact(
         "sha256": sha256_file(out / "localiser" / loc.WEIGHTS_NAME),
     }
     (out / "localiser" / loc.CARD_NAME).write_text(json.dumps(lcard))
-    if gate:
+    if gate_threshold is not None:
         from ml_core import gate as G
 
         (out / "gate").mkdir(exist_ok=True)
         G.build_gate_cnn(32).save_weights(str(out / "gate" / G.WEIGHTS_NAME))
         gcard = {
             "input_size": 32,
-            "threshold": 0.5,
+            "threshold": float(gate_threshold),
             "weights": G.WEIGHTS_NAME,
             "sha256": sha256_file(out / "gate" / G.WEIGHTS_NAME),
             "localiser_sha256": lcard["sha256"],

@@ -383,12 +383,12 @@ def _convert_and_check(
         raise ModelLoadError(
             f"the {job.part}'s ONNX export does not run in onnxruntime: {type(exc).__name__}: {exc}"
         ) from exc
+    measured = ", ".join(f"max |d{k}| {v:.2e}" for k, v in diffs.items())
     if not all(d <= TOLERANCE for d in diffs.values()):
         tmp.unlink(missing_ok=True)
         raise ModelLoadError(
-            f"the {job.part}'s ONNX export differs from TensorFlow: "
-            + ", ".join(f"max |d{k}| {v:.2e}" for k, v in diffs.items())
-            + f" (tolerance {TOLERANCE:g})"
+            f"the {job.part}'s ONNX export differs from TensorFlow: {measured}"
+            f" (tolerance {TOLERANCE:g})"
         )
     import onnx
     import onnxruntime
@@ -415,7 +415,7 @@ def _convert_and_check(
         spec.file,
         entry["size_bytes"] / 1e6,
         seconds,
-        ", ".join(f"max |d{k}| {v:.2e}" for k, v in diffs.items()),
+        measured,
     )
     return tmp, entry
 

@@ -46,7 +46,7 @@ def _tiny_lite0(folder: Path) -> Path:
 
     from ml_core.classifier import WEIGHTS, build_network, combined_sha256, sha256_file
 
-    write_untrained_artifact(folder, gate=True)
+    write_untrained_artifact(folder, gate_threshold=0.5)
     keras.utils.set_random_seed(4)
     build_network(64, "lite0", head="max", output_stride=16).save_weights(str(folder / WEIGHTS))
     card = json.loads((folder / CARD).read_text())

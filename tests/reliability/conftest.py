@@ -13,7 +13,6 @@ Each test heals the stack first, so one scenario's failure does not cascade into
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,24 +50,8 @@ def tiny_model(folder: Path) -> Path:
     (threshold 0), so jobs run the whole pipeline (validate → predict → PNGs → PDF) in well
     under a second. Written fresh for each session (a few seconds), so it always matches ml_core."""
     from ml_core.classifier import write_untrained_artifact
-    from ml_core.gate import CARD_NAME, WEIGHTS_NAME, build_gate_cnn
-    from ml_core.localiser import CARD_NAME as LOCALISER_CARD
-    from ml_core.localiser import sha256_file
 
-    write_untrained_artifact(folder)
-    gate = folder / "gate"
-    gate.mkdir()
-    build_gate_cnn(32).save_weights(str(gate / WEIGHTS_NAME))
-    localiser = json.loads((folder / "localiser" / LOCALISER_CARD).read_text())
-    card = {
-        "input_size": 32,
-        "threshold": 0.0,
-        "weights": WEIGHTS_NAME,
-        "sha256": sha256_file(gate / WEIGHTS_NAME),
-        "localiser_sha256": localiser["sha256"],
-    }
-    (gate / CARD_NAME).write_text(json.dumps(card))
-    return folder
+    return write_untrained_artifact(folder, gate_threshold=0.0)
 
 
 @pytest.fixture(scope="session")
