@@ -50,6 +50,11 @@ def make_engine(settings: Settings, **kwargs: Any) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    # All of it as the pool proper, no overflow: SQLAlchemy's default (5 + 10 overflow) has the
+    # same ceiling but closes every connection returned beyond the 5th, so a worker's 32 threads
+    # kept opening and closing PostgreSQL connections.
+    kwargs.setdefault("pool_size", settings.db_pool_size)
+    kwargs.setdefault("max_overflow", 0)
     kwargs.setdefault("connect_args", {"connect_timeout": 5})
     return create_engine(url, **kwargs)
 

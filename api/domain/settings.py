@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
 
     database_url: str = ""  # default: sqlite:///<data_dir>/liverscan.db
+    # Connections one process keeps to a server database (PostgreSQL), opened as needed and then
+    # kept: threads beyond it wait for one (30 s). Size PostgreSQL's max_connections for
+    # (API processes + worker processes at full scale) x this.
+    db_pool_size: int = Field(default=15, ge=1, le=1000)
     broker_url: str = ""  # default: sqla+sqlite:///<data_dir>/broker.sqlite (no server needed)
     result_backend: str | None = None  # the job row is the result; Celery results are not used
 
