@@ -179,6 +179,35 @@ def combined_sha256(files: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+#: Card fields that decide what a loaded artifact outputs (besides its files): the identity
+#: ``sha256`` covers them, so a re-fitted threshold or an edited input is a new identity that
+#: jobs, reports and FHIR/DICOM records name, and an unsealed edit refuses to load.
+SERVING_FIELDS = (
+    "backbone",
+    "weights",
+    "input",
+    "window",
+    "threshold",
+    "temperature",
+    "logit_offset",
+    "runtimes",
+)
+
+
+def artifact_sha256(card: dict[str, Any]) -> str:
+    """An artifact's identity: the sha256 of its files' sha256s and of its serving card fields."""
+    serving = {k: card[k] for k in SERVING_FIELDS if k in card}
+    h = hashlib.sha256(combined_sha256(card["files"]).encode())
+    h.update(json.dumps(serving, sort_keys=True, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def seal_card(card: dict[str, Any]) -> dict[str, Any]:
+    """Set ``card["sha256"]`` from its files and serving fields (after any change to either)."""
+    card["sha256"] = artifact_sha256(card)
+    return card
+
+
 @dataclass(frozen=True)
 class _Spec:
     input_size: int
@@ -446,7 +475,8 @@ def read_card(folder: Path) -> dict[str, Any]:
 
 
 def verify_files(folder: Path, card: dict[str, Any]) -> None:
-    """Check every file listed in the card against its sha256 and the combined sha256; ModelLoadError if not."""
+    """Check every file listed in the card against its sha256, then the card's own sha256
+    (files and serving fields, ``artifact_sha256``); ModelLoadError if not."""
     files: dict[str, str] = card["files"]
     for rel, digest in files.items():
         p = folder / rel
@@ -454,8 +484,11 @@ def verify_files(folder: Path, card: dict[str, Any]) -> None:
             raise ModelLoadError(f"model file missing: {rel}")
         if sha256_file(p) != digest:
             raise ModelLoadError(f"model file fails its sha256 check: {rel}")
-    if combined_sha256(files) != card["sha256"]:
-        raise ModelLoadError("model card sha256 does not match its files")
+    if artifact_sha256(card) != card["sha256"]:
+        raise ModelLoadError(
+            "model card sha256 does not match its files and serving fields "
+            f"({', '.join(SERVING_FIELDS)}): edited without re-sealing"
+        )
 
 
 def _load_localiser(folder: Path, card: dict[str, Any], runtime: str = "tf") -> Any:
@@ -527,7 +560,6 @@ def write_untrained_artifact(
         "name": "liverscan-untrained",
         "version": "0.0.0-test",
         "backbone": "b0",
-        "sha256": combined_sha256(files),
         "files": files,
         "weights": WEIGHTS,
         "input": {"kind": "liver crop", "size": input_size, "margin": DEFAULT_MARGIN},
@@ -535,5 +567,5 @@ def write_untrained_artifact(
         "temperature": 1.0,
         "intended_use": "tests only: random weights",
     }
-    (out / CARD).write_text(json.dumps(card, indent=2))
+    (out / CARD).write_text(json.dumps(seal_card(card), indent=2))
     return out

@@ -39,7 +39,7 @@ from ml_core.calibration_sets import (
     realistic_set,
     render_w400,
 )
-from ml_core.classifier import CARD, Classifier, calibrated_probability
+from ml_core.classifier import CARD, Classifier, calibrated_probability, seal_card
 from ml_core.training import DATA_DIR, auc, load_backgrounds, split
 
 log = logging.getLogger(__name__)
@@ -767,7 +767,7 @@ def update_card(model_dir: Path, res: dict[str, Any], command: str) -> None:
     if "heldout_tumor_free" in res:
         card["heldout_tumor_free"] = res["heldout_tumor_free"]
     card.setdefault("commands", {})["evaluate"] = command
-    p.write_text(json.dumps(card, indent=2))
+    p.write_text(json.dumps(seal_card(card), indent=2))  # a new threshold is a new identity
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -437,7 +437,7 @@ def export(
     when any part does not convert, does not run in ONNX Runtime or differs from TensorFlow by
     more than TOLERANCE: the files replace the old ones only once every part has passed.
     """
-    from ml_core.classifier import CARD, Classifier, read_card
+    from ml_core.classifier import CARD, Classifier, read_card, seal_card
 
     folder = Path(folder)
     if parts is None:
@@ -461,7 +461,7 @@ def export(
         tmp.replace(folder / entry["file"])
         runtimes[PARTS[part].key] = entry
         out[part] = entry
-    (folder / CARD).write_text(json.dumps(card, indent=2))
+    (folder / CARD).write_text(json.dumps(seal_card(card), indent=2))  # runtimes are served
     return out
 
 

@@ -30,8 +30,8 @@ from ml_core.classifier import (
     HEADS,
     MODELS_DIR,
     WEIGHTS,
-    combined_sha256,
     crop,
+    seal_card,
     sha256_file,
     square_box,
     to_model_input,
@@ -752,7 +752,7 @@ def export_artifact(
         "pretrained": "ImageNet (EfficientNet-Lite0 port)"
         if a["backbone"] == "lite0"
         else "none (trained from scratch)",
-        "sha256": combined_sha256(files),
+        "sha256": "",  # sealed below (files and serving fields)
         "files": files,
         "weights": WEIGHTS,
         "input": {
@@ -799,8 +799,7 @@ def export_artifact(
         shutil.copyfile(ckpt / "split_manifest.json", folder / "split_manifest.json")
         files["split_manifest.json"] = sha256_file(folder / "split_manifest.json")
         card["files"] = files
-        card["sha256"] = combined_sha256(files)
-    (folder / CARD).write_text(json.dumps(card, indent=2))
+    (folder / CARD).write_text(json.dumps(seal_card(card), indent=2))
     if set_current:
         (models_dir / "CURRENT").write_text(folder.name + "\n")
     return folder

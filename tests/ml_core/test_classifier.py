@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow")
 
-from ml_core.classifier import CARD, WEIGHTS, Classifier, write_untrained_artifact  # noqa: E402
+from ml_core.classifier import (  # noqa: E402
+    CARD,
+    WEIGHTS,
+    Classifier,
+    seal_card,
+    write_untrained_artifact,
+)
 from ml_core.errors import MLCoreError  # noqa: E402
 
 
@@ -80,7 +87,7 @@ def test_the_cards_calibration_sets_the_probability(artifact: Path, tmp_path: Pa
     folder = _copy(artifact, tmp_path)
     card = json.loads((folder / CARD).read_text())
     card.update(temperature=2.0, logit_offset=1.5, threshold=0.5)
-    (folder / CARD).write_text(json.dumps(card))
+    (folder / CARD).write_text(json.dumps(seal_card(card)))
     clf = Classifier.load(folder)
     assert clf.logit_offset == 1.5 and clf.temperature == 2.0
     (p,) = clf.predict([np.full((96, 96), 120, np.uint8)])
@@ -97,6 +104,40 @@ def test_corrupted_weights_fail_the_sha256_check(artifact: Path, tmp_path: Path)
     with pytest.raises(MLCoreError) as err:
         Classifier.load(folder)
     assert err.value.code == "model_load_error"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("threshold", 0.01), ("temperature", 9.0), ("input", {"size": 64}), ("runtimes", {})],
+)
+def test_a_card_edited_without_resealing_is_refused(
+    artifact: Path, tmp_path: Path, field: str, value: Any
+) -> None:
+    """A serving field changed by hand (a threshold that would turn every slice "tumor") is
+    model_load_error; re-sealed, it loads as another identity, so results name what made them."""
+    folder = _copy(artifact, tmp_path)
+    card = json.loads((folder / CARD).read_text())
+    card[field] = value if field != "input" else {**card["input"], **value}
+    (folder / CARD).write_text(json.dumps(card))
+    with pytest.raises(MLCoreError, match="serving fields") as err:
+        Classifier.load(folder)
+    assert err.value.code == "model_load_error"
+    (folder / CARD).write_text(json.dumps(seal_card(card)))
+    assert (
+        Classifier.load(folder).info.sha256 != json.loads((artifact / CARD).read_text())["sha256"]
+    )
+
+
+def test_a_documentation_field_can_change_without_a_new_identity(
+    artifact: Path, tmp_path: Path
+) -> None:
+    """Metrics, commands and notes do not change what the model outputs: the identity stays."""
+    folder = _copy(artifact, tmp_path)
+    card = json.loads((folder / CARD).read_text())
+    card["metrics"] = {"auc": 0.5}
+    card["intended_use"] = "edited note"
+    (folder / CARD).write_text(json.dumps(card))
+    assert Classifier.load(folder).info.sha256 == card["sha256"]
 
 
 def test_missing_weights_file_is_refused(artifact: Path, tmp_path: Path) -> None:
@@ -123,14 +164,10 @@ def test_missing_or_broken_card_is_refused(artifact: Path, tmp_path: Path) -> No
 
 def test_weights_of_the_wrong_shape_are_refused(artifact: Path, tmp_path: Path) -> None:
     """Weights that do not fit the architecture the card describes fail at load, even with a valid sha256."""
-    from ml_core.classifier import combined_sha256, sha256_file
-
     folder = _copy(artifact, tmp_path)
     card = json.loads((folder / CARD).read_text())
     card["backbone"] = "lite0"  # same file, other architecture
-    card["files"] = {k: sha256_file(folder / k) for k in card["files"]}
-    card["sha256"] = combined_sha256(card["files"])
-    (folder / CARD).write_text(json.dumps(card))
+    (folder / CARD).write_text(json.dumps(seal_card(card)))
     with pytest.raises(MLCoreError) as err:
         Classifier.load(folder)
     assert err.value.code == "model_load_error"
@@ -169,7 +206,7 @@ def test_crop_floor_bounds_the_magnification_of_a_small_liver(
     shutil.copytree(artifact, folder)
     card = json.loads((folder / CARD).read_text())
     card["input"]["min_side_frac"] = 0.27
-    (folder / CARD).write_text(json.dumps(card))
+    (folder / CARD).write_text(json.dumps(seal_card(card)))
     floored = Classifier.load(folder)
 
     class Tip:  # a localiser that finds the small liver
@@ -189,7 +226,7 @@ def test_card_output_stride_8_runs_stride_16_weights_atrous(artifact: Path, tmp_
     holding the stride-16 cell logits as its odd subgrid, so the slice logit (their max) can only rise."""
     import keras
 
-    from ml_core.classifier import build_network, cell_logits, combined_sha256, sha256_file
+    from ml_core.classifier import build_network, cell_logits, sha256_file
 
     def folder_at(stride: int, score_stride: int | None = None) -> Path:
         folder = tmp_path / f"os{stride}-{score_stride}"
@@ -202,13 +239,12 @@ def test_card_output_stride_8_runs_stride_16_weights_atrous(artifact: Path, tmp_
         if score_stride is not None:
             card["input"]["score_stride"] = score_stride
         card["files"] = {k: sha256_file(folder / k) for k in card["files"]}
-        card["sha256"] = combined_sha256(card["files"])
-        (folder / CARD).write_text(json.dumps(card))
+        (folder / CARD).write_text(json.dumps(seal_card(card)))
         return folder
 
     coarse, fine = Classifier.load(folder_at(16)), Classifier.load(folder_at(8))
     assert (coarse.cam_cells, fine.cam_cells) == (4, 8)
-    assert fine.info.sha256 == coarse.info.sha256  # same files; only the card differs
+    assert fine.info.sha256 != coarse.info.sha256  # same files, another forward: another identity
     slices = _slices()
     boxes = coarse.boxes(slices)
     lc, cc = coarse.logits_and_cams(slices, boxes)

@@ -22,6 +22,7 @@ from ml_core.classifier import (  # noqa: E402
     CARD,
     Classifier,
     default_model_path,
+    seal_card,
     write_untrained_artifact,
 )
 from ml_core.errors import ModelLoadError  # noqa: E402
@@ -44,7 +45,7 @@ def _tiny_lite0(folder: Path) -> Path:
     and sha256s)."""
     import keras
 
-    from ml_core.classifier import WEIGHTS, build_network, combined_sha256, sha256_file
+    from ml_core.classifier import WEIGHTS, build_network, sha256_file
 
     write_untrained_artifact(folder, gate_threshold=0.5)
     keras.utils.set_random_seed(4)
@@ -53,8 +54,7 @@ def _tiny_lite0(folder: Path) -> Path:
     card["backbone"] = "lite0"
     card["input"].update(size=64, head="max", output_stride=8, score_stride=16)
     card["files"] = {k: sha256_file(folder / k) for k in card["files"]}
-    card["sha256"] = combined_sha256(card["files"])
-    (folder / CARD).write_text(json.dumps(card))
+    (folder / CARD).write_text(json.dumps(seal_card(card)))
     return folder
 
 
@@ -86,12 +86,13 @@ def _with_fake_export(tmp_path: Path) -> Path:
             "weights_sha256": card["files"][card["weights"]],
         }
     }
-    (folder / CARD).write_text(json.dumps(card))
+    (folder / CARD).write_text(json.dumps(seal_card(card)))
     return folder
 
 
-def test_export_records_the_file_and_keeps_the_artifact_identity(exported: Path) -> None:
-    """The card gains runtimes.onnx (sha256, opset, converter, differences); its files/sha256 do not change."""
+def test_export_records_the_file_and_reseals_the_card(exported: Path) -> None:
+    """The card gains runtimes.onnx (sha256, opset, converter, differences) and is re-sealed (what
+    serves is part of the identity); the export is not one of its files."""
     from ml_core.classifier import sha256_file, verify_files
 
     card = json.loads((exported / CARD).read_text())
@@ -138,7 +139,7 @@ def test_export_of_other_weights_is_refused(exported: Path, tmp_path: Path) -> N
     folder = _copy(exported, tmp_path)
     card = json.loads((folder / CARD).read_text())
     card["runtimes"]["onnx"]["weights_sha256"] = "f" * 64
-    (folder / CARD).write_text(json.dumps(card))
+    (folder / CARD).write_text(json.dumps(seal_card(card)))
     with pytest.raises(ModelLoadError, match="other weights"):
         Classifier.load(folder, runtime="onnx")
     assert Classifier.load(folder).runtime == "tensorflow"
@@ -154,7 +155,7 @@ def test_export_made_for_another_forward_is_refused(
     card = json.loads((folder / CARD).read_text())
     assert card["input"].get(key) != value
     card["input"][key] = value
-    (folder / CARD).write_text(json.dumps(card))
+    (folder / CARD).write_text(json.dumps(seal_card(card)))
     with pytest.raises(ModelLoadError, match="another forward"):
         Classifier.load(folder, runtime="onnx")
     assert Classifier.load(folder).runtime == "tensorflow"
