@@ -179,6 +179,7 @@ def signup() -> tuple[Response, int]:
     user = accounts.signup(
         db(),
         accounts.make_hasher(res.settings),
+        settings=res.settings,
         email=required_str(data, "email", max_length=320),
         password=required_str(data, "password", max_length=1000),
         name=required_str(data, "name", max_length=200),

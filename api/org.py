@@ -20,8 +20,8 @@ bp = Blueprint("org", __name__, url_prefix="/api/v1/org")
 def get_webhook_secret() -> tuple[Response, int]:
     """The organization's current webhook signing secret."""
     user = require_role(Role.ADMIN)
-    org = orgs.get_or_raise(db(), user.org_id)
-    return jsonify({"webhook_secret": org.webhook_secret}), 200
+    secret = orgs.webhook_secret(db(), resources().settings, user.org_id)
+    return jsonify({"webhook_secret": secret}), 200
 
 
 @bp.post("/webhook-secret")
@@ -29,9 +29,9 @@ def get_webhook_secret() -> tuple[Response, int]:
 def rotate_webhook_secret() -> tuple[Response, int]:
     """Replace the webhook secret; returns the new one."""
     user = require_role(Role.ADMIN)
-    org = orgs.rotate_webhook_secret(db(), user.org_id, user_id=user.id)
+    secret = orgs.rotate_webhook_secret(db(), resources().settings, user.org_id, user_id=user.id)
     db().commit()
-    return jsonify({"webhook_secret": org.webhook_secret}), 200
+    return jsonify({"webhook_secret": secret}), 200
 
 
 @bp.post("/users")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from api.domain import batches, jobs, retention, uploads
+from api.domain import batches, jobs, retention, secrets, uploads
 from api.domain.db import session_scope
 from api.domain.errors import LiverscanError
 from api.domain.models import JobStatus, WebhookDelivery, utcnow
@@ -18,13 +22,24 @@ from worker.context import WorkerContext, get_context
 log = logging.getLogger(__name__)
 
 BATCH = 500
+T = TypeVar("T")
+
+
+def _step(ctx: WorkerContext, what: str, work: Callable[[Session], T], skipped: T) -> T:
+    """``work`` in one transaction; ``skipped`` (logged) when the store or database is down."""
+    try:
+        with session_scope(ctx.sessions) as session:
+            return work(session)
+    except LiverscanError as exc:
+        log.warning("sweep: %s skipped: %s", what, exc.code)
+        return skipped
 
 
 def run(*, context: WorkerContext | None = None) -> dict[str, int]:
     """Re-enqueue jobs processing past SWEEP_DEADLINE_S, jobs queued past it whose message is not
     waiting in the inference queue (lost), and overdue webhook attempts; delete the bytes of jobs
     past RETENTION_DAYS; expire direct-to-store uploads never used; seal batches whose request
-    died."""
+    died; seal webhook secrets stored in plaintext or under a previous key."""
     ctx = context or get_context()
     deadline = timedelta(seconds=ctx.settings.sweep_deadline_s)
     now = utcnow()
@@ -67,29 +82,44 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
             log.warning("sweep: could not re-enqueue job %s; next sweep retries", job_id)
     for row_id in delivery_ids:
         webhooks.enqueue(ctx, row_id)
+    # Each housekeeping step in its own transaction; a store or database outage skips it (logged)
+    # and the next sweep retries.
     if ctx.settings.retention_days > 0:
-        try:
-            with session_scope(ctx.sessions) as session:
-                retention.apply_retention(session, ctx.storage, ctx.settings.retention_days)
-        except LiverscanError as exc:  # store or database down: the next sweep retries
-            log.warning("sweep: retention skipped: %s", exc.code)
-    try:
-        with session_scope(ctx.sessions) as session:
-            # Direct-to-store uploads never turned into a job: expire them, delete their bytes.
-            expired_uploads = uploads.expire_stale(session, ctx.storage)
-    except LiverscanError as exc:
-        log.warning("sweep: expiring uploads skipped: %s", exc.code)
-        expired_uploads = 0
-    try:
-        with session_scope(ctx.sessions) as session:
-            # A batch whose submitting request died is never sealed by it: seal it here, so it can
-            # complete and its batch.completed webhook fires.
-            sealed = batches.seal_stale(session, older_than_s=ctx.settings.sweep_deadline_s)
-    except LiverscanError as exc:
-        log.warning("sweep: sealing stale batches skipped: %s", exc.code)
-    else:
-        for batch_delivery in sealed:
-            batches.enqueue_delivery(ctx.queue, batch_delivery)
+        _step(
+            ctx,
+            "retention",
+            lambda s: retention.apply_retention(s, ctx.storage, ctx.settings.retention_days),
+            None,
+        )
+    # Direct-to-store uploads never turned into a job: expire them, delete their bytes.
+    expired_uploads = _step(
+        ctx, "expiring uploads", lambda s: uploads.expire_stale(s, ctx.storage), 0
+    )
+    # A batch whose submitting request died is never sealed by it: seal it here, so it can
+    # complete and its batch.completed webhook fires.
+    sealed: list[uuid.UUID] = _step(
+        ctx,
+        "sealing stale batches",
+        lambda s: batches.seal_stale(s, older_than_s=ctx.settings.sweep_deadline_s),
+        [],
+    )
+    for batch_delivery in sealed:
+        batches.enqueue_delivery(ctx.queue, batch_delivery)
+    # Webhook secrets stored in plaintext (before migration 0005, or by an old process during a
+    # rolling upgrade) or under a previous key: seal them under the current one.
+    resealed = _step(
+        ctx,
+        "sealing webhook secrets",
+        lambda s: secrets.reseal_webhook_secrets(s, ctx.settings),
+        0,
+    )
+    if resealed:
+        log.info("sweep sealed %d webhook secrets under the current key", resealed)
     if job_ids or delivery_ids:
         log.info("sweep re-drove %d jobs and %d webhook attempts", len(job_ids), len(delivery_ids))
-    return {"jobs": len(job_ids), "webhooks": len(delivery_ids), "uploads": expired_uploads}
+    return {
+        "jobs": len(job_ids),
+        "webhooks": len(delivery_ids),
+        "uploads": expired_uploads,
+        "secrets": resealed,
+    }

@@ -19,7 +19,7 @@ import urllib3
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.domain import batches
+from api.domain import batches, secrets
 from api.domain.db import session_scope
 from api.domain.errors import CallbackUrlRefused
 from api.domain.models import Job, JobStatus, Organization, WebhookDelivery, utcnow
@@ -136,7 +136,8 @@ def deliver(row_id: str | uuid.UUID, *, context: WorkerContext | None = None) ->
         assert job is not None  # foreign key
         org = session.get(Organization, job.org_id)
         assert org is not None
-        url, secret = batches.callback_url_for(session, row, job) or "", org.webhook_secret
+        url = batches.callback_url_for(session, row, job) or ""
+        secret = secrets.unseal(ctx.settings, org.webhook_secret)
         payload, attempt, delivery_id, event = row.payload, row.attempt, row.delivery_id, row.event
         row.status = SENDING
         row.next_attempt_at = utcnow()  # while sending: when the attempt started (for the sweep)

@@ -13,7 +13,7 @@ from sqlalchemy import Integer, String, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from api.domain import audit
+from api.domain import audit, secrets
 from api.domain.errors import EmailTaken, InvalidCredentials, InvalidInput, WeakPassword
 from api.domain.models import Base, Organization, RevokedToken, Role, User, UTCDateTime, utcnow
 from api.domain.settings import Settings
@@ -79,12 +79,14 @@ def signup(
     session: Session,
     hasher: PasswordHasher,
     *,
+    settings: Settings,
     email: str,
     password: str,
     name: str,
     organization: str,
 ) -> User:
-    """Create a new organization and its first user, who is its admin."""
+    """Create a new organization (its webhook secret sealed with ``settings``' key) and its first
+    user, who is its admin."""
     email = normalise_email(email)
     check_password_strength(password)
     name, organization = name.strip(), organization.strip()
@@ -97,7 +99,7 @@ def signup(
         )
     if session.scalars(select(User.id).where(User.email == email)).first() is not None:
         raise EmailTaken(details={"field": "email"})
-    org = Organization(name=organization, webhook_secret=new_secret())
+    org = Organization(name=organization, webhook_secret=secrets.seal(settings, new_secret()))
     session.add(org)
     session.flush()
     user = User(

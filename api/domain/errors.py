@@ -20,6 +20,14 @@ class LiverscanError(Exception):
         super().__init__(self.message)
 
 
+class SecretUnreadable(LiverscanError):
+    """A stored secret that no configured key decrypts (LIVERSCAN_SECRETS_KEY changed without
+    moving the old key to LIVERSCAN_SECRETS_KEY_PREVIOUS)."""
+
+    code, http_status = "secret_unreadable", 500
+    message = "A stored secret cannot be decrypted with the configured keys."
+
+
 class BadRequest(LiverscanError):
     code, http_status, message = "bad_request", 400, "The request is invalid."
 

@@ -111,7 +111,7 @@ class Organization(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200))
-    webhook_secret: Mapped[str] = mapped_column(String(128))
+    webhook_secret: Mapped[str] = mapped_column(String(512))  # sealed: api/domain/secrets.py
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     users: Mapped[list[User]] = relationship(back_populates="organization")

@@ -16,6 +16,7 @@ EXAMPLE_SECRETS = frozenset(
         "change-me",
         "change-me-to-a-long-random-string",
         "dev-insecure-jwt-secret-change-me",
+        "dev-insecure-secrets-key-change-me",
         "minioadmin",
         "example",
     }
@@ -57,6 +58,10 @@ class Settings(BaseSettings):
     upload_expires_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
     jwt_secret_key: str = "dev-insecure-jwt-secret-change-me"
+    # Encrypts secrets stored in the database (webhook signing secrets; api/domain/secrets.py).
+    # Rotation: set a new key and move the old one here (comma-separated); the sweep re-seals.
+    secrets_key: str = "dev-insecure-secrets-key-change-me"
+    secrets_key_previous: str = ""
     jwt_cookie_secure: bool = False
     access_token_minutes: int = Field(default=15, ge=1)
     refresh_token_days: int = Field(default=30, ge=1)
@@ -141,6 +146,8 @@ class Settings(BaseSettings):
         missing: list[str] = []
         if self.jwt_secret_key in EXAMPLE_SECRETS or len(self.jwt_secret_key) < 32:
             missing.append("LIVERSCAN_JWT_SECRET_KEY (at least 32 characters, not the example)")
+        if self.secrets_key in EXAMPLE_SECRETS or len(self.secrets_key) < 32:
+            missing.append("LIVERSCAN_SECRETS_KEY (at least 32 characters, not the example)")
         if self.storage_backend == "s3":
             for name in ("aws_access_key_id", "aws_secret_access_key"):
                 value = getattr(self, name)
@@ -174,6 +181,11 @@ class Settings(BaseSettings):
     def hsts_on(self) -> bool:
         """Whether to send Strict-Transport-Security (explicit, else when cookies are TLS-only)."""
         return self.jwt_cookie_secure if self.hsts is None else self.hsts
+
+    @property
+    def secrets_keys_previous(self) -> tuple[str, ...]:
+        """Older keys that still decrypt stored secrets (LIVERSCAN_SECRETS_KEY_PREVIOUS)."""
+        return tuple(k.strip() for k in self.secrets_key_previous.split(",") if k.strip())
 
     @property
     def worker_threads(self) -> int:

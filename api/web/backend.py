@@ -58,7 +58,13 @@ def _hasher() -> Any:
 def signup(session: Session, *, email: str, password: str, name: str, organization: str) -> User:
     """Create an organization and its first (admin) user."""
     return accounts.signup(
-        session, _hasher(), email=email, password=password, name=name, organization=organization
+        session,
+        _hasher(),
+        settings=settings(),
+        email=email,
+        password=password,
+        name=name,
+        organization=organization,
     )
 
 

@@ -8,8 +8,10 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.domain.models import AuditEvent
+from api.domain import secrets
+from api.domain.models import AuditEvent, Organization, User
 from api.domain.webhooks import sign, verify
+from api.resources import EXTENSION_KEY
 from tests.api.conftest import PASSWORD, bearer, login, signup, submit
 
 
@@ -33,6 +35,28 @@ def test_admin_reads_and_rotates_the_secret(client: FlaskClient, session: Sessio
             AuditEvent.action == "org.rotate_secret", AuditEvent.user_id == uuid.UUID(admin["id"])
         )
     ).one()
+
+
+def test_the_secret_is_stored_encrypted(client: FlaskClient, session: Session) -> None:
+    """A copy of the database does not give away the signing secret: the row holds a sealed
+    form that only the configured key opens (signup and rotation both)."""
+    admin = signup(client)
+    headers = bearer(login(client, admin["email"])["access_token"])
+    settings = client.application.extensions[EXTENSION_KEY].settings
+    for step in ("signup", "rotate"):
+        if step == "rotate":
+            client.post("/api/v1/org/webhook-secret", headers=headers)
+        plain = client.get("/api/v1/org/webhook-secret", headers=headers).get_json()[
+            "webhook_secret"
+        ]
+        session.expire_all()
+        user = session.get(User, uuid.UUID(admin["id"]))
+        assert user is not None
+        org = session.get(Organization, user.org_id)
+        assert org is not None
+        stored = org.webhook_secret
+        assert stored.startswith(secrets.PREFIX) and plain.removeprefix("whsec_") not in stored
+        assert secrets.unseal(settings, stored) == plain
 
 
 def test_admin_adds_a_clinician_who_sees_the_org_jobs_but_not_the_secret(

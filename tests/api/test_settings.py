@@ -52,6 +52,14 @@ def test_production_refuses_the_example_jwt_secret() -> None:
         Settings(env="production", jwt_secret_key="change-me")
 
 
+def test_production_refuses_the_example_secrets_key() -> None:
+    """Stored webhook secrets must not be encrypted under the key everyone has."""
+    with pytest.raises(ConfigError, match="LIVERSCAN_SECRETS_KEY"):
+        Settings(env="production", jwt_secret_key=STRONG)
+    with pytest.raises(ConfigError, match="LIVERSCAN_SECRETS_KEY"):
+        Settings(env="production", jwt_secret_key=STRONG, secrets_key="short")
+
+
 def test_production_with_s3_needs_keys() -> None:
     with pytest.raises(ConfigError, match="LIVERSCAN_AWS_SECRET_ACCESS_KEY"):
         Settings(
@@ -68,6 +76,7 @@ def test_production_with_s3_needs_keys() -> None:
     ok = Settings(
         env="production",
         jwt_secret_key=STRONG,
+        secrets_key="s" * 40,
         storage_backend="s3",
         aws_access_key_id="AKIA1",
         aws_secret_access_key="x" * 40,

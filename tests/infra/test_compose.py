@@ -103,6 +103,7 @@ def test_docker_compose_config_accepts_the_file() -> None:
         "MINIO_ROOT_USER": "x",
         "MINIO_ROOT_PASSWORD": "xxxxxxxx",
         "LIVERSCAN_JWT_SECRET_KEY": "x",
+        "LIVERSCAN_SECRETS_KEY": "x",
         "PATH": "/usr/bin:/bin:/usr/local/bin",
     }
     result = subprocess.run(

@@ -130,7 +130,7 @@ def test_jobs_of_a_worker_killed_mid_batch_finish_once(
     email = f"dr-{uuid.uuid4().hex[:8]}@clinic.test"
     with ctx.sessions.begin() as session:
         user = accounts.signup(
-            session, accounts.make_hasher(settings), email=email, password=PASSWORD,
+            session, accounts.make_hasher(settings), settings=settings, email=email, password=PASSWORD,
             name="Dr Scale", organization="Scale",
         )  # fmt: skip
         session.flush()

@@ -28,12 +28,13 @@ def test_sweep_re_enqueues_a_queued_job_whose_message_was_lost(ctx: WorkerContex
     fresh = make_job(ctx, b"bytes")
     _age(ctx, Job, stuck, "updated_at", ctx.settings.sweep_deadline_s + 5)
 
-    assert sweep.run(context=ctx) == {"jobs": 1, "webhooks": 0, "uploads": 0}
+    assert sweep.run(context=ctx) == {"jobs": 1, "webhooks": 0, "uploads": 0, "secrets": 0}
     assert queued_tasks(broker, "inference") == [("liverscan.process_job", [str(stuck)])]
     assert sweep.run(context=ctx) == {
         "jobs": 0,
         "webhooks": 0,
         "uploads": 0,
+        "secrets": 0,
     }  # not again before another deadline
     assert load_job(ctx, fresh).status is JobStatus.QUEUED
 
@@ -59,7 +60,7 @@ def test_sweep_re_drives_an_overdue_webhook_attempt(ctx: WorkerContext, broker) 
         row_id = webhooks.schedule(session, job, ctx)
     _age(ctx, WebhookDelivery, row_id, "next_attempt_at", ctx.settings.sweep_deadline_s + 5)
 
-    assert sweep.run(context=ctx) == {"jobs": 0, "webhooks": 1, "uploads": 0}
+    assert sweep.run(context=ctx) == {"jobs": 0, "webhooks": 1, "uploads": 0, "secrets": 0}
     assert queued_tasks(broker, "webhooks") == [("liverscan.deliver_webhook", [str(row_id)])]
 
 
@@ -148,3 +149,46 @@ def test_sweep_seals_a_batch_whose_request_died_and_fires_its_completion(
     assert [name for name, _ in tasks] == ["liverscan.deliver_webhook"]
     sweep.run(context=ctx)  # sealed once: no second completion event
     assert len(queued_tasks(broker, "webhooks")) == 1
+
+
+def test_sweep_seals_plaintext_secrets_and_rotates_keys(ctx: WorkerContext) -> None:
+    """Secrets stored in plaintext by an older version are sealed by the sweep; after a key
+    rotation (new key, old one in PREVIOUS) the sweep re-seals them under the new key, so the old
+    key can be dropped. Webhooks sign with the same plaintext throughout."""
+    from api.domain import secrets
+    from api.domain.models import Organization
+
+    with ctx.sessions.begin() as session:
+        org = Organization(name="legacy clinic", webhook_secret="whsec_legacy_plain")
+        session.add(org)
+        session.flush()
+        org_id = org.id
+
+    def stored() -> str:
+        with ctx.sessions() as session:
+            row = session.get(Organization, org_id)
+            assert row is not None
+            return row.webhook_secret
+
+    assert sweep.run(context=ctx)["secrets"] >= 1
+    sealed = stored()
+    assert sealed.startswith(secrets.PREFIX)
+    assert secrets.unseal(ctx.settings, sealed) == "whsec_legacy_plain"
+    assert sweep.run(context=ctx)["secrets"] == 0  # nothing left to do
+
+    old_key, new_key = ctx.settings.secrets_key, "rotated-" + "r" * 40
+    rotated = ctx.settings.model_copy(
+        update={"secrets_key": new_key, "secrets_key_previous": old_key}
+    )
+    ctx.settings = rotated
+    try:
+        assert sweep.run(context=ctx)["secrets"] >= 1
+        after = stored()
+        only_new = rotated.model_copy(update={"secrets_key_previous": ""})
+        assert secrets.unseal(only_new, after) == "whsec_legacy_plain"
+    finally:
+        ctx.settings = ctx.settings.model_copy(
+            update={"secrets_key": old_key, "secrets_key_previous": new_key}
+        )
+        sweep.run(context=ctx)  # back under the suite's key for the tests after this one
+        ctx.settings = ctx.settings.model_copy(update={"secrets_key_previous": ""})

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 from worker_support import load_job, make_job, queued_tasks
 
-from api.domain import jobs
+from api.domain import jobs, secrets
 from api.domain.models import JobStatus, Organization, WebhookDelivery
 from api.domain.webhooks import verify
 from worker import webhooks
@@ -70,7 +70,7 @@ def _secret(ctx: WorkerContext, job_id: uuid.UUID) -> str:
     with ctx.sessions() as session:
         org = session.get(Organization, load_job(ctx, job_id).org_id)
         assert org is not None
-        return org.webhook_secret
+        return secrets.unseal(ctx.settings, org.webhook_secret)
 
 
 def _attempts(ctx: WorkerContext, job_id: uuid.UUID) -> list[WebhookDelivery]:

@@ -9,7 +9,7 @@ import uuid
 
 import redis
 
-from api.domain import jobs
+from api.domain import jobs, secrets
 from api.domain.models import Job, Organization
 from api.domain.storage import StoredObject, job_key
 from worker.context import WorkerContext
@@ -29,7 +29,8 @@ def make_org(ctx: WorkerContext) -> uuid.UUID:
     """A new organization with a webhook secret of its own; its id."""
     with ctx.sessions.begin() as session:
         org = Organization(
-            name=f"clinic-{uuid.uuid4().hex[:6]}", webhook_secret="whsec_test_" + uuid.uuid4().hex
+            name=f"clinic-{uuid.uuid4().hex[:6]}",
+            webhook_secret=secrets.seal(ctx.settings, "whsec_test_" + uuid.uuid4().hex),
         )
         session.add(org)
         session.flush()
