@@ -150,6 +150,14 @@ def _slices8_rows(root: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+#: np.rot90 turns that bring an MSD slice to the radiological view (anterior up, the patient's
+#: right on the image left). The exporter wrote every slice turned a quarter: "flipped" ones with
+#: the spine on the left and the liver at the top, "mirrored" ones with the spine on the right and
+#: the liver at the bottom (checked on all 643: after these turns the liver mask lies left of the
+#: body centre on every slice inspected; tests/ml_core/test_datasets.py).
+MSD_TO_RADIOLOGICAL = {"flipped": 1, "mirrored": 3}
+
+
 def _msd_rows(root: Path) -> list[dict[str, str]]:
     with open(root / "msd_liver_slices" / "manifest.csv", newline="") as fh:
         return list(csv.DictReader(fh))
@@ -395,7 +403,8 @@ def iter_msd(
     root: str | Path | None = None,
     splits: dict[str, Any] | None = None,
 ) -> Iterator[Sample]:
-    """Yield MSD Task03 liver slices (256x256, clipped 0-255 HU) with masks; every one has liver."""
+    """Yield MSD Task03 liver slices (256x256, clipped 0-255 HU) with masks, turned to the
+    radiological view (``MSD_TO_RADIOLOGICAL``); every one has liver."""
     import cv2
 
     r = _root(root) / "msd_liver_slices"
@@ -410,7 +419,9 @@ def iter_msd(
         if img is None or m is None:
             log.warning("msd slice %s unreadable, skipped", row["file"])
             continue
-        mask = m > 127
+        turns = MSD_TO_RADIOLOGICAL[row["augmentation"]]
+        img = np.ascontiguousarray(np.rot90(img, turns))
+        mask = np.ascontiguousarray(np.rot90(m > 127, turns))
         meta: SliceMeta = {
             "source": "msd_liver",
             "patient": patient,

@@ -57,6 +57,18 @@ def test_msd_flipped_and_mirrored_copies_share_their_volume_split(splits: dict) 
     assert {D.split_of("msd_liver", v, splits) for v in by_volume} == {"train", "val", "test"}
 
 
+def test_msd_slices_come_in_the_radiological_view() -> None:
+    """The MSD export turned every slice a quarter; the loader turns it back, so the liver (the
+    patient's right) lies left of the body's centre, as in an upload and every other source."""
+    n = 0
+    for img, mask, meta in D.iter_msd():
+        _, body_x = np.nonzero(img > 20)
+        _, liver_x = np.nonzero(mask)
+        assert liver_x.mean() < body_x.mean(), meta
+        n += 1
+    assert n == 643
+
+
 def test_ircadb_1_1_is_held_out_from_every_training_split(splits: dict) -> None:
     assert D.split_of("ircadb", "3Dircadb1.1", splits) == "holdout"
     patients = {
