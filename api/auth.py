@@ -27,6 +27,7 @@ from api.domain.models import Role, User
 from api.errors import error_response
 from api.requests import json_body, required_str
 from api.resources import db, resources
+from api.security import client_address
 
 bp = Blueprint("auth", __name__, url_prefix="/api/v1/auth")
 
@@ -201,13 +202,14 @@ def login() -> tuple[Response, int]:
 
 
 def authenticate_counted(email: str, password: str) -> User:
-    """accounts.authenticate on the request's session, with every failure counted toward the
-    lockout and audited. The API and the web login both sign in through here, so one lockout
-    covers both doors. The success is left for the caller to commit."""
-    session, settings = db(), resources().settings
+    """accounts.authenticate on the request's session from the client's address (the one the rate
+    limits use), with every failure counted toward the lockout and audited. The API and the web
+    login both sign in through here, so one lockout covers both doors. The success is left for
+    the caller to commit."""
+    session, settings, address = db(), resources().settings, client_address()
     try:
         return accounts.authenticate(
-            session, accounts.make_hasher(settings), email=email, password=password
+            session, accounts.make_hasher(settings), email=email, password=password, address=address
         )
     except accounts.AccountLocked:
         session.rollback()
@@ -217,15 +219,19 @@ def authenticate_counted(email: str, password: str) -> User:
     except InvalidCredentials:
         # The failure must outlive the request's rollback, or the lockout would never trigger.
         session.rollback()
-        throttle = accounts.record_failed_login(session, settings, email)
-        detail = {**_who(email), "failures": throttle.failures}
+        counter = accounts.record_failed_login(session, settings, email, address)
+        detail = {
+            **_who(email),
+            "failures": counter.failures,
+            "familiar_address": isinstance(counter, accounts.LoginAddress),
+        }
         audit.record(session, "login.failed", org_id=None, user_id=None, detail=detail)
         session.commit()
         raise
 
 
 def _who(email: str) -> dict[str, Any]:
-    return {"email": email.strip().lower()[:320], "ip": request.remote_addr}
+    return {"email": email.strip().lower()[:320], "ip": client_address()}
 
 
 @bp.post("/refresh")

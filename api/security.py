@@ -81,9 +81,16 @@ def _own_session() -> Iterator[None]:
             close_db()
 
 
-def client_key() -> str:
-    """The rate-limit key of a client: its address (behind a proxy, configure ProxyFix)."""
+def client_address() -> str:
+    """The client's address as the rate limits and the login lockout see it: the connection's peer
+    (`request.remote_addr`). No header can change it unless the app is wrapped in werkzeug's
+    ProxyFix (behind a reverse proxy), which then takes it from the proxy's X-Forwarded-For."""
     return request.remote_addr or "unknown"
+
+
+def client_key() -> str:
+    """The rate-limit key of a client: its address."""
+    return client_address()
 
 
 def user_or_client_key() -> str:
@@ -126,7 +133,7 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter:
     @app.errorhandler(RateLimitExceeded)
     def _too_many(exc: RateLimitExceeded) -> tuple[Response, int]:
         retry_after = _retry_after(limiter)
-        log.warning("rate limited %s on %s", request.remote_addr, request.endpoint)
+        log.warning("rate limited %s on %s", client_address(), request.endpoint)
         if request.blueprints and request.blueprints[0] == "web":
             response = Response(
                 f"Too many attempts. Try again in {retry_after} seconds.\n",

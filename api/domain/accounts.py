@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Integer, String, delete, select
+from sqlalchemy import ForeignKey, Integer, String, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -25,10 +25,13 @@ _EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
 MIN_PASSWORD_LENGTH = 10
 MAX_PASSWORD_LENGTH = 256
 MAX_LOCKOUT_S = 24 * 3600
+MAX_FAMILIAR_ADDRESSES = 10  # remembered sign-in addresses per user, most recent first
+MAX_ADDRESS_LENGTH = 64  # an IPv6 address with a zone id fits
 
 
 class LoginThrottle(Base):
-    """Consecutive failed logins per email (known or not, so a lockout reveals no account)."""
+    """Consecutive failed logins per email from addresses the account never signed in from
+    (known email or not, so a lockout reveals no account)."""
 
     __tablename__ = "login_throttles"
 
@@ -38,8 +41,25 @@ class LoginThrottle(Base):
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class LoginAddress(Base):
+    """An address a user signed in from (the last MAX_FAMILIAR_ADDRESSES), with its own count of
+    consecutive failed logins: a lockout there locks only that address for this user."""
+
+    __tablename__ = "login_addresses"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    address: Mapped[str] = mapped_column(String(MAX_ADDRESS_LENGTH), primary_key=True)
+    last_login_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class AccountLocked(InvalidCredentials):
-    """Too many failed logins for this email: refused, even with the right password, for a while."""
+    """Too many failed logins for this email from this address (a familiar one) or from unfamiliar
+    addresses: refused, even with the right password, for a while."""
 
     code, http_status = "account_locked", 423
     message = "Too many failed logins; try again later."
@@ -153,47 +173,117 @@ def add_member(
     return user
 
 
-def check_not_locked(session: Session, email: str) -> None:
-    """Raise AccountLocked (details.retry_after_s) while this email is locked out."""
-    throttle = session.get(LoginThrottle, email.strip().lower()[:320])
-    if throttle is None or throttle.locked_until is None:
+def address_key(address: str | None) -> str:
+    """The stored form of a client address (the key of its familiarity and its own lockout)."""
+    return (address or "").replace("\x00", "").strip()[:MAX_ADDRESS_LENGTH] or "unknown"
+
+
+def familiar_address(session: Session, email: str, address: str | None) -> LoginAddress | None:
+    """The account's remembered address if the account with this email signed in from it, else
+    None (also for unknown emails: one query either way)."""
+    return session.scalars(
+        select(LoginAddress)
+        .join(User, User.id == LoginAddress.user_id)
+        .where(User.email == _email_key(email), LoginAddress.address == address_key(address))
+    ).one_or_none()
+
+
+def _counter(
+    session: Session, email: str, address: str | None
+) -> LoginAddress | LoginThrottle | None:
+    """The failure count that governs a login from `address`: the address's own when it is
+    familiar, else the email's count shared by every unfamiliar address."""
+    return familiar_address(session, email, address) or session.get(
+        LoginThrottle, _email_key(email)
+    )
+
+
+def check_not_locked(session: Session, email: str, address: str | None) -> None:
+    """Raise AccountLocked (details.retry_after_s) while logins for this email from this address
+    are locked out."""
+    counter = _counter(session, email, address)
+    if counter is None or counter.locked_until is None:
         return
-    remaining = (throttle.locked_until - utcnow()).total_seconds()
+    remaining = (counter.locked_until - utcnow()).total_seconds()
     if remaining > 0:
         raise AccountLocked(details={"retry_after_s": max(1, int(remaining + 0.999))})
 
 
-def record_failed_login(session: Session, settings: Settings, email: str) -> LoginThrottle:
-    """Count a failed login; from the max-th on, lock for lockout_s doubled per extra failure."""
-    key = email.strip().lower()[:320].replace("\x00", "")
-    throttle = session.get(LoginThrottle, key)
-    if throttle is None:
-        throttle = LoginThrottle(email=key, failures=0)
-        session.add(throttle)
+def record_failed_login(
+    session: Session, settings: Settings, email: str, address: str | None
+) -> LoginAddress | LoginThrottle:
+    """Count a failed login against the familiar address it came from, else against the email's
+    unfamiliar addresses; from the max-th on, lock for lockout_s doubled per extra failure."""
+    counter = _counter(session, email, address)
+    if counter is None:
+        counter = LoginThrottle(email=_email_key(email), failures=0)
+        session.add(counter)
     now = utcnow()
-    throttle.failures = (throttle.failures or 0) + 1
-    throttle.last_failure_at = now
-    extra = throttle.failures - settings.login_max_failures
+    counter.failures = (counter.failures or 0) + 1
+    counter.last_failure_at = now
+    extra = counter.failures - settings.login_max_failures
     if extra >= 0:
         seconds = min(settings.login_lockout_s * 2 ** min(extra, 20), MAX_LOCKOUT_S)
-        throttle.locked_until = now + timedelta(seconds=seconds)
-        log.warning("login locked for %d s after %d failures", seconds, throttle.failures)
+        counter.locked_until = now + timedelta(seconds=seconds)
+        scope = (
+            "a familiar address" if isinstance(counter, LoginAddress) else "unfamiliar addresses"
+        )
+        log.warning(
+            "login locked from %s for %d s after %d failures", scope, seconds, counter.failures
+        )
     session.flush()
-    return throttle
+    return counter
 
 
 def clear_failed_logins(session: Session, email: str) -> None:
-    """Forget the failed-login count of this email (after a successful login)."""
-    session.execute(delete(LoginThrottle).where(LoginThrottle.email == email.strip().lower()))
+    """Forget the email's failed-login count from unfamiliar addresses."""
+    session.execute(delete(LoginThrottle).where(LoginThrottle.email == _email_key(email)))
 
 
-def authenticate(session: Session, hasher: PasswordHasher, *, email: str, password: str) -> User:
+def remember_address(session: Session, user: User, address: str | None) -> LoginAddress:
+    """Record a successful login from `address`: it becomes (or stays) familiar with its count
+    reset; only the MAX_FAMILIAR_ADDRESSES most recently used are kept. A success from an
+    unfamiliar address also resets the email's unfamiliar-address count (as before smart lockout);
+    one from a familiar address leaves it alone, so a clinician's logins never hand whoever is
+    guessing from elsewhere a fresh set of tries."""
+    key, now = address_key(address), utcnow()
+    row = session.get(LoginAddress, (user.id, key))
+    if row is None:
+        clear_failed_logins(session, user.email)
+        row = LoginAddress(user_id=user.id, address=key, last_login_at=now, failures=0)
+        try:
+            with session.begin_nested():
+                session.add(row)
+                session.flush()
+        except IntegrityError:  # a concurrent login from the same address added it first
+            row = session.get_one(LoginAddress, (user.id, key))
+    row.last_login_at, row.failures, row.locked_until = now, 0, None
+    session.flush()
+    stale = session.scalars(
+        select(LoginAddress.address)
+        .where(LoginAddress.user_id == user.id)
+        .order_by(LoginAddress.last_login_at.desc(), LoginAddress.address)
+        .offset(MAX_FAMILIAR_ADDRESSES)
+    ).all()
+    if stale:
+        session.execute(
+            delete(LoginAddress).where(
+                LoginAddress.user_id == user.id, LoginAddress.address.in_(stale)
+            )
+        )
+    return row
+
+
+def authenticate(
+    session: Session, hasher: PasswordHasher, *, email: str, password: str, address: str | None
+) -> User:
     """The user with these credentials, else InvalidCredentials (same answer for unknown emails);
-    AccountLocked while the email is locked out (the caller records failures and commits them)."""
+    AccountLocked while logins for the email from `address` (the client's address) are locked
+    out (the caller records failures and commits them)."""
     if "\x00" in email:  # no account has one (signup refuses it), and PostgreSQL cannot compare it
         raise InvalidCredentials()
-    check_not_locked(session, email)
-    user = session.scalars(select(User).where(User.email == email.strip().lower())).one_or_none()
+    check_not_locked(session, email, address)
+    user = session.scalars(select(User).where(User.email == _email_key(email))).one_or_none()
     if user is None:
         # Spend the same time as a real check so response times do not reveal which emails exist.
         try:
@@ -207,9 +297,13 @@ def authenticate(session: Session, hasher: PasswordHasher, *, email: str, passwo
         raise InvalidCredentials() from exc
     if hasher.check_needs_rehash(user.password_hash):
         user.password_hash = hasher.hash(password)
-    clear_failed_logins(session, user.email)
+    remember_address(session, user, address)
     audit.record(session, "login", org_id=user.org_id, user_id=user.id)
     return user
+
+
+def _email_key(email: str) -> str:
+    return email.strip().lower()[:320].replace("\x00", "")
 
 
 _DUMMY: dict[tuple[int, int], str] = {}

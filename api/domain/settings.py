@@ -119,7 +119,8 @@ class Settings(BaseSettings):
     rate_limit_login: str = "10/minute,100/hour"
     rate_limit_signup: str = "5/minute,50/hour"
     rate_limit_submit: str = "120/minute"
-    # Failed logins per email before a lockout; each further failure doubles it (capped at a day).
+    # Failed logins before a lockout, counted per email from unfamiliar addresses and per familiar
+    # address (one of the user's last sign-in addresses); each further failure doubles it (≤ a day).
     login_max_failures: int = Field(default=5, ge=1)
     login_lockout_s: int = Field(default=900, ge=1)
 

@@ -120,10 +120,17 @@ def test_a_successful_login_resets_the_failure_count(make_security_app: AppFacto
     assert _login(client, email)[0] == 200
 
 
-def _web_login(client: FlaskClient, email: str, password: str) -> tuple[int, str, str]:
-    """Sign in through the web form (with its CSRF token); status, page text, Retry-After."""
+def _web_login(
+    client: FlaskClient, email: str, password: str, address: str = "127.0.0.1"
+) -> tuple[int, str, str]:
+    """Sign in through the web form (with its CSRF token) from `address`; status, page text,
+    Retry-After."""
     token = form_token(client, "/login")
-    r = client.post("/login", data={"email": email, "password": password, "csrf_token": token})
+    r = client.post(
+        "/login",
+        data={"email": email, "password": password, "csrf_token": token},
+        environ_base={"REMOTE_ADDR": address},
+    )
     return r.status_code, r.get_data(as_text=True), r.headers.get("Retry-After", "")
 
 
@@ -151,6 +158,33 @@ def test_web_failures_alone_lock_the_api_login(make_security_app: AppFactory) ->
     for _ in range(2):
         assert _web_login(client, email, "wrong-password-1")[0] == 401
     assert _login(client, email)[0] == 423
+
+
+def test_web_and_api_logins_share_the_familiar_addresses(make_security_app: AppFactory) -> None:
+    """A web sign-in makes its address familiar to the API login too, and failures on either door
+    from that address lock it on both; an attacker elsewhere locks neither door there."""
+    app = make_security_app(login_max_failures=2, login_lockout_s=600)
+    api, clinic, attacker = app.test_client(), "198.51.100.10", "203.0.113.66"
+    email = signup(api)["email"]
+
+    def web(password: str, address: str) -> int:  # each sign-in from a fresh browser
+        return _web_login(app.test_client(), email, password, address)[0]
+
+    def api_login(password: str, address: str) -> tuple[int, str]:
+        r = api.post(
+            "/api/v1/auth/login",
+            json={"email": email, "password": password},
+            environ_base={"REMOTE_ADDR": address},
+        )
+        return r.status_code, r.get_json().get("error", {}).get("code", "")
+
+    assert web(PASSWORD, clinic) == 302
+    assert [api_login("wrong-password-1", attacker)[0] for _ in range(2)] == [401, 401]
+    assert web(PASSWORD, attacker) == 423
+    assert web(PASSWORD, clinic) == 302
+    assert api_login(PASSWORD, clinic)[0] == 200
+    assert [web("wrong-password-1", clinic) for _ in range(2)] == [401, 401]
+    assert api_login(PASSWORD, clinic) == (423, "account_locked")
 
 
 def test_security_headers_on_api_and_pages(make_security_app: AppFactory) -> None:

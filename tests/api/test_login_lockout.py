@@ -1,0 +1,194 @@
+"""Smart lockout: failed logins from addresses an account never signed in from lock only those
+addresses, so nobody who merely knows a clinician's email can lock the clinician out of the
+addresses they work from; failures from a familiar address lock only that address."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, create_engine, delete, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.domain import accounts
+from api.domain.accounts import LoginAddress, LoginThrottle
+from api.domain.models import Organization, Role, User, utcnow
+from api.domain.storage import Storage
+from tests.api.conftest import PASSWORD, base_settings, make_app, signup
+
+CLINIC = "198.51.100.10"  # where the clinician works
+HOME = "198.51.100.20"  # where the clinician also signs in
+ATTACKER = "203.0.113.66"  # somewhere the account never signed in from
+WRONG = "wrong-password-1"
+
+
+@pytest.fixture
+def client(
+    tmp_path: Path,
+    database_url: str,
+    session_factory: sessionmaker[Session],
+    storage: Storage,
+    broker: redis.Redis,
+    engine: Engine,
+) -> FlaskClient:
+    """An app that locks after 3 failures for 600 s (rate limits off, as in every API test)."""
+    settings = base_settings(tmp_path, database_url, login_max_failures=3, login_lockout_s=600)
+    return make_app(settings, session_factory, storage, engine=engine).test_client()
+
+
+def _login(
+    client: FlaskClient, email: str, password: str, address: str, **headers: str
+) -> tuple[int, str, str]:
+    """Log in from `address`; status, error code (or "" on success) and Retry-After."""
+    r = client.post(
+        "/api/v1/auth/login",
+        json={"email": email, "password": password},
+        environ_base={"REMOTE_ADDR": address},
+        headers=headers,
+    )
+    code = r.get_json()["error"]["code"] if r.status_code != 200 else ""
+    return r.status_code, code, r.headers.get("Retry-After", "")
+
+
+def test_an_attacker_cannot_lock_the_clinician_out_of_a_familiar_address(
+    client: FlaskClient,
+) -> None:
+    email = signup(client)["email"]
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+    for _ in range(3):
+        assert _login(client, email, WRONG, ATTACKER)[:2] == (401, "invalid_credentials")
+    status, code, retry_after = _login(client, email, PASSWORD, ATTACKER)
+    assert (status, code) == (423, "account_locked")  # even with the right password
+    assert 590 <= int(retry_after) <= 600
+    assert _login(client, email, WRONG, "203.0.113.67")[:2] == (423, "account_locked")
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+
+
+def test_failures_from_a_familiar_address_lock_only_that_address(client: FlaskClient) -> None:
+    email = signup(client)["email"]
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+    assert _login(client, email, PASSWORD, HOME)[0] == 200
+    for _ in range(3):
+        assert _login(client, email, WRONG, CLINIC)[0] == 401
+    status, code, retry_after = _login(client, email, PASSWORD, CLINIC)
+    assert (status, code) == (423, "account_locked")
+    assert 590 <= int(retry_after) <= 600
+    assert _login(client, email, PASSWORD, HOME)[0] == 200
+    assert _login(client, email, PASSWORD, "192.0.2.5")[0] == 200  # unfamiliar, not locked
+
+
+def test_a_success_from_a_familiar_address_resets_only_its_count(client: FlaskClient) -> None:
+    email = signup(client)["email"]
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+    for _ in range(2):
+        assert _login(client, email, WRONG, CLINIC)[0] == 401
+        assert _login(client, email, WRONG, ATTACKER)[0] == 401
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+    assert _login(client, email, WRONG, CLINIC)[0] == 401  # 1 of 3 again
+    assert _login(client, email, WRONG, ATTACKER)[0] == 401  # the 3rd: the clinician's success
+    assert _login(client, email, PASSWORD, ATTACKER)[:2] == (423, "account_locked")  # gave no tries
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+
+
+@pytest.mark.parametrize("address", [CLINIC, ATTACKER])
+def test_each_failure_after_a_lock_doubles_it(
+    client: FlaskClient, session: Session, address: str
+) -> None:
+    """The same doubling on a familiar address as on the email's unfamiliar ones."""
+    email = signup(client)["email"]
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+    for _ in range(3):
+        assert _login(client, email, WRONG, address)[0] == 401
+    assert 590 <= int(_login(client, email, PASSWORD, address)[2]) <= 600
+    past = utcnow() - timedelta(seconds=1)  # the lock ran out
+    session.execute(update(LoginAddress).values(locked_until=past))
+    session.execute(update(LoginThrottle).values(locked_until=past))
+    session.commit()
+    assert _login(client, email, WRONG, address)[0] == 401
+    assert 1190 <= int(_login(client, email, PASSWORD, address)[2]) <= 1200
+
+
+def test_an_unknown_email_is_throttled_like_a_known_one(client: FlaskClient) -> None:
+    """From an unfamiliar address a lockout reveals nothing about which accounts exist."""
+    known = signup(client)["email"]
+    assert _login(client, known, PASSWORD, CLINIC)[0] == 200
+    ghost = f"nobody-{uuid.uuid4().hex[:8]}@clinic.test"
+    answers = {}
+    for email in (known, ghost):
+        answers[email] = [_login(client, email, WRONG, ATTACKER)[:2] for _ in range(4)]
+        answers[email] += [_login(client, email, PASSWORD, "203.0.113.67")[:2]]
+    assert (
+        answers[known]
+        == answers[ghost]
+        == [(401, "invalid_credentials")] * 3 + [(423, "account_locked")] * 2
+    )
+
+
+def test_a_forwarded_for_header_does_not_make_an_address_familiar(client: FlaskClient) -> None:
+    """Without a trusted proxy configured, the address is the connection's, not a header's."""
+    email = signup(client)["email"]
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+    spoof = {"X-Forwarded-For": CLINIC, "X-Real-IP": CLINIC}
+    for _ in range(3):
+        assert _login(client, email, WRONG, ATTACKER, **spoof)[0] == 401
+    assert _login(client, email, PASSWORD, ATTACKER, **spoof)[:2] == (423, "account_locked")
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+
+
+def test_only_the_last_ten_addresses_are_familiar(client: FlaskClient) -> None:
+    email = signup(client)["email"]
+    addresses = [f"192.0.2.{n}" for n in range(1, 12)]
+    for address in addresses:
+        assert _login(client, email, PASSWORD, address)[0] == 200
+    for _ in range(3):
+        assert _login(client, email, WRONG, ATTACKER)[0] == 401
+    assert _login(client, email, PASSWORD, addresses[0])[:2] == (423, "account_locked")
+    assert all(_login(client, email, PASSWORD, a)[0] == 200 for a in addresses[1:])
+
+
+def test_two_first_logins_from_one_address_at_once_both_succeed(pg_url: str) -> None:
+    """The second waits for the first's row on PostgreSQL, then uses it (no 500, one row)."""
+    engine = create_engine(pg_url)
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    with factory() as setup:
+        org = Organization(name="Race", webhook_secret="x")
+        setup.add(org)
+        setup.flush()
+        email = f"race-{uuid.uuid4().hex[:8]}@clinic.test"
+        user = User(org_id=org.id, email=email, name="R", password_hash="x", role=Role.ADMIN)
+        setup.add(user)
+        setup.commit()
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            with factory() as other:
+                accounts.remember_address(other, other.get_one(User, user.id), CLINIC)
+                other.commit()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    try:
+        with factory() as first:
+            accounts.remember_address(first, first.get_one(User, user.id), CLINIC)
+            thread = threading.Thread(target=second)
+            thread.start()
+            thread.join(0.5)  # blocked on the first's uncommitted row
+            first.commit()
+        thread.join(10)
+        assert errors == []
+        with factory() as check:
+            rows = check.scalars(select(LoginAddress).where(LoginAddress.user_id == user.id))
+            assert [row.address for row in rows] == [CLINIC]
+    finally:
+        with factory() as cleanup:
+            cleanup.execute(delete(LoginAddress).where(LoginAddress.user_id == user.id))
+            cleanup.execute(delete(User).where(User.id == user.id))
+            cleanup.execute(delete(Organization).where(Organization.id == org.id))
+            cleanup.commit()
+        engine.dispose()
