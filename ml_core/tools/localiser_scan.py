@@ -4,9 +4,9 @@ For each candidate (a localiser folder or a bare ``.weights.h5`` of the U-Net) o
 split only: the patient-mean Dice (``localiser.evaluate``), the smallest liver area it finds on
 the val liver slices of at least 3000 px (the gate's counted positive groups, every window and
 format) and the largest it finds on the val slices more than 25 mm from the liver (the gate's
-far slices). The gate needs the first at or above its full ramp (600 px at 512 scale) and the
-second at most half the ramp's start (75 px): a candidate failing either cannot serve the gate
-(docs/model_gate.md, "Localiser v2 and gate v9", amendments).
+far slices). Eligible for the gate: at most 1 % of those liver slices under its full ramp
+(600 px at 512 scale; the gate's ≥ 0.99 target) and every far slice at most half the ramp's
+start (75 px) (docs/model_gate.md, "Localiser v3", amendment; "Localiser v2 and gate v9").
 
 Usage: python -m ml_core.tools.localiser_scan --candidate shipped=ml_core/models/CURRENT/localiser
        --candidate e2=/work/checkpoints/loc3/epoch_002.weights.h5 [--input-size 96 --base-filters 8]
@@ -25,6 +25,7 @@ import numpy as np
 
 MIN_TIP_PX = 600.0  # the gate's full area ramp at 512 scale
 MAX_FAR_PX = 75.0  # half the ramp's start
+MAX_SHARE_UNDER_TIP = 0.01  # the gate's own target: at least 99 % of liver slices accepted
 
 
 def _load(path: Path, input_size: int, base_filters: int) -> Any:
@@ -72,7 +73,9 @@ def scan(
             "n_liver_slices": len(positives),
             "max_px_on_far_slices": round(float(far_px.max()), 1),
             "n_far_slices": len(far),
-            "eligible": bool(tips.min() >= MIN_TIP_PX and far_px.max() <= MAX_FAR_PX),
+            "eligible": bool(
+                (tips < MIN_TIP_PX).mean() <= MAX_SHARE_UNDER_TIP and far_px.max() <= MAX_FAR_PX
+            ),
         }
     return out
 
