@@ -407,7 +407,7 @@ def _convert_and_check(
             **{f"max_abs_diff_{k}": v for k, v in diffs.items()},
             "tolerance": TOLERANCE,
             "size_bytes": tmp.stat().st_size,
-            "note": f"derived from {job.weights} (weights_sha256); not part of the card's sha256",
+            "note": f"derived from {job.weights} (weights_sha256); the card is re-sealed with it",
         }
     )
     log.info(
