@@ -308,14 +308,19 @@ def seal(
 
 
 def seal_stale(session: Session, *, older_than_s: float) -> list[uuid.UUID]:
-    """Seal batches whose submitting request died (unsealed past the deadline); returns deliveries.
+    """Seal batches whose submitting request died (unsealed, and no job added, past the deadline);
+    returns deliveries.
 
-    For the periodic sweep: the jobs such a batch got are all it will ever get. Commits per batch;
-    enqueue each returned delivery id with `enqueue_delivery`.
+    For the periodic sweep: the jobs such a batch got are all it will ever get. A request that is
+    still adding jobs (a batch of thousands takes minutes) is alive, however old its batch.
+    Commits per batch; enqueue each returned delivery id with `enqueue_delivery`.
     """
     cutoff = utcnow() - timedelta(seconds=older_than_s)
+    recent_job = select(Job.id).where(Job.batch_id == Batch.id, Job.created_at >= cutoff)
     stale = session.scalars(
-        select(Batch.id).where(Batch.sealed_at.is_(None), Batch.created_at < cutoff).limit(100)
+        select(Batch.id)
+        .where(Batch.sealed_at.is_(None), Batch.created_at < cutoff, ~recent_job.exists())
+        .limit(100)
     ).all()
     deliveries: list[uuid.UUID] = []
     for batch_id in stale:
