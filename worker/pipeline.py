@@ -216,18 +216,21 @@ def _finish(
     (None if it is gone: the mark then raises JobNotFound, as before). A job deleted meanwhile
     (an admin's DELETE; the purge locks the same row, so one of the two sees the other) is not
     marked: the artifacts this run `stored` are deleted, the job fails as `job_deleted`, and no
-    webhook tells anyone its result.
+    webhook tells anyone its result. Those artifacts are deleted too when a concurrent delivery
+    finished the job first and the job was deleted since: nothing points at them any more.
     """
     start = time.perf_counter()
     with session_scope(ctx.sessions) as session:
         current = jobs.lock(session, jid)
+        deleted = current is not None and retention.get_deletion(session, jid) is not None
+        if deleted:
+            for key in stored:
+                ctx.storage.delete(key)
         if current is not None and current.status.is_terminal:
             # A concurrent delivery of the same job finished first: it owns the webhook.
             return current.status
         delivery_id = None
-        if current is not None and retention.get_deletion(session, jid) is not None:
-            for key in stored:
-                ctx.storage.delete(key)
+        if deleted:
             job = _mark_deleted(session, current)
         else:
             job = mark(session, current)

@@ -185,6 +185,46 @@ def test_a_job_deleted_while_it_ran_keeps_no_artifact(
     assert _kept_objects(ctx, job_id) == []
 
 
+def test_a_duplicate_delivery_finishing_after_the_deletion_keeps_no_artifact(
+    ctx: WorkerContext, classifier: Classifier, slice_png: bytes
+) -> None:
+    """Two deliveries of one job (a redelivered message): the first succeeds and an admin deletes
+    the job while the second still runs. The heatmap and overlay the second then stores point at
+    nothing (the row was cleared) and must not outlive the deletion."""
+    from api.domain import jobs
+
+    model_cache.set_classifier(classifier)
+    job_id = make_job(ctx, slice_png)
+    put = ctx.storage.put
+
+    def first_delivery_wins_then_delete(key: str, data: bytes, content_type: str) -> StoredObject:
+        if key.endswith("heatmap.png"):  # the second delivery has fetched and classified
+            ctx.storage.put = put  # type: ignore[method-assign]
+            with ctx.sessions.begin() as session:  # the first delivery's result, committed
+                job = session.get(Job, job_id)
+                assert job is not None
+                jobs.mark_succeeded(
+                    session,
+                    job_id,
+                    label="normal",
+                    probability=0.1,
+                    threshold=0.5,
+                    model_name="m",
+                    model_version="1",
+                    model_sha256="0" * 64,
+                    heatmap_key=key,
+                    overlay_key=key.replace("heatmap.png", "overlay.png"),
+                )
+            _purge(ctx, job_id)
+        return put(key, data, content_type)
+
+    ctx.storage.put = first_delivery_wins_then_delete  # type: ignore[method-assign]
+    assert pipeline.run(job_id, context=ctx) is JobStatus.SUCCEEDED  # the first one's result
+    job = load_job(ctx, job_id)
+    assert job.heatmap_key is None and job.overlay_key is None
+    assert _kept_objects(ctx, job_id) == []
+
+
 def test_a_report_rendered_while_the_job_is_deleted_is_not_kept(
     ctx: WorkerContext, classifier: Classifier, slice_png: bytes
 ) -> None:
