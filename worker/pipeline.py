@@ -24,7 +24,7 @@ from api.domain import batches, jobs, retention
 from api.domain.db import session_scope
 from api.domain.models import Job, JobStatus
 from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB
-from api.domain.storage import job_key
+from api.domain.storage import HEATMAP_NAME, OVERLAY_NAME, job_key
 from ml_core.errors import MLCoreError
 from ml_core.overlay import heatmap_and_overlay_png
 from ml_core.validation import validate
@@ -157,8 +157,8 @@ def _process(ctx: WorkerContext, jid: uuid.UUID, org_id: uuid.UUID, input_key: s
         )
 
     start = time.perf_counter()
-    heatmap_key = job_key(org_id, jid, "heatmap.png")
-    overlay_key = job_key(org_id, jid, "overlay.png")
+    heatmap_key = job_key(org_id, jid, HEATMAP_NAME)
+    overlay_key = job_key(org_id, jid, OVERLAY_NAME)
     heatmap, overlay = heatmap_and_overlay_png(report.slice_u8, prediction.heatmap)
     timings["explain_s"] = time.perf_counter() - start
     start = time.perf_counter()

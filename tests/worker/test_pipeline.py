@@ -249,6 +249,53 @@ def test_a_report_rendered_while_the_job_is_deleted_is_not_kept(
     assert _kept_objects(ctx, job_id) == []
 
 
+def test_a_report_stored_but_never_recorded_goes_with_the_job(
+    ctx: WorkerContext, classifier: Classifier, slice_png: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A render stored the PDF, then could not record it (database down, worker killed): no row
+    points at the PDF, yet it shows the slice and the result, so deleting the job removes it."""
+    from api.domain import jobs
+    from api.domain.errors import DatabaseUnavailable
+    from worker import reports
+
+    model_cache.set_classifier(classifier)
+    job_id = make_job(ctx, slice_png)
+    assert pipeline.run(job_id, context=ctx) is JobStatus.SUCCEEDED
+
+    def database_down(*args: object, **kwargs: object) -> Job:
+        raise DatabaseUnavailable()
+
+    monkeypatch.setattr(jobs, "set_report_key", database_down)
+    with pytest.raises(DatabaseUnavailable):
+        reports.render_stored(ctx, job_id)
+    assert "report.pdf" in _kept_objects(ctx, job_id) and load_job(ctx, job_id).report_key is None
+    _purge(ctx, job_id)
+    assert _kept_objects(ctx, job_id) == []
+
+
+def test_artifacts_of_a_run_that_could_not_record_them_go_with_the_job(
+    ctx: WorkerContext, classifier: Classifier, slice_png: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every delivery stored a heatmap and overlay, then could not record its result: the job
+    fails `internal_error` with no artifact on its row, and deleting it removes them all the same."""
+    from api.domain import jobs
+    from api.domain.errors import DatabaseUnavailable
+
+    model_cache.set_classifier(classifier)
+    job_id = make_job(ctx, slice_png)
+
+    def database_down(*args: object, **kwargs: object) -> Job:
+        raise DatabaseUnavailable()
+
+    monkeypatch.setattr(jobs, "mark_succeeded", database_down)
+    for _ in range(pipeline.MAX_ATTEMPTS):
+        status = pipeline.run(job_id, context=ctx)
+    assert status is JobStatus.FAILED and load_job(ctx, job_id).error_code == "internal_error"
+    assert _kept_objects(ctx, job_id) == ["heatmap.png", "input", "overlay.png"]
+    _purge(ctx, job_id)
+    assert _kept_objects(ctx, job_id) == []
+
+
 def test_missing_model_fails_the_job_with_its_code(ctx: WorkerContext, slice_png: bytes) -> None:
     """No loadable artifact: the job fails with model_load_error, not a stack trace."""
     model_cache.set_classifier(None)
