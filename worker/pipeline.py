@@ -24,7 +24,7 @@ from api.domain import batches, jobs, retention
 from api.domain.db import session_scope
 from api.domain.models import Job, JobStatus
 from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB
-from api.domain.storage import job_key
+from api.domain.storage import HEATMAP_NAME, OVERLAY_NAME, job_key
 from ml_core.errors import MLCoreError
 from ml_core.overlay import heatmap_and_overlay_png
 from ml_core.validation import validate
@@ -157,8 +157,8 @@ def _process(ctx: WorkerContext, jid: uuid.UUID, org_id: uuid.UUID, input_key: s
         )
 
     start = time.perf_counter()
-    heatmap_key = job_key(org_id, jid, "heatmap.png")
-    overlay_key = job_key(org_id, jid, "overlay.png")
+    heatmap_key = job_key(org_id, jid, HEATMAP_NAME)
+    overlay_key = job_key(org_id, jid, OVERLAY_NAME)
     heatmap, overlay = heatmap_and_overlay_png(report.slice_u8, prediction.heatmap)
     timings["explain_s"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -216,18 +216,21 @@ def _finish(
     (None if it is gone: the mark then raises JobNotFound, as before). A job deleted meanwhile
     (an admin's DELETE; the purge locks the same row, so one of the two sees the other) is not
     marked: the artifacts this run `stored` are deleted, the job fails as `job_deleted`, and no
-    webhook tells anyone its result.
+    webhook tells anyone its result. Those artifacts are deleted too when a concurrent delivery
+    finished the job first and the job was deleted since: nothing points at them any more.
     """
     start = time.perf_counter()
     with session_scope(ctx.sessions) as session:
         current = jobs.lock(session, jid)
+        deleted = current is not None and retention.get_deletion(session, jid) is not None
+        if deleted:
+            for key in stored:
+                ctx.storage.delete(key)
         if current is not None and current.status.is_terminal:
             # A concurrent delivery of the same job finished first: it owns the webhook.
             return current.status
         delivery_id = None
-        if current is not None and retention.get_deletion(session, jid) is not None:
-            for key in stored:
-                ctx.storage.delete(key)
+        if deleted:
             job = _mark_deleted(session, current)
         else:
             job = mark(session, current)

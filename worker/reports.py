@@ -23,13 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from api.domain.storage import DICOM_OVERLAY_NAME, DICOM_SR_NAME, Storage, job_key
+from api.domain.storage import (
+    DICOM_OVERLAY_NAME,
+    DICOM_SR_NAME,
+    REPORT_PDF_NAME,
+    Storage,
+    job_key,
+)
 from ml_core.types import ModelInfo
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
-REPORT_PDF = "report.pdf"
+REPORT_PDF = REPORT_PDF_NAME
 OVERLAY_SC = DICOM_OVERLAY_NAME
 SR = DICOM_SR_NAME
 

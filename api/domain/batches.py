@@ -137,8 +137,11 @@ def _skipped(name: str) -> bool:
     return name.startswith("__MACOSX/") or base.startswith(".") or not base
 
 
-def read_zip(data: bytes, limits: ZipLimits) -> list[BatchFile]:
-    """The files of a zip, checked entry by entry (paths, count, sizes, ratio) while inflating."""
+def read_zip(data: bytes, limits: ZipLimits, *, inflated: int = 0) -> list[BatchFile]:
+    """The files of a zip, checked entry by entry (paths, count, sizes, ratio) while inflating.
+
+    `inflated`: bytes the batch's earlier zips already inflated (the total limit is per batch).
+    """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
@@ -151,10 +154,10 @@ def read_zip(data: bytes, limits: ZipLimits) -> list[BatchFile]:
     if len(entries) > limits.max_entries:
         raise TooManyFiles(details={"max_files": limits.max_entries, "entries": len(entries)})
     declared = sum(info.file_size for info in entries)
-    if declared > limits.max_total_bytes:
+    if inflated + declared > limits.max_total_bytes:
         raise ZipBomb(details={"reason": "total_size", "max_bytes": limits.max_total_bytes})
     files: list[BatchFile] = []
-    total = 0
+    total = inflated
     for info in entries:
         name = _safe_name(info.filename)
         if info.flag_bits & 0x1:
@@ -184,9 +187,12 @@ def read_zip(data: bytes, limits: ZipLimits) -> list[BatchFile]:
 def expand(files: Iterable[BatchFile], limits: ZipLimits) -> list[BatchFile]:
     """Replace every zip among `files` by its entries (one level; a zip inside a zip stays a file)."""
     out: list[BatchFile] = []
+    inflated = 0
     for item in files:
         if is_zip(item.upload.data):
-            out.extend(read_zip(item.upload.data, limits))
+            entries = read_zip(item.upload.data, limits, inflated=inflated)
+            inflated += sum(len(entry.upload.data) for entry in entries)
+            out.extend(entries)
         else:
             out.append(item)
         if len(out) > limits.max_entries:
@@ -302,14 +308,19 @@ def seal(
 
 
 def seal_stale(session: Session, *, older_than_s: float) -> list[uuid.UUID]:
-    """Seal batches whose submitting request died (unsealed past the deadline); returns deliveries.
+    """Seal batches whose submitting request died (unsealed, and no job added, past the deadline);
+    returns deliveries.
 
-    For the periodic sweep: the jobs such a batch got are all it will ever get. Commits per batch;
-    enqueue each returned delivery id with `enqueue_delivery`.
+    For the periodic sweep: the jobs such a batch got are all it will ever get. A request that is
+    still adding jobs (a batch of thousands takes minutes) is alive, however old its batch.
+    Commits per batch; enqueue each returned delivery id with `enqueue_delivery`.
     """
     cutoff = utcnow() - timedelta(seconds=older_than_s)
+    recent_job = select(Job.id).where(Job.batch_id == Batch.id, Job.created_at >= cutoff)
     stale = session.scalars(
-        select(Batch.id).where(Batch.sealed_at.is_(None), Batch.created_at < cutoff).limit(100)
+        select(Batch.id)
+        .where(Batch.sealed_at.is_(None), Batch.created_at < cutoff, ~recent_job.exists())
+        .limit(100)
     ).all()
     deliveries: list[uuid.UUID] = []
     for batch_id in stale:

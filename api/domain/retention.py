@@ -13,7 +13,15 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from api.domain import audit
 from api.domain.errors import JobNotFound, ObjectNotFound
 from api.domain.models import TERMINAL_STATUSES, Base, Job, UTCDateTime, utcnow
-from api.domain.storage import DICOM_OVERLAY_NAME, DICOM_SR_NAME, Storage, job_key
+from api.domain.storage import (
+    DICOM_OVERLAY_NAME,
+    DICOM_SR_NAME,
+    HEATMAP_NAME,
+    OVERLAY_NAME,
+    REPORT_PDF_NAME,
+    Storage,
+    job_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +48,12 @@ def job_keys(job: Job) -> list[str]:
 
 
 def derived_keys(storage: Storage, job: Job) -> list[str]:
-    """The DICOM outputs the worker stored for a job (no column points at them)."""
-    keys = [job_key(job.org_id, job.id, n) for n in (DICOM_OVERLAY_NAME, DICOM_SR_NAME)]
-    return [k for k in keys if storage.exists(k)]
+    """Objects the worker stored for a job that its row does not point at: the DICOM outputs, and
+    a heatmap, overlay or PDF stored by a run or render interrupted before it recorded them."""
+    recorded = set(job_keys(job))
+    names = (HEATMAP_NAME, OVERLAY_NAME, REPORT_PDF_NAME, DICOM_OVERLAY_NAME, DICOM_SR_NAME)
+    keys = [job_key(job.org_id, job.id, n) for n in names]
+    return [k for k in keys if k not in recorded and storage.exists(k)]
 
 
 def get_deletion(session: Session, job_id: uuid.UUID) -> JobDeletion | None:

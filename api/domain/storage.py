@@ -49,6 +49,12 @@ def check_key(key: str) -> str:
 # and deletion find them by these names.
 DICOM_OVERLAY_NAME = "overlay_sc.dcm"
 DICOM_SR_NAME = "sr.dcm"
+# The other objects the worker stores under fixed names. A run or a render stores them before it
+# records them on the row, so one interrupted in between leaves objects no column points at:
+# retention and deletion look for these names too.
+HEATMAP_NAME = "heatmap.png"
+OVERLAY_NAME = "overlay.png"
+REPORT_PDF_NAME = "report.pdf"
 
 
 def upload_key(org_id: UUID, upload_id: UUID) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import random
 import uuid
 import zipfile
 from typing import Any
@@ -166,6 +167,22 @@ def test_zip_bomb_is_refused_before_it_inflates(
     bomb = make_zip({"zeros.png": b"\0" * (20 * 1024 * 1024)})
     assert len(bomb) < 100_000
     r = post_batch(client, user_headers, [(bomb, "bomb.zip")])
+    assert r.status_code == 413
+    assert error_code(r) == "zip_bomb"
+    assert batch_count(session) == 0
+
+
+def test_zips_together_may_not_inflate_beyond_the_batch_limit(
+    settings: Settings, client: FlaskClient, user_headers: dict[str, str], session: Session
+) -> None:
+    # LIVERSCAN_BATCH_MAX_MB bounds the total uncompressed size of a batch's zips (docs/batches.md),
+    # not each zip's: else N zips inflate to N times the limit in the API's memory.
+    settings.batch_max_mb = 1
+    block = random.Random(6).randbytes(16 * 1024)  # repeated: deflate ratio ~40, under 100
+    entry = block * 44  # ~700 KiB: one zip is under the 1 MiB limit, two together are over it
+    zips = [(make_zip({f"part{i}/scan.png": entry}), f"part{i}.zip") for i in range(2)]
+    assert all(len(data) < 100_000 for data, _ in zips)
+    r = post_batch(client, user_headers, zips)
     assert r.status_code == 413
     assert error_code(r) == "zip_bomb"
     assert batch_count(session) == 0

@@ -122,6 +122,9 @@ def test_a_batch_whose_request_died_is_sealed_and_completed_by_the_sweep(pg_engi
         batch.sealed_at = None
         batch.created_at = utcnow() - timedelta(hours=1)
         for job_id in ids:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.created_at = batch.created_at
             jobs.mark_failed(session, job_id, error_code="internal_error", error_message="x")
             assert batches.on_job_terminal(session, batch_id) is None  # not sealed: no event
         session.commit()
@@ -130,3 +133,35 @@ def test_a_batch_whose_request_died_is_sealed_and_completed_by_the_sweep(pg_engi
         session.refresh(batch)
         assert batch.sealed_at is not None and batch.completed_at is not None
         assert batches.seal_stale(session, older_than_s=60) == []  # once
+
+
+def test_the_sweep_leaves_a_batch_alone_while_its_request_still_adds_jobs(
+    pg_engine: Engine,
+) -> None:
+    # A batch POST of thousands of files takes minutes (tests/scale/test_cli_large_batch.py); one
+    # that outlasts the sweep deadline is still alive as long as it keeps adding jobs. Sealing it
+    # then would fire batch.completed for the jobs so far, and never for the ones still to come.
+    sessions = sessionmaker(bind=pg_engine, expire_on_commit=False)
+    batch_id, ids = sealed_batch_of_two(sessions)
+    with sessions() as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None
+        batch.sealed_at = None
+        batch.created_at = utcnow() - timedelta(hours=1)  # receiving for an hour
+        first, second = (session.get(Job, job_id) for job_id in ids)
+        assert first is not None and second is not None
+        first.created_at = utcnow() - timedelta(hours=1)
+        second.created_at = utcnow()  # the request stored a file a moment ago
+        for job_id in ids:
+            jobs.mark_failed(session, job_id, error_code="undecodable", error_message="x")
+        session.commit()
+
+        assert batches.seal_stale(session, older_than_s=60) == []
+        session.refresh(batch)
+        assert batch.sealed_at is None and batch.completed_at is None
+
+        second.created_at = utcnow() - timedelta(minutes=2)  # then nothing more: the request died
+        session.commit()
+        assert len(batches.seal_stale(session, older_than_s=60)) == 1
+        session.refresh(batch)
+        assert batch.sealed_at is not None and batch.completed_at is not None

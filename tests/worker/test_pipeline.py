@@ -185,6 +185,46 @@ def test_a_job_deleted_while_it_ran_keeps_no_artifact(
     assert _kept_objects(ctx, job_id) == []
 
 
+def test_a_duplicate_delivery_finishing_after_the_deletion_keeps_no_artifact(
+    ctx: WorkerContext, classifier: Classifier, slice_png: bytes
+) -> None:
+    """Two deliveries of one job (a redelivered message): the first succeeds and an admin deletes
+    the job while the second still runs. The heatmap and overlay the second then stores point at
+    nothing (the row was cleared) and must not outlive the deletion."""
+    from api.domain import jobs
+
+    model_cache.set_classifier(classifier)
+    job_id = make_job(ctx, slice_png)
+    put = ctx.storage.put
+
+    def first_delivery_wins_then_delete(key: str, data: bytes, content_type: str) -> StoredObject:
+        if key.endswith("heatmap.png"):  # the second delivery has fetched and classified
+            ctx.storage.put = put  # type: ignore[method-assign]
+            with ctx.sessions.begin() as session:  # the first delivery's result, committed
+                job = session.get(Job, job_id)
+                assert job is not None
+                jobs.mark_succeeded(
+                    session,
+                    job_id,
+                    label="normal",
+                    probability=0.1,
+                    threshold=0.5,
+                    model_name="m",
+                    model_version="1",
+                    model_sha256="0" * 64,
+                    heatmap_key=key,
+                    overlay_key=key.replace("heatmap.png", "overlay.png"),
+                )
+            _purge(ctx, job_id)
+        return put(key, data, content_type)
+
+    ctx.storage.put = first_delivery_wins_then_delete  # type: ignore[method-assign]
+    assert pipeline.run(job_id, context=ctx) is JobStatus.SUCCEEDED  # the first one's result
+    job = load_job(ctx, job_id)
+    assert job.heatmap_key is None and job.overlay_key is None
+    assert _kept_objects(ctx, job_id) == []
+
+
 def test_a_report_rendered_while_the_job_is_deleted_is_not_kept(
     ctx: WorkerContext, classifier: Classifier, slice_png: bytes
 ) -> None:
@@ -206,6 +246,53 @@ def test_a_report_rendered_while_the_job_is_deleted_is_not_kept(
     assert reports.render_stored(ctx, job_id) is None
     assert stored == ["report.pdf"]  # it was rendered and stored before the deletion
     assert load_job(ctx, job_id).report_key is None
+    assert _kept_objects(ctx, job_id) == []
+
+
+def test_a_report_stored_but_never_recorded_goes_with_the_job(
+    ctx: WorkerContext, classifier: Classifier, slice_png: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A render stored the PDF, then could not record it (database down, worker killed): no row
+    points at the PDF, yet it shows the slice and the result, so deleting the job removes it."""
+    from api.domain import jobs
+    from api.domain.errors import DatabaseUnavailable
+    from worker import reports
+
+    model_cache.set_classifier(classifier)
+    job_id = make_job(ctx, slice_png)
+    assert pipeline.run(job_id, context=ctx) is JobStatus.SUCCEEDED
+
+    def database_down(*args: object, **kwargs: object) -> Job:
+        raise DatabaseUnavailable()
+
+    monkeypatch.setattr(jobs, "set_report_key", database_down)
+    with pytest.raises(DatabaseUnavailable):
+        reports.render_stored(ctx, job_id)
+    assert "report.pdf" in _kept_objects(ctx, job_id) and load_job(ctx, job_id).report_key is None
+    _purge(ctx, job_id)
+    assert _kept_objects(ctx, job_id) == []
+
+
+def test_artifacts_of_a_run_that_could_not_record_them_go_with_the_job(
+    ctx: WorkerContext, classifier: Classifier, slice_png: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every delivery stored a heatmap and overlay, then could not record its result: the job
+    fails `internal_error` with no artifact on its row, and deleting it removes them all the same."""
+    from api.domain import jobs
+    from api.domain.errors import DatabaseUnavailable
+
+    model_cache.set_classifier(classifier)
+    job_id = make_job(ctx, slice_png)
+
+    def database_down(*args: object, **kwargs: object) -> Job:
+        raise DatabaseUnavailable()
+
+    monkeypatch.setattr(jobs, "mark_succeeded", database_down)
+    for _ in range(pipeline.MAX_ATTEMPTS):
+        status = pipeline.run(job_id, context=ctx)
+    assert status is JobStatus.FAILED and load_job(ctx, job_id).error_code == "internal_error"
+    assert _kept_objects(ctx, job_id) == ["heatmap.png", "input", "overlay.png"]
+    _purge(ctx, job_id)
     assert _kept_objects(ctx, job_id) == []
 
 

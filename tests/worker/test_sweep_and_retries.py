@@ -136,6 +136,7 @@ def test_sweep_seals_a_batch_whose_request_died_and_fires_its_completion(
         session.add(batch)
         session.flush()
         job.batch_id = batch.id
+        job.created_at = batch.created_at  # the request died right after its one file
         jobs.mark_processing(session, job_id)
         jobs.mark_failed(session, job_id, error_code="undecodable", error_message="x")
         batch_id = batch.id
