@@ -107,7 +107,9 @@ def load_backgrounds(data_dir: Path = DATA_DIR) -> list[Background]:
         part = splits[patient_key(r["source"], r["patient_id"])]
         out.append(
             Background(
-                harmonise_u8(npz["img_u8"][k], m),
+                # exported black (air, outside the field of view) stays black: the plain linear
+                # map put CURVAS air mid-grey, where no upload has it and the localiser fails
+                harmonise_clipped_u8(npz["img_u8"][k], m),
                 m,
                 False,
                 None,

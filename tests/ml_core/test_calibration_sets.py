@@ -15,6 +15,7 @@ from ml_core.calibration_sets import (
     paint,
     realistic_backgrounds,
     realistic_set,
+    render_w400,
 )
 from ml_core.datasets import load_splits
 
@@ -102,3 +103,17 @@ def test_lesion_masks_are_kept_for_the_pointing_game(vset) -> None:  # type: ign
         else:
             assert m.dtype == bool and m.shape == img.shape
             assert int(m.sum()) == meta["lesion_px"] >= 3
+
+
+def test_8bit_backgrounds_render_with_black_air_as_uploads_do() -> None:
+    """Air and everything outside the field of view, black in the export, is black in the
+    W400/L50 render the classifier is trained and validated on (CURVAS had it mid-grey, where no
+    upload has it and the liver localiser found liver in the air)."""
+    from ml_core.training import load_backgrounds
+
+    for bg in load_backgrounds():
+        if bg.is_hu:
+            continue
+        rendered = render_w400(bg.image, bg.is_hu)
+        corners = np.concatenate([rendered[:16, :16].ravel(), rendered[-16:, -16:].ravel()])
+        assert np.median(corners) < 10, (bg.source, bg.patient)
