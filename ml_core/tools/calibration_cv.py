@@ -78,15 +78,16 @@ def fit_isotonic(z: np.ndarray, y: np.ndarray) -> Map:
 
 def families() -> dict[str, Callable[[np.ndarray, np.ndarray], Map]]:
     """Each family's fit: (logits, labels) -> map from logits to probabilities."""
+    from ml_core.classifier import calibrated_probability
     from ml_core.evaluation import fit_platt, fit_temperature
 
     def temperature(z: np.ndarray, y: np.ndarray) -> Map:
         t = fit_temperature(z, y)
-        return lambda q: 1.0 / (1.0 + np.exp(-q / t))
+        return lambda q: np.asarray(calibrated_probability(q, t))
 
     def platt(z: np.ndarray, y: np.ndarray) -> Map:
         t, b = fit_platt(z, y)
-        return lambda q: 1.0 / (1.0 + np.exp(-(q - b) / t))
+        return lambda q: np.asarray(calibrated_probability(q, t, b))
 
     return {
         "temperature": temperature,

@@ -39,11 +39,12 @@ def _load(path: Path, input_size: int, base_filters: int) -> Any:
 
 
 def areas_px512(loc: Any, images: list[np.ndarray]) -> np.ndarray:
-    """Localised liver area of each image, in pixels at 512 x 512."""
+    """Localised liver area of each image, in pixels at 512 x 512 (as the gate measures it)."""
+    from ml_core.gate import _liver_px_512
+
     out: list[float] = []
     for i in range(0, len(images), 32):
-        for m in loc.segment(images[i : i + 32]):
-            out.append(float(m.sum()) * (512.0 * 512.0) / m.size)
+        out += [_liver_px_512(m) for m in loc.segment(images[i : i + 32])]
     return np.asarray(out)
 
 
