@@ -61,7 +61,8 @@ LUNG_WINDOWS = ((1500.0, -600.0), (1200.0, -500.0), (1600.0, -700.0))
 #: Negative groups reported but not used to set the threshold nor counted in
 #: ``negatives_rejected``: our own hard cases (not in issue 4's list), non-axial reformats and
 #: pieces of real slices on black (``gen_cutout``; a large piece can be a fair liver view);
-#: and the negative files that the rule layers already reject (the gate never sees them).
+#: and the negative files that the rule layers reject even without their header (the gate never
+#: sees them in any upload format; ``headerless_rules_pass``).
 EXTRA_NEGATIVES = ("neg/reformat", "neg/cutout", "neg/files_rule_rejected")
 #: Localiser liver area (px at 512x512) where the gate's liver evidence starts / is complete.
 #: The localiser finds no liver at all (0 px) on every slice > FAR_MM from the liver here, and
@@ -745,6 +746,39 @@ def _reformats(
     return out
 
 
+def headerless_rules_pass(rel: str, grey: np.ndarray) -> bool:
+    """Whether negative file ``rel`` can reach the gate: its pixels, uploaded as a PNG, pass the rule layers.
+
+    A DICOM's header can reject it (modality, body part, frames), but the same image exported
+    to PNG or JPEG has no header: then only its pixels (colour, size, aspect, signal) can. So a
+    DICOM counts as a PNG of ``grey`` (how ``datasets.load_negative`` renders it; RGB/YBR ones
+    keep their colour); any other file is already headerless and is validated as it is.
+    """
+    import cv2
+    import pydicom
+
+    from ml_core import datasets as D
+    from ml_core.validation import validate
+
+    path = D.default_root() / "negatives" / rel
+    if path.suffix.lower() != ".dcm":
+        return validate(path.read_bytes(), gate=None).passed
+    img = grey
+    ds = pydicom.dcmread(str(path), force=True)
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric.startswith(("RGB", "YBR")):
+        try:
+            px = ds.pixel_array
+        except Exception:  # pydicom raises many types for exotic files; keep the grey render
+            px = None
+        if px is not None and px.ndim == 3 and px.shape[-1] == 3:
+            if photometric != "RGB":
+                px = pydicom.pixels.convert_color_space(px, photometric, "RGB")
+            img = cv2.cvtColor(np.asarray(px, np.uint8), cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", img)
+    return bool(ok) and validate(buf.tobytes(), gate=None).passed
+
+
 class GatePools:
     """In-memory sources for one split: HU volumes and 8-bit slices, positives and negatives."""
 
@@ -809,15 +843,13 @@ class GatePools:
                     _liver_px_512(m) >= 3 * MIN_LIVER_PX_512
                 ):  # pseudo-label: a clearly visible liver
                     self._pos(img, meta["source"], _liver_px_512(m))
-        from ml_core.validation import validate
-
-        #: whether each negative file passes the rule layers, i.e. reaches the gate at all
+        #: whether each negative file's pixels pass the rule layers when uploaded without their
+        #: header (as a PNG), i.e. whether that image can reach the gate at all
         self.neg_rules_pass: list[bool] = []
         for img, rel in D.iter_negatives(split, splits=splits):
             self.neg_files.append(_shrink(img, 2 * self.shrink))
             self.neg_names.append(rel)
-            data = (D.default_root() / "negatives" / rel).read_bytes()
-            self.neg_rules_pass.append(validate(data, gate=None).passed)
+            self.neg_rules_pass.append(headerless_rules_pass(rel, img))
         self.ct_u8 = [_win(h, 400, 50) for h in self.pos_hu[::3] + self.far_hu[::2]] + self.pos_u8[
             ::4
         ]
@@ -1030,8 +1062,9 @@ def evaluation_set(
     groups["pos/u8/jpeg"] = [
         cv2.imdecode(cv2.imencode(".jpg", x, [cv2.IMWRITE_JPEG_QUALITY, 85])[1], 0) for x in pos_u8
     ]
-    # Only files that pass the rule layers ever reach the gate: they set the threshold; the
-    # others (colour, wrong modality, ...) are reported with the gate's score alone.
+    # Only files whose pixels pass the rule layers (uploaded as PNG, without a header) can reach
+    # the gate: they set the threshold; the others (colour, too small, ...) are reported with
+    # the gate's score alone.
     groups["neg/files"] = [x for x, ok in zip(p.neg_files, p.neg_rules_pass, strict=True) if ok]
     groups["neg/files_rule_rejected"] = [
         x for x, ok in zip(p.neg_files, p.neg_rules_pass, strict=True) if not ok
@@ -1112,11 +1145,26 @@ def far_margin_ok(
     return float(parts[group][1].max()) <= float(ramp[0]) / 2.0
 
 
+def every_group_accepted(
+    scores: dict[str, np.ndarray], threshold: float, target: float = 0.99
+) -> bool:
+    """True when every counted positive group (each window and format) is accepted >= ``target``.
+
+    Issue 4's target holds per window and format, not only pooled: a candidate whose pooled
+    acceptance is met while one window (e.g. W350/L40 JPEG) falls under it is not eligible.
+    """
+    return all(
+        float((v >= threshold).mean()) >= target
+        for g, v in scores.items()
+        if _counted_positive(g) and v.size
+    )
+
+
 def choose_candidate(history: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
     """The validation choice among (epoch, ramp) candidates, and whether it passed the rules.
 
-    Only candidates with ``strict`` and ``far_margin`` true may be chosen (both default to
-    true for histories written before the rules); among them the largest ``criterion``
+    Only candidates with ``strict``, ``far_margin`` and ``groups`` true may be chosen (each
+    defaults to true for histories written before that rule); among them the largest ``criterion``
     (``val_criterion``), ties to the larger ramp. If none passes, the best of all is returned
     with False (nothing should ship).
     """
@@ -1125,7 +1173,11 @@ def choose_candidate(history: Sequence[dict[str, Any]]) -> tuple[dict[str, Any],
         ramp = h.get("ramp", list(AREA_RAMP_PX512))
         return (*tuple(h["criterion"]), float(ramp[0]), float(ramp[1]))
 
-    ok = [h for h in history if h.get("strict", True) and h.get("far_margin", True)]
+    ok = [
+        h
+        for h in history
+        if h.get("strict", True) and h.get("far_margin", True) and h.get("groups", True)
+    ]
     if ok:
         return max(ok, key=key), True
     return max(history, key=key), False
@@ -1312,6 +1364,7 @@ def run(args: argparse.Namespace) -> int:
         for ramp, scores, far_ok in scored:
             crit = val_criterion(scores)
             strict = strict_ok(scores)
+            groups = every_group_accepted(scores, choose_threshold(scores))
             max_neg = {
                 g: round(float(v.max()), 4) for g, v in scores.items() if _counted_negative(g)
             }
@@ -1322,18 +1375,20 @@ def run(args: argparse.Namespace) -> int:
                     "criterion": list(crit),
                     "strict": strict,
                     "far_margin": far_ok,
+                    "groups": groups,
                     "max_negative_by_group": max_neg,
                 }
             )
             log.info(
                 "epoch %d ramp %g-%g validation: liver accepted %.4f, MR-like %.4f, logit gap "
-                "%.3f; strict %s (highest negative %.3f), far margin %s",
+                "%.3f; strict %s (highest negative %.3f), far margin %s, every group >= 0.99 %s",
                 epoch,
                 *ramp,
                 *crit,
                 strict,
                 max(max_neg.values()),
                 far_ok,
+                groups,
             )
 
     if start == 0 and args.init is not None:
@@ -1388,7 +1443,7 @@ def run(args: argparse.Namespace) -> int:
             "chosen on validation: epoch %d (0 = the --init weights), ramp %g-%g%s",
             chosen,
             *gate.area_ramp,
-            "" if passed else " -- NO candidate passed the strictness/far-margin rules",
+            "" if passed else " -- NO candidate passed the strictness/far-margin/group rules",
         )
     val_scores = score_groups(gate, val_groups)
     threshold = choose_threshold(val_scores)
@@ -1432,7 +1487,8 @@ def run(args: argparse.Namespace) -> int:
         "of liver slices; if they overlap, just above the highest negative (strictness first); negatives: "
         "all but "
         + ", ".join(EXTRA_NEGATIVES)
-        + " (files the rule layers reject never reach the gate)",
+        + " (files whose pixels the rule layers reject, even uploaded as a PNG without a header, "
+        "never reach the gate)",
         "parameters": int(cnn.count_params()),
         "min_liver_px_512": MIN_LIVER_PX_512,
         "min_eval_liver_px_512": MIN_EVAL_LIVER_PX_512,
@@ -1445,7 +1501,8 @@ def run(args: argparse.Namespace) -> int:
             "chosen_area_ramp_px512": list(gate.area_ramp),
             "eligible": "strict: highest validation score of every counted negative group < "
             f"{STRICT_MAX_NEGATIVE}; far margin: localiser area on every validation far slice "
-            "<= ramp start / 2",
+            "<= ramp start / 2; groups: every counted validation liver group (window, format) "
+            "accepted >= 0.99 at the candidate's threshold",
             "chosen_passed_rules": passed,
             "history": history,
         },

@@ -112,6 +112,46 @@ def test_strictness_rule_looks_at_every_counted_negative_group_only() -> None:
     assert not G.strict_ok(dict(scores, **{"neg/document": np.array([0.5])}))  # limit excluded
 
 
+def test_a_window_under_99_percent_makes_a_candidate_ineligible() -> None:
+    scores = {
+        "pos/hu/W400L50/png": np.array([0.99] * 200),
+        "pos/hu/W350L40/jpeg": np.array([0.99] * 97 + [0.2] * 3),  # 97 % of one window
+        "pos/pseudo_mr": np.array([0.1] * 10),  # not counted (EXTRA_POSITIVES)
+        "neg/brain": np.array([0.01, 0.05]),
+    }
+    t = G.choose_threshold(scores)
+    assert G.rates(scores, t)["liver_accepted"] >= 0.99  # pooled, the target looks met
+    assert not G.every_group_accepted(scores, t)
+    fixed = dict(scores, **{"pos/hu/W350L40/jpeg": np.array([0.99] * 100)})
+    assert G.every_group_accepted(fixed, G.choose_threshold(fixed))
+    a = {"epoch": 3, "criterion": [1.0, 0.9, 5.0], "groups": False}
+    b = {"epoch": 1, "criterion": [1.0, 0.5, 2.0], "groups": True}
+    assert G.choose_candidate([a, b]) == (b, True)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("rel", "reaches_gate"),
+    [
+        # its header says neck (wrong_body_part), but a PNG export of it has no header
+        ("pydicom/ct_neck__bad_sequence.dcm", True),
+        ("pydicom/ct_head_j2k__J2K_pixelrep_mismatch.dcm", True),
+        # colour ultrasound: not_grayscale in any format
+        ("pydicom/us_generic__US1_UNCR.dcm", False),
+        ("skimage/astronaut.png", False),
+        ("skimage/moon.png", True),
+    ],
+)
+def test_negative_files_count_for_the_gate_when_their_pixels_pass_without_header(
+    rel: str, reaches_gate: bool, data_root: Path
+) -> None:
+    from ml_core import datasets as D
+
+    grey = D.load_negative(rel)
+    assert grey is not None
+    assert G.headerless_rules_pass(rel, grey) is reaches_gate
+
+
 def test_a_less_strict_candidate_cannot_win_on_the_criterion() -> None:
     v7 = {"epoch": 4, "ramp": [150, 600], "criterion": [1.0, 0.72, 3.0], "strict": True}
     v8 = {"epoch": 12, "ramp": [150, 600], "criterion": [1.0, 0.85, 2.5], "strict": False}
