@@ -5,7 +5,9 @@ validation, artifacts and database writes; only the model calls go through a `Mi
 which gathers the slices of concurrent jobs into one call of at most `max_size`. A batch runs
 as soon as it is full, or as soon as every job that announced itself (`reserve`) has arrived,
 or at the latest `max_wait_s` after its first slice arrived. A batch whose call raises is split
-into calls of one, so a slice that breaks the model fails only its own job.
+into calls of one, so a slice that breaks the model fails only its own job. A call that dies
+with a BaseException (an interrupt, SystemExit) is not retried: it goes on in the thread that ran
+the batch, and each batch-mate gets `BatchAborted` instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ log = logging.getLogger(__name__)
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+
+
+class BatchAborted(RuntimeError):
+    """The batched call holding this caller's item died with a BaseException: no result for it."""
 
 
 @dataclass
@@ -115,17 +121,14 @@ class MicroBatcher(Generic[In, Out]):
         return batch
 
     def _run(self, batch: list[_Slot[In]]) -> None:
-        """Call fn on the batch; on an error, retry each item alone so only its culprit fails."""
+        """Call fn on the batch and hand every slot its result or error; re-raises a BaseException
+        (interrupt, SystemExit) after failing the whole batch with BatchAborted."""
         start = time.perf_counter()
         try:
-            results = self.fn([s.item for s in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
-            outcomes: list[tuple[Any, BaseException | None]] = [(r, None) for r in results]
-        except Exception:
-            if len(batch) > 1:
-                log.warning("%s: a batch of %d failed; retrying one by one", self.name, len(batch))
-            outcomes = [self._run_one(s.item) for s in batch]
+            outcomes = self._outcomes(batch)
+        except BaseException as exc:
+            self._abort(batch, exc)
+            raise
         elapsed = time.perf_counter() - start
         if self.on_batch is not None:
             try:
@@ -135,6 +138,31 @@ class MicroBatcher(Generic[In, Out]):
         with self._cond:
             for slot, (result, error) in zip(batch, outcomes, strict=True):
                 slot.result, slot.error, slot.done = result, error, True
+            self._cond.notify_all()
+
+    def _outcomes(self, batch: list[_Slot[In]]) -> list[tuple[Any, BaseException | None]]:
+        """(result, error) per slot; on an error, retry each item alone so only its culprit fails."""
+        try:
+            results = self.fn([s.item for s in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
+            return [(r, None) for r in results]
+        except Exception:
+            if len(batch) > 1:
+                log.warning("%s: a batch of %d failed; retrying one by one", self.name, len(batch))
+            return [self._run_one(s.item) for s in batch]
+
+    def _abort(self, batch: list[_Slot[In]], exc: BaseException) -> None:
+        """Fail every slot of a batch whose call died with `exc`, so no batch-mate waits forever."""
+        log.error("%s: a batch of %d was aborted by %r", self.name, len(batch), exc)
+        with self._cond:
+            for slot in batch:
+                if not slot.done:
+                    error = BatchAborted(
+                        f"{self.name}: the batched model call was aborted by {type(exc).__name__}"
+                    )
+                    error.__cause__ = exc
+                    slot.error, slot.done = error, True
             self._cond.notify_all()
 
     def _run_one(self, item: In) -> tuple[Any, BaseException | None]:

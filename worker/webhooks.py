@@ -3,7 +3,9 @@
 One event of one job is one `delivery_id` (sent as X-Liverscan-Delivery, stable across retries);
 each attempt is its own `WebhookDelivery` row with its status code and latency. The SSRF guard is
 re-checked at delivery time because DNS may have changed since submit, and the POST goes to the
-address that was checked (no second lookup a rebinding name could answer differently).
+address that was checked (no second lookup a rebinding name could answer differently). The
+event's presigned artifact URLs are likewise made again for each attempt, so a retry after
+backoff never carries links that expired while it waited.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -43,6 +46,7 @@ EVENTS = {
     JobStatus.REJECTED: "job.rejected",
     JobStatus.FAILED: "job.failed",
 }
+LINKED = ("heatmap", "overlay", "report")  # artifacts whose `<name>_url` is in a job's result
 PENDING, SENDING, SUCCEEDED, FAILED, EXHAUSTED = (
     "pending",
     "sending",
@@ -52,8 +56,8 @@ PENDING, SENDING, SUCCEEDED, FAILED, EXHAUSTED = (
 )
 
 
-def job_payload(job: Job, ctx: WorkerContext) -> dict[str, Any]:
-    """The job JSON of the HTTP contract, as sent in a webhook event (the API's serializer)."""
+def _artifact_links(job: Job, ctx: WorkerContext) -> Callable[[str], str | None]:
+    """The link builder of a job's webhook JSON; S3 URLs are presigned when it is called."""
 
     def link(name: str) -> str | None:
         if name == "report":  # the same stable route as GET /api/v1/jobs/<id> gives
@@ -68,7 +72,23 @@ def job_payload(job: Job, ctx: WorkerContext) -> dict[str, Any]:
         presigned = ctx.storage.url_for(key, ctx.settings.presign_expires_s)
         return presigned or f"/api/v1/jobs/{job.id}/artifacts/{name}"
 
-    return job_json(job, link=link, status_url=f"/api/v1/jobs/{job.id}")
+    return link
+
+
+def job_payload(job: Job, ctx: WorkerContext) -> dict[str, Any]:
+    """The job JSON of the HTTP contract, as sent in a webhook event (the API's serializer)."""
+    return job_json(job, link=_artifact_links(job, ctx), status_url=f"/api/v1/jobs/{job.id}")
+
+
+def with_fresh_links(payload: dict[str, Any], job: Job, ctx: WorkerContext) -> dict[str, Any]:
+    """The stored event with its result's artifact URLs made again now: presigned URLs made when
+    the event was scheduled expire (PRESIGN_EXPIRES_S) long before a late retry sends them."""
+    result = (payload.get("job") or {}).get("result")
+    if not result:  # batch events, rejected and failed jobs: no artifact links
+        return payload
+    link = _artifact_links(job, ctx)
+    fresh = {f"{name}_url": link(name) for name in LINKED if f"{name}_url" in result}
+    return {**payload, "job": {**payload["job"], "result": {**result, **fresh}}}
 
 
 def schedule(session: Session, job: Job, ctx: WorkerContext) -> uuid.UUID | None:
@@ -138,7 +158,9 @@ def deliver(row_id: str | uuid.UUID, *, context: WorkerContext | None = None) ->
         assert org is not None
         url = batches.callback_url_for(session, row, job) or ""
         secret = secrets.unseal(ctx.settings, org.webhook_secret)
-        payload, attempt, delivery_id, event = row.payload, row.attempt, row.delivery_id, row.event
+        # Links minted per attempt, and recorded as sent; the signature below covers this body.
+        row.payload = payload = with_fresh_links(row.payload or {}, job, ctx)
+        attempt, delivery_id, event = row.attempt, row.delivery_id, row.event
         row.status = SENDING
         row.next_attempt_at = utcnow()  # while sending: when the attempt started (for the sweep)
 

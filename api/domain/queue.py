@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
@@ -168,6 +169,7 @@ class CeleryQueue:
         try:
             with self._connection.clone() as conn:
                 channel = conn.default_channel
+                raws: Sequence[bytes | str]  # Redis answers bytes, the SQL transport text
                 if self.broker_url.startswith(("redis://", "rediss://")):
                     raws = _redis_list(channel.client, queue)
                 elif self.broker_url.startswith("sqla+"):

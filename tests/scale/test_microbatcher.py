@@ -122,3 +122,54 @@ def test_results_are_not_mixed_up_under_load(size: int) -> None:
         lambda xs: [x * x for x in xs], max_size=size, max_wait_s=0.01, name="t"
     )
     assert _run_concurrently(24, lambda k: batcher.submit(k)) == [k * k for k in range(24)]
+
+
+class _ModelAborted(BaseException):
+    """Not an Exception: what a KeyboardInterrupt or SystemExit inside the model call looks like."""
+
+
+def test_a_base_exception_in_the_model_call_strands_no_caller() -> None:
+    """The batched call dies with a BaseException: every caller of that batch gets an error at
+    once (none waits forever), and the batcher still serves the calls that come after."""
+    calls: list[list[int]] = []
+
+    def model(xs: list[int]) -> list[int]:
+        calls.append(list(xs))
+        if len(calls) == 1:
+            raise _ModelAborted("interrupted inside the model")
+        return [x + 1 for x in xs]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(model, max_size=4, max_wait_s=5.0, name="t")
+    barrier = threading.Barrier(4)
+    outcomes: list[BaseException | int | None] = [None] * 4
+
+    def job(k: int) -> None:
+        with batcher.reserve() as place:
+            barrier.wait()
+            try:
+                outcomes[k] = place.submit(k)
+            except BaseException as exc:  # the test records what each caller saw
+                outcomes[k] = exc
+
+    threads = [threading.Thread(target=job, args=(k,), daemon=True) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in threads), "a caller is still waiting for its result"
+    assert [sorted(c) for c in calls] == [[0, 1, 2, 3]]  # one call, not retried one by one
+    # The thread whose turn it was to run the batch gets the BaseException itself; its
+    # batch-mates get an ordinary error (their job is retried), not a result.
+    assert sum(isinstance(o, _ModelAborted) for o in outcomes) == 1
+    mates = [o for o in outcomes if not isinstance(o, _ModelAborted)]
+    assert len(mates) == 3
+    for mate in mates:
+        assert isinstance(mate, RuntimeError) and "_ModelAborted" in str(mate)
+        assert isinstance(mate.__cause__, _ModelAborted)
+
+    # Not silently dead: the next caller is served (not left waiting on a stuck batch).
+    later: list[int] = []
+    caller = threading.Thread(target=lambda: later.append(batcher.submit(10)), daemon=True)
+    caller.start()
+    caller.join(timeout=5)
+    assert later == [11]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+import urllib.request
 import uuid
+from calendar import timegm
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from sqlalchemy import select
@@ -15,6 +19,8 @@ from worker_support import load_job, make_job, queued_tasks
 
 from api.domain import jobs, secrets
 from api.domain.models import JobStatus, Organization, WebhookDelivery
+from api.domain.settings import Settings
+from api.domain.storage import HEATMAP_NAME, OVERLAY_NAME, S3Storage, job_key
 from api.domain.webhooks import verify
 from worker import webhooks
 from worker.context import WorkerContext
@@ -186,3 +192,84 @@ def test_one_event_per_terminal_state(ctx: WorkerContext, receiver: Receiver) ->
         assert webhooks.schedule(session, job, ctx) is not None
         assert webhooks.schedule(session, job, ctx) is None
     assert load_job(ctx, job_id).status is JobStatus.FAILED
+
+
+@pytest.fixture
+def s3_ctx(settings: Settings, s3_endpoint: str, broker) -> Iterator[WorkerContext]:
+    """A worker context on an S3 store whose presigned URLs live one second."""
+    s3_settings = settings.model_copy(
+        update={
+            "storage_backend": "s3",
+            "s3_endpoint_url": s3_endpoint,
+            "s3_bucket": "liverscan-webhooks",
+            "aws_access_key_id": "test",
+            "aws_secret_access_key": "test",
+            "presign_expires_s": 1,
+        }
+    )
+    context = WorkerContext.from_settings(s3_settings)
+    assert isinstance(context.storage, S3Storage)
+    context.storage.ensure_bucket()
+    yield context
+    context.engine.dispose()
+
+
+def _succeed_job(ctx: WorkerContext, callback_url: str) -> uuid.UUID:
+    """A succeeded job with an overlay and a heatmap in the store and its event scheduled."""
+    job_id = make_job(ctx, b"\x89PNG input", callback_url=callback_url)
+    org_id = load_job(ctx, job_id).org_id
+    keys = {
+        "heatmap": job_key(org_id, job_id, HEATMAP_NAME),
+        "overlay": job_key(org_id, job_id, OVERLAY_NAME),
+    }
+    for name, key in keys.items():
+        ctx.storage.put(key, f"{name} bytes".encode(), "image/png")
+    with ctx.sessions.begin() as session:
+        jobs.mark_processing(session, job_id)
+        job = jobs.mark_succeeded(
+            session,
+            job_id,
+            label="tumor",
+            probability=0.9,
+            threshold=0.5,
+            model_name="m",
+            model_version="1",
+            model_sha256="0" * 64,
+            heatmap_key=keys["heatmap"],
+            overlay_key=keys["overlay"],
+        )
+        row_id = webhooks.schedule(session, job, ctx)
+    assert row_id is not None
+    return row_id
+
+
+def _expires_at(url: str) -> int:
+    """Unix time at which a SigV4 presigned URL stops working (X-Amz-Date + X-Amz-Expires)."""
+    query = parse_qs(urlsplit(url).query)
+    signed = time.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ")
+    return timegm(signed) + int(query["X-Amz-Expires"][0])
+
+
+def test_a_late_retry_carries_artifact_urls_minted_when_it_is_sent(
+    s3_ctx: WorkerContext, receiver: Receiver, broker
+) -> None:
+    """A retry sent after the scheduled URLs' lifetime still hands the receiver working links:
+    each attempt presigns them anew, and the signature covers the body actually sent."""
+    receiver.statuses = [500]
+    row_id = _succeed_job(s3_ctx, receiver.url)
+    assert webhooks.deliver(row_id, context=s3_ctx) == "failed"
+    ((_, args),) = queued_tasks(broker, "webhooks")
+
+    time.sleep(2.2)  # past the 1 s lifetime of any URL made at scheduling or the first attempt
+    sent_at = time.time()
+    assert webhooks.deliver(args[0], context=s3_ctx) == "succeeded"
+
+    headers, body = receiver.requests[1]
+    result = json.loads(body)["job"]["result"]
+    for name in ("heatmap", "overlay"):
+        url = result[f"{name}_url"]
+        assert _expires_at(url) > sent_at, f"{name}_url had expired when the retry was sent"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.read() == f"{name} bytes".encode()
+    job_id = uuid.UUID(json.loads(body)["job"]["id"])
+    assert verify(_secret(s3_ctx, job_id), body, headers["X-Liverscan-Signature"])
