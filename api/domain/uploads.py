@@ -111,13 +111,19 @@ def claim(
     yet) or payload_too_large (the object is deleted: it can never become a job).
     """
     row = get_pending(session, upload_id, org_id=org_id, lock=True)
+    limit = settings.max_upload_bytes
     size = storage.size(row.key)
     if size is None or size == 0:
         raise UploadIncomplete(details={"upload_id": str(upload_id)})
-    if size > settings.max_upload_bytes:
+    try:
+        if size > limit:
+            raise PayloadTooLarge(details={"max_bytes": limit, "size": size})
+        data = storage.get(row.key, max_bytes=limit)  # bounded: it may have grown since
+    except PayloadTooLarge:
         storage.delete(row.key)  # never a job; the slot stays open for a smaller file until expiry
-        raise PayloadTooLarge(details={"max_bytes": settings.max_upload_bytes, "size": size})
-    data = storage.get(row.key)  # hashed here once; the worker reads the same object
+        raise
+    if not data:
+        raise UploadIncomplete(details={"upload_id": str(upload_id)})
     row.status, row.job_id = UploadStatus.USED, job_id
     session.flush()
     stored = StoredObject(

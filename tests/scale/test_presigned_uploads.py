@@ -21,6 +21,7 @@ from api.app import create_app
 from api.domain.models import Job, PendingUpload, UploadStatus, utcnow
 from api.domain.settings import Settings
 from api.domain.storage import S3Storage, Storage, make_storage
+from api.resources import EXTENSION_KEY
 from tests.api.conftest import bearer, login, signup
 from worker import sweep
 from worker.context import WorkerContext
@@ -65,6 +66,13 @@ class Api:
     def create_job(self, headers: dict[str, str], upload_id: str) -> Any:
         """POST /api/v1/jobs with upload_id (JSON)."""
         return self.client.post("/api/v1/jobs", headers=headers, json={"upload_id": upload_id})
+
+    def upload_key(self, upload_id: str) -> str:
+        """The store key a slot's bytes are PUT to."""
+        with self.ctx.sessions() as session:
+            row = session.get(PendingUpload, uuid.UUID(upload_id))
+            assert row is not None
+            return row.key
 
 
 @pytest.fixture(params=["s3", "local"])
@@ -231,3 +239,38 @@ def test_a_client_ref_with_nul_is_invalid_input(api: Api) -> None:
     )
     assert r.status_code == 422 and r.get_json()["error"]["details"]["field"] == "client_ref"
     assert api.create_job(headers, slot["id"]).status_code == 202  # the upload is still usable
+
+
+@dataclass
+class GrowingStore:
+    """The real store, where the client PUTs a bigger file right after the size check answers."""
+
+    inner: Storage
+    bigger: bytes
+
+    def size(self, key: str) -> int | None:
+        """The size as stored now; then the object grows."""
+        size = self.inner.size(key)
+        self.inner.put(key, self.bigger, "image/png")
+        return size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_an_upload_that_grows_after_the_size_check_is_too_large(api: Api) -> None:
+    """The object grows past the limit between the size check and the read: 413
+    payload_too_large all the same, no job, and the bytes are not kept."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    app = api.client.application
+    real = app.extensions[EXTENSION_KEY].storage
+    app.extensions[EXTENSION_KEY].storage = GrowingStore(real, PNG + b"\0" * (2 * 1024 * 1024))
+    try:
+        r = api.create_job(headers, slot["id"])
+    finally:
+        app.extensions[EXTENSION_KEY].storage = real
+    assert r.status_code == 413 and r.get_json()["error"]["code"] == "payload_too_large"
+    assert api.client.get("/api/v1/jobs", headers=headers).get_json()["items"] == []
+    assert api.storage.size(api.upload_key(slot["id"])) is None
