@@ -67,6 +67,16 @@ class Api:
         """POST /api/v1/jobs with upload_id (JSON)."""
         return self.client.post("/api/v1/jobs", headers=headers, json={"upload_id": upload_id})
 
+    def download_input(self, headers: dict[str, str], job_id: str) -> bytes:
+        """The job's input as a user downloads it: the API's bytes, or its redirect's (S3)."""
+        r = self.client.get(f"/api/v1/jobs/{job_id}/artifacts/input", headers=headers)
+        if r.status_code == 302:
+            fetched = requests.get(r.headers["Location"], timeout=30)
+            assert fetched.status_code == 200
+            return fetched.content
+        assert r.status_code == 200, r.get_json()
+        return bytes(r.data)
+
     def upload_key(self, upload_id: str) -> str:
         """The store key a slot's bytes are PUT to."""
         with self.ctx.sessions() as session:
@@ -239,6 +249,62 @@ def test_a_client_ref_with_nul_is_invalid_input(api: Api) -> None:
     )
     assert r.status_code == 422 and r.get_json()["error"]["details"]["field"] == "client_ref"
     assert api.create_job(headers, slot["id"]).status_code == 202  # the upload is still usable
+
+
+def test_bytes_put_after_the_job_was_created_do_not_change_its_input(api: Api) -> None:
+    """The presigned URL outlives the job's creation: a second PUT to it (S3 accepts it; the local
+    route refuses it) leaves the job's input, as a user downloads it, the bytes that were hashed.
+    The slot's own key holds nothing afterwards, and the sweep deletes late bytes once it expires."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    r = api.create_job(headers, slot["id"])
+    assert r.status_code == 202, r.get_json()
+    job_id = r.get_json()["id"]
+    key = api.upload_key(slot["id"])
+    assert api.storage.size(key) is None  # the job holds its own copy
+
+    other = b"\x89PNG\r\n\x1a\n" + b"other-bytes" * 100
+    status = api.put(slot, other, headers)
+    assert status == (200 if slot["direct"] else 409)
+    assert api.download_input(headers, job_id) == PNG
+    job = api.client.get(f"/api/v1/jobs/{job_id}", headers=headers).get_json()
+    assert job["input"]["sha256"] == hashlib.sha256(PNG).hexdigest()
+
+    with api.ctx.sessions.begin() as session:
+        session.execute(
+            update(PendingUpload)
+            .where(PendingUpload.id == uuid.UUID(slot["id"]))
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    sweep.run(context=api.ctx)
+    assert api.storage.size(key) is None
+    assert api.download_input(headers, job_id) == PNG
+    again = api.create_job(headers, slot["id"])
+    assert again.status_code == 409 and again.get_json()["error"]["code"] == "upload_already_used"
+
+
+def test_the_sweep_keeps_an_upload_key_that_a_job_reads(api: Api) -> None:
+    """Jobs created before inputs were copied read the upload's own key: expiring their slot must
+    not delete their input."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    r = api.create_job(headers, slot["id"])
+    assert r.status_code == 202, r.get_json()
+    key = api.upload_key(slot["id"])
+    api.storage.put(key, PNG, "image/png")
+    with api.ctx.sessions.begin() as session:
+        session.execute(
+            update(Job).where(Job.id == uuid.UUID(r.get_json()["id"])).values(input_key=key)
+        )
+        session.execute(
+            update(PendingUpload)
+            .where(PendingUpload.id == uuid.UUID(slot["id"]))
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    sweep.run(context=api.ctx)
+    assert api.download_input(headers, r.get_json()["id"]) == PNG
 
 
 @dataclass
