@@ -86,7 +86,7 @@ def submit(
     """Store the upload, commit a queued job for it, then enqueue it (see the module docstring).
 
     `upload_id`: make the job from that direct-to-store upload (see api.domain.uploads) instead;
-    `upload` is then ignored.
+    `upload` is then ignored. The same Idempotency-Key again replays the job made from it.
     """
     if upload_id is None:
         if not upload.data:
@@ -109,6 +109,12 @@ def submit(
         check_callback_url(callback_url, settings.webhook_allow_private)
     job_id, slot_key = uuid.uuid4(), None
     if upload_id is not None:
+        if idempotency_key is not None:
+            replay = uploads.replayed_job(
+                session, org_id=org_id, upload_id=upload_id, idempotency_key=idempotency_key
+            )
+            if replay is not None:
+                return Submission(job=replay, created=False, enqueued=False)
         row, data = uploads.claim(
             session,
             settings=settings,

@@ -20,6 +20,7 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.domain import jobs
 from api.domain.errors import (
     InvalidInput,
     PayloadTooLarge,
@@ -80,15 +81,37 @@ def create(
     return row, storage.upload_url_for(row.key, row.content_type or DEFAULT_CONTENT_TYPE, expires_s)
 
 
-def get_pending(
-    session: Session, upload_id: uuid.UUID, *, org_id: uuid.UUID, lock: bool = False
-) -> PendingUpload:
-    """The organization's pending, unexpired upload (row-locked when `lock`), else its error."""
+def _get(
+    session: Session, upload_id: uuid.UUID, *, org_id: uuid.UUID, lock: bool
+) -> PendingUpload | None:
+    """The organization's upload row (locked when `lock`) whatever its status, or None."""
     query = select(PendingUpload).where(PendingUpload.id == upload_id)
     if lock:
         query = query.with_for_update()
     row = session.scalars(query).one_or_none()
-    if row is None or row.org_id != org_id:
+    return row if row is not None and row.org_id == org_id else None
+
+
+def replayed_job(
+    session: Session, *, org_id: uuid.UUID, upload_id: uuid.UUID, idempotency_key: str
+) -> Job | None:
+    """The job a request with this Idempotency-Key already made from this upload, or None.
+
+    The upload's row is locked first, so a retry racing the first request waits for its commit.
+    """
+    row = _get(session, upload_id, org_id=org_id, lock=True)
+    if row is None or row.job_id is None:
+        return None
+    job = jobs.find_by_idempotency_key(session, org_id=org_id, key=idempotency_key)
+    return job if job is not None and job.id == row.job_id else None
+
+
+def get_pending(
+    session: Session, upload_id: uuid.UUID, *, org_id: uuid.UUID, lock: bool = False
+) -> PendingUpload:
+    """The organization's pending, unexpired upload (row-locked when `lock`), else its error."""
+    row = _get(session, upload_id, org_id=org_id, lock=lock)
+    if row is None:
         raise UploadNotFound(details={"upload_id": str(upload_id)})
     if row.status in (UploadStatus.USED, UploadStatus.CLOSED):
         raise UploadAlreadyUsed(details={"upload_id": str(upload_id), "job_id": str(row.job_id)})

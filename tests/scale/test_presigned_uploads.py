@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from sqlalchemy import update
 
 from api.app import create_app
 from api.domain.models import Job, PendingUpload, UploadStatus, utcnow
+from api.domain.queue import INFERENCE_QUEUE
 from api.domain.settings import Settings
 from api.domain.storage import S3Storage, Storage, make_storage
 from api.resources import EXTENSION_KEY
@@ -249,6 +251,55 @@ def test_a_client_ref_with_nul_is_invalid_input(api: Api) -> None:
     )
     assert r.status_code == 422 and r.get_json()["error"]["details"]["field"] == "client_ref"
     assert api.create_job(headers, slot["id"]).status_code == 202  # the upload is still usable
+
+
+def test_a_retry_with_the_same_idempotency_key_replays_the_job(api: Api) -> None:
+    """The same upload_id and Idempotency-Key again: 200 and the first call's job (as multipart
+    replays do), nothing enqueued twice; another key or none: still 409 upload_already_used."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    keyed = {**headers, "Idempotency-Key": "presigned-0001"}
+    body = {"upload_id": slot["id"]}
+
+    first = api.client.post("/api/v1/jobs", headers=keyed, json=body)
+    assert first.status_code == 202, first.get_json()
+    again = api.client.post("/api/v1/jobs", headers=keyed, json=body)
+    assert again.status_code == 200, again.get_json()
+    assert again.get_json() == first.get_json()
+    assert api.ctx.queue.depth(INFERENCE_QUEUE) == 1
+
+    other = {**headers, "Idempotency-Key": "presigned-0002"}
+    for retry_headers in (other, headers):
+        r = api.client.post("/api/v1/jobs", headers=retry_headers, json=body)
+        assert r.status_code == 409 and r.get_json()["error"]["code"] == "upload_already_used"
+    listed = api.client.get("/api/v1/jobs", headers=headers).get_json()["items"]
+    assert [job["id"] for job in listed] == [first.get_json()["id"]]
+
+
+def test_concurrent_retries_with_one_idempotency_key_make_one_job(api: Api) -> None:
+    """Four requests at once, one upload_id and one Idempotency-Key (a client retrying on a
+    timeout while the first is still running): one job (202), the others replay it (200)."""
+    headers = {**api.account(), "Idempotency-Key": "presigned-race"}
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    barrier = threading.Barrier(4)
+    answers: list[tuple[int, Any]] = []
+
+    def one() -> None:
+        client = api.client.application.test_client()
+        barrier.wait(timeout=10)
+        r = client.post("/api/v1/jobs", headers=headers, json={"upload_id": slot["id"]})
+        answers.append((r.status_code, r.get_json()))
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(status for status, _ in answers) == [200, 200, 200, 202], answers
+    assert len({body["id"] for _, body in answers}) == 1
+    assert api.ctx.queue.depth(INFERENCE_QUEUE) == 1
 
 
 def test_bytes_put_after_the_job_was_created_do_not_change_its_input(api: Api) -> None:
