@@ -11,7 +11,7 @@ from flask_jwt_extended import jwt_required
 
 from api import openapi
 from api.auth import current_user, require_role
-from api.domain import audit, intake, jobs, retention, uploads
+from api.domain import audit, intake, jobs, retention
 from api.domain.errors import (
     ArtifactNotFound,
     InvalidInput,
@@ -64,18 +64,10 @@ def submit_job() -> tuple[Response, int]:
         body = request.get_json(silent=True)
         fields = body if isinstance(body, dict) else {}
     raw_upload_id = fields.get("upload_id")
-    stored, job_id = None, None
+    upload_id = None
     if raw_upload_id and "file" not in request.files:
-        job_id = uuid.uuid4()
-        row, stored = uploads.claim(
-            db(),
-            settings=res.settings,
-            storage=res.storage,
-            org_id=user.org_id,
-            upload_id=parse_upload_id(raw_upload_id),
-            job_id=job_id,
-        )
-        upload = intake.Upload(data=b"", filename=row.filename, content_type=row.content_type)
+        upload_id = parse_upload_id(raw_upload_id)
+        upload = intake.Upload(data=b"", filename=None, content_type=None)
     else:
         upload = read_upload()
     submission = intake.submit(
@@ -89,8 +81,7 @@ def submit_job() -> tuple[Response, int]:
         callback_url=(str(fields.get("callback_url") or "")).strip() or None,
         client_ref=str(fields.get("client_ref") or "") or None,
         idempotency_key=request.headers.get("Idempotency-Key") or None,
-        stored=stored,
-        job_id=job_id,
+        upload_id=upload_id,
     )
     body = job_created(submission.job)
     response = jsonify(body)

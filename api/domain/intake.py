@@ -1,8 +1,10 @@
 """Submitting an upload: the one use case that owns its transaction, because order matters.
 
 1. check everything that can be checked cheaply (size, callback URL, idempotency key, broker up);
-2. put the bytes in the store;
-3. insert the job row and COMMIT (on failure: delete the bytes, answer database_unavailable);
+2. put the bytes in the store under the job's own key (a direct-to-store upload's bytes are read
+   from its slot and copied there, since its presigned URL can still overwrite the slot);
+3. insert the job row and COMMIT (on failure: delete the bytes, answer database_unavailable),
+   then delete the slot's copy;
 4. enqueue the id. If this last publish fails the row stays `queued` and the periodic sweep
    re-drives it, so the request still answers 202: nothing is lost, and the client holds an id.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from api.domain import audit, jobs
+from api.domain import audit, jobs, uploads
 from api.domain.errors import (
     BrokerUnavailable,
     DatabaseUnavailable,
@@ -29,7 +31,7 @@ from api.domain.errors import (
 from api.domain.models import Job
 from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB, Queue
 from api.domain.settings import Settings
-from api.domain.storage import Storage, StoredObject, job_key
+from api.domain.storage import Storage, job_key
 from api.domain.webhooks import check_callback_url
 
 log = logging.getLogger(__name__)
@@ -79,15 +81,14 @@ def submit(
     idempotency_key: str | None = None,
     batch_id: uuid.UUID | None = None,
     check_broker: bool = True,
-    stored: StoredObject | None = None,
-    job_id: uuid.UUID | None = None,
+    upload_id: uuid.UUID | None = None,
 ) -> Submission:
     """Store the upload, commit a queued job for it, then enqueue it (see the module docstring).
 
-    `stored`: the bytes are already in the store (a direct-to-store upload claimed in this
-    session, see api.domain.uploads); `upload.data` is then ignored and nothing is put or deleted.
+    `upload_id`: make the job from that direct-to-store upload (see api.domain.uploads) instead;
+    `upload` is then ignored. The same Idempotency-Key again replays the job made from it.
     """
-    if stored is None:
+    if upload_id is None:
         if not upload.data:
             raise MissingFile()
         if len(upload.data) > settings.max_upload_bytes:
@@ -106,7 +107,25 @@ def submit(
         )
     if callback_url:
         check_callback_url(callback_url, settings.webhook_allow_private)
-    sha256 = stored.sha256 if stored is not None else hashlib.sha256(upload.data).hexdigest()
+    job_id, slot_key = uuid.uuid4(), None
+    if upload_id is not None:
+        if idempotency_key is not None:
+            replay = uploads.replayed_job(
+                session, org_id=org_id, upload_id=upload_id, idempotency_key=idempotency_key
+            )
+            if replay is not None:
+                return Submission(job=replay, created=False, enqueued=False)
+        row, data = uploads.claim(
+            session,
+            settings=settings,
+            storage=storage,
+            org_id=org_id,
+            upload_id=upload_id,
+            job_id=job_id,
+        )
+        upload = Upload(data=data, filename=row.filename, content_type=row.content_type)
+        slot_key = row.key
+    sha256 = hashlib.sha256(upload.data).hexdigest()
 
     try:
         if idempotency_key is not None:
@@ -120,12 +139,8 @@ def submit(
     if check_broker:
         queue.ping()  # BrokerUnavailable before anything is written
 
-    job_id = job_id or uuid.uuid4()
-    owned = stored is None  # bytes this call put, so this call deletes them on failure
-    if stored is None:
-        key = job_key(org_id, job_id, "input")
-        stored = storage.put(key, upload.data, upload.content_type or "application/octet-stream")
-    key = stored.key
+    key = job_key(org_id, job_id, "input")
+    stored = storage.put(key, upload.data, upload.content_type or "application/octet-stream")
     try:
         job = jobs.create_job(
             session,
@@ -144,8 +159,7 @@ def submit(
     except IntegrityError:
         # Another request with the same Idempotency-Key committed first.
         session.rollback()
-        if owned:
-            storage.delete(key)
+        storage.delete(key)
         if idempotency_key is None:
             raise
         existing = _check_idempotent(session, org_id, idempotency_key, sha256)
@@ -154,14 +168,14 @@ def submit(
         return Submission(job=existing, created=False, enqueued=False)
     except OperationalError as exc:
         session.rollback()
-        if owned:
-            _delete_quietly(storage, key)
+        _delete_quietly(storage, key)
         raise DatabaseUnavailable() from exc
     except BaseException:
         session.rollback()
-        if owned:
-            _delete_quietly(storage, key)
+        _delete_quietly(storage, key)
         raise
+    if slot_key is not None:  # the job holds its own copy now; the sweep retries a failed delete
+        _delete_quietly(storage, slot_key)
 
     try:
         queue.enqueue(PROCESS_JOB, str(job.id), queue=INFERENCE_QUEUE)
@@ -176,4 +190,4 @@ def _delete_quietly(storage: Storage, key: str) -> None:
     try:
         storage.delete(key)
     except Exception:  # the bytes are orphaned; log loudly so an operator can clean up
-        log.exception("could not delete %s after a failed insert", key)
+        log.exception("could not delete %s", key)

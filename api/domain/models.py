@@ -255,11 +255,13 @@ class AuditEvent(Base):
 
 
 class UploadStatus(enum.StrEnum):
-    """A direct-to-store upload: pending until a job is created from it, or expired by the sweep."""
+    """A direct-to-store upload: pending until a job is created from it, or expired by the sweep;
+    used, then closed by the sweep once its presigned URL has run out."""
 
     PENDING = "pending"
     USED = "used"
     EXPIRED = "expired"
+    CLOSED = "closed"
 
 
 class PendingUpload(Base):

@@ -16,7 +16,7 @@ import boto3
 from botocore.client import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from api.domain.errors import InvalidKey, ObjectNotFound, StorageUnavailable
+from api.domain.errors import InvalidKey, ObjectNotFound, PayloadTooLarge, StorageUnavailable
 from api.domain.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Storage(Protocol):
 
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject: ...
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str, max_bytes: int | None = None) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -85,6 +85,13 @@ class Storage(Protocol):
     def size(self, key: str) -> int | None: ...
 
     def ping(self) -> None: ...
+
+
+def _within(data: bytes, max_bytes: int | None) -> bytes:
+    """`data` (read with at most one byte beyond `max_bytes`), or payload_too_large."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise PayloadTooLarge(details={"max_bytes": max_bytes})
+    return data
 
 
 def _stored(key: str, data: bytes, content_type: str) -> StoredObject:
@@ -122,13 +129,15 @@ class LocalStorage:
             raise
         return _stored(key, data, content_type)
 
-    def get(self, key: str) -> bytes:
-        """Read the bytes under `key` (ObjectNotFound if absent)."""
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Read the bytes under `key` (ObjectNotFound if absent, PayloadTooLarge past `max_bytes`)."""
         path = self._path(key)
         try:
-            return path.read_bytes()
+            with path.open("rb") as fh:
+                data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
         except (FileNotFoundError, IsADirectoryError) as exc:
             raise ObjectNotFound(details={"key": key}) from exc
+        return _within(data, max_bytes)
 
     def exists(self, key: str) -> bool:
         """Whether an object is stored under `key`."""
@@ -213,8 +222,9 @@ class S3Storage:
             raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
         return _stored(key, data, content_type)
 
-    def get(self, key: str) -> bytes:
-        """Download the bytes under `key` (ObjectNotFound if absent)."""
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Download the bytes under `key` (ObjectNotFound if absent, PayloadTooLarge past
+        `max_bytes`: then no more than one byte beyond it is read)."""
         check_key(key)
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
@@ -224,8 +234,12 @@ class S3Storage:
             raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
         except BotoCoreError as exc:
             raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
-        body: bytes = response["Body"].read()
-        return body
+        stream = response["Body"]
+        try:
+            body: bytes = stream.read() if max_bytes is None else stream.read(max_bytes + 1)
+        finally:
+            stream.close()  # a bounded read may leave the rest unread: drop the connection
+        return _within(body, max_bytes)
 
     def exists(self, key: str) -> bool:
         """Whether an object is stored under `key`."""

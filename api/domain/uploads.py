@@ -2,15 +2,16 @@
 
 `create` opens a slot (row `uploads`, status pending) and gives a presigned PUT URL (S3) or, for the
 local folder, None (the API's `PUT /api/v1/uploads/<id>` takes the bytes instead). `claim` turns a
-completed slot into a StoredObject for `intake.submit`: it must be the caller's organization's,
-pending, unexpired, and its object must exist within the size limit — never a job without bytes.
-`expire_stale` (the sweep) expires slots never used and deletes whatever bytes reached them.
+completed slot into the bytes `intake.submit` stores under the job's own key: it must be the caller's
+organization's, pending, unexpired, and its object must exist within the size limit — never a job
+without bytes. The presigned URL stays valid after that, so the job never reads the slot's key.
+`expire_stale` (the sweep) expires slots never used and deletes whatever bytes reached them, and
+deletes what a used slot's key received once its URL has run out.
 Services take the session first and flush; the caller commits.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import uuid
@@ -19,6 +20,7 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.domain import jobs
 from api.domain.errors import (
     InvalidInput,
     PayloadTooLarge,
@@ -27,9 +29,9 @@ from api.domain.errors import (
     UploadIncomplete,
     UploadNotFound,
 )
-from api.domain.models import PendingUpload, UploadStatus, utcnow
+from api.domain.models import Job, PendingUpload, UploadStatus, utcnow
 from api.domain.settings import Settings
-from api.domain.storage import Storage, StoredObject, upload_key
+from api.domain.storage import Storage, upload_key
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +81,39 @@ def create(
     return row, storage.upload_url_for(row.key, row.content_type or DEFAULT_CONTENT_TYPE, expires_s)
 
 
-def get_pending(
-    session: Session, upload_id: uuid.UUID, *, org_id: uuid.UUID, lock: bool = False
-) -> PendingUpload:
-    """The organization's pending, unexpired upload (row-locked when `lock`), else its error."""
+def _get(
+    session: Session, upload_id: uuid.UUID, *, org_id: uuid.UUID, lock: bool
+) -> PendingUpload | None:
+    """The organization's upload row (locked when `lock`) whatever its status, or None."""
     query = select(PendingUpload).where(PendingUpload.id == upload_id)
     if lock:
         query = query.with_for_update()
     row = session.scalars(query).one_or_none()
-    if row is None or row.org_id != org_id:
+    return row if row is not None and row.org_id == org_id else None
+
+
+def replayed_job(
+    session: Session, *, org_id: uuid.UUID, upload_id: uuid.UUID, idempotency_key: str
+) -> Job | None:
+    """The job a request with this Idempotency-Key already made from this upload, or None.
+
+    The upload's row is locked first, so a retry racing the first request waits for its commit.
+    """
+    row = _get(session, upload_id, org_id=org_id, lock=True)
+    if row is None or row.job_id is None:
+        return None
+    job = jobs.find_by_idempotency_key(session, org_id=org_id, key=idempotency_key)
+    return job if job is not None and job.id == row.job_id else None
+
+
+def get_pending(
+    session: Session, upload_id: uuid.UUID, *, org_id: uuid.UUID, lock: bool = False
+) -> PendingUpload:
+    """The organization's pending, unexpired upload (row-locked when `lock`), else its error."""
+    row = _get(session, upload_id, org_id=org_id, lock=lock)
+    if row is None:
         raise UploadNotFound(details={"upload_id": str(upload_id)})
-    if row.status is UploadStatus.USED:
+    if row.status in (UploadStatus.USED, UploadStatus.CLOSED):
         raise UploadAlreadyUsed(details={"upload_id": str(upload_id), "job_id": str(row.job_id)})
     if row.status is UploadStatus.EXPIRED or row.expires_at <= utcnow():
         raise UploadExpired(details={"upload_id": str(upload_id)})
@@ -104,42 +128,51 @@ def claim(
     org_id: uuid.UUID,
     upload_id: uuid.UUID,
     job_id: uuid.UUID,
-) -> tuple[PendingUpload, StoredObject]:
-    """Mark a completed upload used by `job_id` (flushed, row-locked) and describe its object.
+) -> tuple[PendingUpload, bytes]:
+    """Mark a completed upload used by `job_id` (flushed, row-locked) and read its bytes, once.
 
-    Raises upload_not_found, upload_already_used, upload_expired, upload_incomplete (nothing stored
-    yet) or payload_too_large (the object is deleted: it can never become a job).
+    The caller stores these bytes under a key of the job's own: the presigned URL can still
+    overwrite the upload's key. Raises upload_not_found, upload_already_used, upload_expired,
+    upload_incomplete (nothing stored yet) or payload_too_large (the object is deleted: it can
+    never become a job).
     """
     row = get_pending(session, upload_id, org_id=org_id, lock=True)
+    limit = settings.max_upload_bytes
     size = storage.size(row.key)
     if size is None or size == 0:
         raise UploadIncomplete(details={"upload_id": str(upload_id)})
-    if size > settings.max_upload_bytes:
+    try:
+        if size > limit:
+            raise PayloadTooLarge(details={"max_bytes": limit, "size": size})
+        data = storage.get(row.key, max_bytes=limit)  # bounded: it may have grown since
+    except PayloadTooLarge:
         storage.delete(row.key)  # never a job; the slot stays open for a smaller file until expiry
-        raise PayloadTooLarge(details={"max_bytes": settings.max_upload_bytes, "size": size})
-    data = storage.get(row.key)  # hashed here once; the worker reads the same object
+        raise
+    if not data:
+        raise UploadIncomplete(details={"upload_id": str(upload_id)})
     row.status, row.job_id = UploadStatus.USED, job_id
     session.flush()
-    stored = StoredObject(
-        key=row.key,
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        content_type=row.content_type or DEFAULT_CONTENT_TYPE,
-    )
-    return row, stored
+    return row, data
 
 
 def expire_stale(session: Session, storage: Storage, *, limit: int = 500) -> int:
-    """Expire pending uploads past their deadline and delete any bytes they received; how many."""
-    rows = session.scalars(
-        select(PendingUpload)
-        .where(PendingUpload.status == UploadStatus.PENDING, PendingUpload.expires_at < utcnow())
+    """Expire pending uploads past their deadline and delete any bytes they received; close used
+    ones past it (their URL has run out) and delete what reached their key late; how many."""
+    rows = session.execute(
+        select(PendingUpload, Job.input_key)
+        .outerjoin(Job, Job.id == PendingUpload.job_id)
+        .where(
+            PendingUpload.status.in_([UploadStatus.PENDING, UploadStatus.USED]),
+            PendingUpload.expires_at < utcnow(),
+        )
         .order_by(PendingUpload.expires_at)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(of=PendingUpload, skip_locked=True)
     ).all()
-    for row in rows:
-        storage.delete(row.key)  # absent keys are fine
-        row.status = UploadStatus.EXPIRED
+    for row, input_key in rows:
+        if input_key != row.key:  # jobs made before inputs were copied still read the upload's key
+            storage.delete(row.key)  # absent keys are fine
+        used = row.status is UploadStatus.USED
+        row.status = UploadStatus.CLOSED if used else UploadStatus.EXPIRED
     session.flush()
     return len(rows)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from api.domain.errors import InvalidKey, ObjectNotFound, StorageUnavailable
+from api.domain.errors import InvalidKey, ObjectNotFound, PayloadTooLarge, StorageUnavailable
 from api.domain.settings import Settings
 from api.domain.storage import LocalStorage, S3Storage, Storage, job_key, make_storage
 
@@ -54,6 +54,18 @@ def test_missing_key_is_object_not_found(store: Storage) -> None:
     with pytest.raises(ObjectNotFound) as info:
         store.get("org/job/nothing")
     assert info.value.code == "object_not_found"
+
+
+def test_a_bounded_get_refuses_more_bytes_than_allowed(store: Storage) -> None:
+    """`max_bytes` bounds what is read: exactly the limit comes back, one byte more is
+    payload_too_large, and an absent key is still object_not_found."""
+    store.put("org/upload/slice", b"x" * 100, "image/png")
+    assert store.get("org/upload/slice", max_bytes=100) == b"x" * 100
+    with pytest.raises(PayloadTooLarge) as info:
+        store.get("org/upload/slice", max_bytes=99)
+    assert info.value.code == "payload_too_large"
+    with pytest.raises(ObjectNotFound):
+        store.get("org/upload/nothing", max_bytes=99)
 
 
 def test_delete_is_idempotent(store: Storage) -> None:

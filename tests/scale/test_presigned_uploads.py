@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ from sqlalchemy import update
 
 from api.app import create_app
 from api.domain.models import Job, PendingUpload, UploadStatus, utcnow
+from api.domain.queue import INFERENCE_QUEUE
 from api.domain.settings import Settings
 from api.domain.storage import S3Storage, Storage, make_storage
+from api.resources import EXTENSION_KEY
 from tests.api.conftest import bearer, login, signup
 from worker import sweep
 from worker.context import WorkerContext
@@ -65,6 +68,23 @@ class Api:
     def create_job(self, headers: dict[str, str], upload_id: str) -> Any:
         """POST /api/v1/jobs with upload_id (JSON)."""
         return self.client.post("/api/v1/jobs", headers=headers, json={"upload_id": upload_id})
+
+    def download_input(self, headers: dict[str, str], job_id: str) -> bytes:
+        """The job's input as a user downloads it: the API's bytes, or its redirect's (S3)."""
+        r = self.client.get(f"/api/v1/jobs/{job_id}/artifacts/input", headers=headers)
+        if r.status_code == 302:
+            fetched = requests.get(r.headers["Location"], timeout=30)
+            assert fetched.status_code == 200
+            return fetched.content
+        assert r.status_code == 200, r.get_json()
+        return bytes(r.data)
+
+    def upload_key(self, upload_id: str) -> str:
+        """The store key a slot's bytes are PUT to."""
+        with self.ctx.sessions() as session:
+            row = session.get(PendingUpload, uuid.UUID(upload_id))
+            assert row is not None
+            return row.key
 
 
 @pytest.fixture(params=["s3", "local"])
@@ -231,3 +251,143 @@ def test_a_client_ref_with_nul_is_invalid_input(api: Api) -> None:
     )
     assert r.status_code == 422 and r.get_json()["error"]["details"]["field"] == "client_ref"
     assert api.create_job(headers, slot["id"]).status_code == 202  # the upload is still usable
+
+
+def test_a_retry_with_the_same_idempotency_key_replays_the_job(api: Api) -> None:
+    """The same upload_id and Idempotency-Key again: 200 and the first call's job (as multipart
+    replays do), nothing enqueued twice; another key or none: still 409 upload_already_used."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    keyed = {**headers, "Idempotency-Key": "presigned-0001"}
+    body = {"upload_id": slot["id"]}
+
+    first = api.client.post("/api/v1/jobs", headers=keyed, json=body)
+    assert first.status_code == 202, first.get_json()
+    again = api.client.post("/api/v1/jobs", headers=keyed, json=body)
+    assert again.status_code == 200, again.get_json()
+    assert again.get_json() == first.get_json()
+    assert api.ctx.queue.depth(INFERENCE_QUEUE) == 1
+
+    other = {**headers, "Idempotency-Key": "presigned-0002"}
+    for retry_headers in (other, headers):
+        r = api.client.post("/api/v1/jobs", headers=retry_headers, json=body)
+        assert r.status_code == 409 and r.get_json()["error"]["code"] == "upload_already_used"
+    listed = api.client.get("/api/v1/jobs", headers=headers).get_json()["items"]
+    assert [job["id"] for job in listed] == [first.get_json()["id"]]
+
+
+def test_concurrent_retries_with_one_idempotency_key_make_one_job(api: Api) -> None:
+    """Four requests at once, one upload_id and one Idempotency-Key (a client retrying on a
+    timeout while the first is still running): one job (202), the others replay it (200)."""
+    headers = {**api.account(), "Idempotency-Key": "presigned-race"}
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    barrier = threading.Barrier(4)
+    answers: list[tuple[int, Any]] = []
+
+    def one() -> None:
+        client = api.client.application.test_client()
+        barrier.wait(timeout=10)
+        r = client.post("/api/v1/jobs", headers=headers, json={"upload_id": slot["id"]})
+        answers.append((r.status_code, r.get_json()))
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(status for status, _ in answers) == [200, 200, 200, 202], answers
+    assert len({body["id"] for _, body in answers}) == 1
+    assert api.ctx.queue.depth(INFERENCE_QUEUE) == 1
+
+
+def test_bytes_put_after_the_job_was_created_do_not_change_its_input(api: Api) -> None:
+    """The presigned URL outlives the job's creation: a second PUT to it (S3 accepts it; the local
+    route refuses it) leaves the job's input, as a user downloads it, the bytes that were hashed.
+    The slot's own key holds nothing afterwards, and the sweep deletes late bytes once it expires."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    r = api.create_job(headers, slot["id"])
+    assert r.status_code == 202, r.get_json()
+    job_id = r.get_json()["id"]
+    key = api.upload_key(slot["id"])
+    assert api.storage.size(key) is None  # the job holds its own copy
+
+    other = b"\x89PNG\r\n\x1a\n" + b"other-bytes" * 100
+    status = api.put(slot, other, headers)
+    assert status == (200 if slot["direct"] else 409)
+    assert api.download_input(headers, job_id) == PNG
+    job = api.client.get(f"/api/v1/jobs/{job_id}", headers=headers).get_json()
+    assert job["input"]["sha256"] == hashlib.sha256(PNG).hexdigest()
+
+    with api.ctx.sessions.begin() as session:
+        session.execute(
+            update(PendingUpload)
+            .where(PendingUpload.id == uuid.UUID(slot["id"]))
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    sweep.run(context=api.ctx)
+    assert api.storage.size(key) is None
+    assert api.download_input(headers, job_id) == PNG
+    again = api.create_job(headers, slot["id"])
+    assert again.status_code == 409 and again.get_json()["error"]["code"] == "upload_already_used"
+
+
+def test_the_sweep_keeps_an_upload_key_that_a_job_reads(api: Api) -> None:
+    """Jobs created before inputs were copied read the upload's own key: expiring their slot must
+    not delete their input."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    r = api.create_job(headers, slot["id"])
+    assert r.status_code == 202, r.get_json()
+    key = api.upload_key(slot["id"])
+    api.storage.put(key, PNG, "image/png")
+    with api.ctx.sessions.begin() as session:
+        session.execute(
+            update(Job).where(Job.id == uuid.UUID(r.get_json()["id"])).values(input_key=key)
+        )
+        session.execute(
+            update(PendingUpload)
+            .where(PendingUpload.id == uuid.UUID(slot["id"]))
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    sweep.run(context=api.ctx)
+    assert api.download_input(headers, r.get_json()["id"]) == PNG
+
+
+@dataclass
+class GrowingStore:
+    """The real store, where the client PUTs a bigger file right after the size check answers."""
+
+    inner: Storage
+    bigger: bytes
+
+    def size(self, key: str) -> int | None:
+        """The size as stored now; then the object grows."""
+        size = self.inner.size(key)
+        self.inner.put(key, self.bigger, "image/png")
+        return size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_an_upload_that_grows_after_the_size_check_is_too_large(api: Api) -> None:
+    """The object grows past the limit between the size check and the read: 413
+    payload_too_large all the same, no job, and the bytes are not kept."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    app = api.client.application
+    real = app.extensions[EXTENSION_KEY].storage
+    app.extensions[EXTENSION_KEY].storage = GrowingStore(real, PNG + b"\0" * (2 * 1024 * 1024))
+    try:
+        r = api.create_job(headers, slot["id"])
+    finally:
+        app.extensions[EXTENSION_KEY].storage = real
+    assert r.status_code == 413 and r.get_json()["error"]["code"] == "payload_too_large"
+    assert api.client.get("/api/v1/jobs", headers=headers).get_json()["items"] == []
+    assert api.storage.size(api.upload_key(slot["id"])) is None
