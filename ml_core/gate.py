@@ -1296,6 +1296,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(see val_criterion, choose_candidate), or the last epoch",
     )
     parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="no training: score every kept epoch_NN weights of --checkpoint-dir again on "
+        "validation (with this --localiser and --area-ramps), then choose as --select says",
+    )
+    parser.add_argument(
         "--area-ramps",
         default="{:g}:{:g}".format(*AREA_RAMP_PX512),
         help="candidate area ramps lo:hi (px at 512 scale), comma separated; with --select val "
@@ -1353,9 +1359,10 @@ def run(args: argparse.Namespace) -> int:
     state: dict[str, Any] = json.loads(state_path.read_text()) if start else {}
     history: list[dict[str, Any]] = list(state.get("history", []))
 
-    def record(epoch: int) -> None:
+    def record(epoch: int, *, save: bool = True) -> None:
         """Validation criterion of the current weights (per candidate ramp); their copy for the choice."""
-        cnn.save_weights(str(ckpt_dir / f"epoch_{epoch:02d}.weights.h5"))
+        if save:
+            cnn.save_weights(str(ckpt_dir / f"epoch_{epoch:02d}.weights.h5"))
         if localiser is None:
             scored = [(ramps[0], score_groups(gate, val_groups), True)]
         else:
@@ -1391,7 +1398,16 @@ def run(args: argparse.Namespace) -> int:
                 groups,
             )
 
-    if start == 0 and args.init is not None:
+    if getattr(args, "rescore", False):
+        history = []
+        kept = sorted(ckpt_dir.glob("epoch_*.weights.h5"))
+        if not kept:
+            raise SystemExit(f"--rescore: no epoch_NN.weights.h5 in {ckpt_dir}")
+        for path in kept:
+            cnn.load_weights(str(path))
+            record(int(path.name.split("_")[1].split(".")[0]), save=False)
+        start = args.epochs
+    elif start == 0 and args.init is not None:
         record(0)  # the starting weights compete with the fine-tuned epochs
 
     if start < args.epochs:
@@ -1512,7 +1528,8 @@ def run(args: argparse.Namespace) -> int:
         "training_command": f"python -m ml_core.gate --epochs {args.epochs} --steps {args.steps} "
         f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} "
         f"--mr-share {args.mr_share} --select {args.select} --area-ramps {args.area_ramps}"
-        + (f" --init {args.init}" if args.init is not None else ""),
+        + (f" --init {args.init}" if args.init is not None else "")
+        + (f" --rescore --localiser {args.localiser}" if getattr(args, "rescore", False) else ""),
     }
     (out / CARD_NAME).write_text(json.dumps(card, indent=1) + "\n")
     log.info("wrote %s (%.2f MB)", out, weights.stat().st_size / 1e6)
