@@ -52,6 +52,8 @@ INPUT_SIZE = 128
 WEIGHTS_NAME = "gate.weights.h5"
 CARD_NAME = "gate.json"
 STAGING_DIR = Path(__file__).with_name("models") / "_staging" / "gate"
+#: Folder (beside ``gate/`` in an artifact) of the optional second localiser (``LiverGate.second``).
+SECOND_LOCALISER_DIR = "localiser_second"
 CHECKPOINT_DIR = Path("/work/checkpoints/gate")
 #: CT slices farther than this from the liver's z-extent are negatives ("below/above the liver").
 FAR_MM = 25.0
@@ -111,6 +113,9 @@ class LiverGate:
     score = P_cnn(abdominal CT/MR slice in an abdominal window) x ramp(liver area), where the
     liver area comes from the localiser (pixels at 512x512 scale) and the ramp rises linearly
     from 0 at ``area_ramp[0]`` to 1 at ``area_ramp[1]``. Without a localiser, score = P_cnn.
+    With a ``second`` localiser the liver area is the larger of the two (either finding the
+    liver is evidence: each misses liver tips the other finds); the first one's output is the
+    one shared with the classifier's crop.
     """
 
     def __init__(
@@ -122,11 +127,14 @@ class LiverGate:
         area_ramp: tuple[float, float] = AREA_RAMP_PX512,
         card: dict[str, Any] | None = None,
         onnx_forward: Any = None,
+        second: Localiser | None = None,
     ) -> None:
         import tensorflow as tf
 
         self.cnn = cnn  # the Keras CNN (training, and the TensorFlow forward)
         self.localiser = localiser
+        #: a second localiser whose liver area also counts (the larger wins), or None
+        self.second = second if localiser is not None else None
         self.threshold = float(threshold)
         self.area_ramp = (float(area_ramp[0]), float(area_ramp[1]))
         self.card = card or {}
@@ -166,6 +174,9 @@ class LiverGate:
     ) -> LiverGate:
         """Load ``gate.json`` + weights (sha256 verified) and the localiser beside it (``../localiser``).
 
+        A gate calibrated with a second localiser (``second_localiser_sha256`` in its card) also
+        loads ``../localiser_second`` (sha256 verified against the card).
+
         ``runtime`` ("auto" | "tf" | "onnx", see ``onnx_runtime.forward_for``) picks what runs
         the CNN (and the localiser loaded here); the ONNX exports are listed in the card of the
         artifact holding this folder (``artifact``, default <path>/../model_card.json).
@@ -182,6 +193,18 @@ class LiverGate:
             )
         if localiser is not None and card.get("localiser_sha256") != localiser.card.get("sha256"):
             raise ModelLoadError("the gate was calibrated with another localiser (sha256 differs)")
+        second = None
+        if card.get("second_localiser_sha256"):
+            second = Localiser.load(
+                folder.parent / SECOND_LOCALISER_DIR,
+                runtime=runtime,
+                artifact=artifact,
+                part="localiser_second",
+            )
+            if second.card.get("sha256") != card["second_localiser_sha256"]:
+                raise ModelLoadError(
+                    "the gate was calibrated with another second localiser (sha256 differs)"
+                )
         try:
             cnn = build_gate_cnn(int(card.get("input_size", INPUT_SIZE)))
             cnn.load_weights(str(folder / str(card.get("weights", WEIGHTS_NAME))))
@@ -199,6 +222,7 @@ class LiverGate:
             area_ramp=(ramp[0], ramp[1]),
             card=card,
             onnx_forward=onnx_forward,
+            second=second,
         )
 
     def p_cnn(self, batch: np.ndarray) -> np.ndarray:
@@ -208,11 +232,16 @@ class LiverGate:
         return np.asarray(self._forward(batch).numpy(), np.float32)
 
     def liver_area_px512(
-        self, slices_u8: Sequence[np.ndarray], probs: Sequence[np.ndarray]
+        self,
+        slices_u8: Sequence[np.ndarray],
+        probs: Sequence[np.ndarray],
+        localiser: Localiser | None = None,
     ) -> np.ndarray:
-        """The localiser's liver area (N,) in pixels at 512x512 scale from its letterboxed maps."""
-        assert self.localiser is not None
-        size, thr = self.localiser.input_size, self.localiser.threshold
+        """A localiser's liver area (N,) in pixels at 512x512 scale from its letterboxed maps
+        (``localiser``: default the first one)."""
+        loc = localiser if localiser is not None else self.localiser
+        assert loc is not None
+        size, thr = loc.input_size, loc.threshold
         out = np.zeros(len(probs), np.float64)
         for i, (s, p) in enumerate(zip(slices_u8, probs, strict=True)):
             h, w = np.shape(s)[:2]
@@ -235,6 +264,8 @@ class LiverGate:
         p_cnn = self.p_cnn(batch.astype(np.float32))
         if self.localiser is None:
             return p_cnn
+        if self.second is not None:  # the second localiser needs the slices themselves
+            raise ValueError("score_batch does not serve a gate with a second localiser: use score")
         size = self.localiser.input_size
         xl = x if size == self.input_size else tf.image.resize(x, (size, size), "area")
         probs = self.localiser.probabilities_small(xl.numpy())
@@ -257,7 +288,8 @@ class LiverGate:
         return [float(s) for s in p_cnn * area_ramp(area, self.area_ramp).astype(np.float32)]
 
     def score_parts(self, slices_u8: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """The two pieces of evidence per slice: P_cnn (N,) and the localiser's area at 512 scale (N,).
+        """The two pieces of evidence per slice: P_cnn (N,) and the localiser's area at 512 scale (N,)
+        (the larger of the two localisers' areas when there is a second one).
 
         ``score`` is ``P_cnn x area_ramp(area)``; the parts let one scoring serve several ramps
         (the ramp is chosen on validation). Needs a localiser.
@@ -277,6 +309,9 @@ class LiverGate:
         else:
             p_cnn = self.p_cnn(batch)
         area = self.liver_area_px512(slices_u8, [p for p in probs if p is not None])
+        if self.second is not None:
+            maps = self.second.small_probabilities(slices_u8, keys)
+            area = np.maximum(area, self.liver_area_px512(slices_u8, maps, self.second))
         return np.asarray(p_cnn, np.float32), area
 
     def accepts(self, slices_u8: list[np.ndarray]) -> list[bool]:
@@ -1276,6 +1311,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=STAGING_DIR.parent / "localiser",
         help="localiser artifact used to pseudo-label unlabelled 8-bit slices (optional)",
     )
+    parser.add_argument(
+        "--second-localiser",
+        type=Path,
+        default=None,
+        help="a second localiser folder whose liver area also counts (the larger of the two); "
+        "the artifact ships it as localiser_second/",
+    )
     parser.add_argument("--checkpoint-dir", type=Path, default=CHECKPOINT_DIR)
     parser.add_argument("--out", type=Path, default=STAGING_DIR, help="artifact folder to write")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
@@ -1353,7 +1395,9 @@ def run(args: argparse.Namespace) -> int:
         cnn.load_weights(str(args.init))
         log.info("starting from %s", args.init)
     ramps = parse_ramps(args.area_ramps)
-    gate = LiverGate(cnn, localiser, threshold=0.5, area_ramp=ramps[0])
+    second_path = getattr(args, "second_localiser", None)
+    second = Localiser.load(second_path) if second_path is not None else None
+    gate = LiverGate(cnn, localiser, threshold=0.5, area_ramp=ramps[0], second=second)
     val_pools = GatePools("val", localiser, seed=1, shrink=4096)
     val_groups = evaluation_set(val_pools, seed=101)
     state: dict[str, Any] = json.loads(state_path.read_text()) if start else {}
@@ -1496,8 +1540,10 @@ def run(args: argparse.Namespace) -> int:
         "input_size": INPUT_SIZE,
         "input": "uint8 grey slice letterboxed (aspect kept, zero padded) to 128 px, values 0..255",
         "localiser_sha256": localiser.card.get("sha256") if localiser else None,
+        "second_localiser_sha256": second.card.get("sha256") if second else None,
         "area_ramp_px512": list(gate.area_ramp),
-        "score": "P_cnn x clip((localiser liver px at 512 - ramp[0]) / (ramp[1] - ramp[0]), 0, 1)",
+        "score": "P_cnn x clip((localiser liver px at 512 - ramp[0]) / (ramp[1] - ramp[0]), 0, 1)"
+        + ("; liver px: the larger of the two localisers'" if second else ""),
         "threshold": threshold,
         "threshold_rule": "on validation: midpoint (logit) between the highest negative score and the 1% quantile "
         "of liver slices; if they overlap, just above the highest negative (strictness first); negatives: "
@@ -1529,7 +1575,8 @@ def run(args: argparse.Namespace) -> int:
         f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} "
         f"--mr-share {args.mr_share} --select {args.select} --area-ramps {args.area_ramps}"
         + (f" --init {args.init}" if args.init is not None else "")
-        + (f" --rescore --localiser {args.localiser}" if getattr(args, "rescore", False) else ""),
+        + (f" --rescore --localiser {args.localiser}" if getattr(args, "rescore", False) else "")
+        + (f" --second-localiser {second_path}" if second_path is not None else ""),
     }
     (out / CARD_NAME).write_text(json.dumps(card, indent=1) + "\n")
     log.info("wrote %s (%.2f MB)", out, weights.stat().st_size / 1e6)

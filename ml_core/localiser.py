@@ -221,13 +221,19 @@ class Localiser:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, runtime: str = "auto", artifact: dict[str, Any] | None = None
+        cls,
+        path: str | Path,
+        *,
+        runtime: str = "auto",
+        artifact: dict[str, Any] | None = None,
+        part: str = "localiser",
     ) -> Localiser:
         """Load a localiser folder (``localiser.json`` + weights), verifying the sha256 first.
 
         ``runtime`` ("auto" | "tf" | "onnx", see ``onnx_runtime.forward_for``) picks what runs
         the U-Net; its ONNX export is listed in the card of the artifact holding this folder
-        (``artifact``, default <path>/../model_card.json; none: TensorFlow under "auto").
+        (``artifact``, default <path>/../model_card.json; none: TensorFlow under "auto") as
+        ``part`` (``onnx_runtime.PARTS``: "localiser", or the gate's "localiser_second").
         """
         from ml_core import onnx_runtime
 
@@ -243,7 +249,7 @@ class Localiser:
                 "localiser weights do not load", detail=type(exc).__name__
             ) from exc
         onnx_forward = onnx_runtime.forward_for(
-            folder.parent, artifact, "localiser", runtime, weights_sha256=card.get("sha256")
+            folder.parent, artifact, part, runtime, weights_sha256=card.get("sha256")
         )
         return cls(
             model,

@@ -62,6 +62,7 @@ PARTS = {
     "classifier": Part("onnx", ONNX_FILE, DEFAULT_THREADS),
     "localiser": Part("onnx_localiser", "localiser/localiser.onnx", 1),
     "gate": Part("onnx_gate", "gate/gate.onnx", 1),
+    "localiser_second": Part("onnx_localiser_second", "localiser_second/localiser.onnx", 1),
 }
 
 
@@ -306,7 +307,11 @@ def _jobs(clf: Any, card: dict[str, Any], parts: list[str], volume: Path | None)
                 )
             )
             continue
-        model = clf._localiser if part == "localiser" else clf.gate()
+        model = {
+            "localiser": lambda: clf._localiser,
+            "gate": clf.gate,
+            "localiser_second": lambda: clf.gate().second,
+        }[part]()
         size = int(model.input_size)
         x = slice_inputs(size, volume)
         jobs.append(

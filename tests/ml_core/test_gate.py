@@ -345,3 +345,54 @@ def test_gate_accepts_99_percent_of_the_held_out_patients_liver_slices_in_every_
         slices = [_slice_u8(_png(D.window_u8(vol.hu[z], w, lvl))) for z in zs]
         scores = np.concatenate([gate.score(slices[i : i + 32]) for i in range(0, len(slices), 32)])
         assert (scores >= gate.threshold).mean() >= 0.99, f"W{w}/L{lvl}"
+
+
+def _with_second_localiser(tmp_path: Path, *, sha: str | None = None) -> Path:
+    """A tiny artifact whose gate also counts a second (differently initialised) localiser."""
+    import keras
+
+    from ml_core import localiser as L
+    from ml_core.classifier import CARD, seal_card, write_untrained_artifact
+    from ml_core.localiser import sha256_file
+
+    folder = write_untrained_artifact(tmp_path / "art", gate_threshold=0.0)
+    second = folder / G.SECOND_LOCALISER_DIR
+    second.mkdir()
+    keras.utils.set_random_seed(11)
+    L.build_unet(32, 4).save_weights(str(second / L.WEIGHTS_NAME))
+    lcard = json.loads((folder / "localiser" / L.CARD_NAME).read_text())
+    lcard["sha256"] = sha256_file(second / L.WEIGHTS_NAME)
+    (second / L.CARD_NAME).write_text(json.dumps(lcard))
+    gcard = json.loads((folder / "gate" / G.CARD_NAME).read_text())
+    gcard["second_localiser_sha256"] = sha or lcard["sha256"]
+    (folder / "gate" / G.CARD_NAME).write_text(json.dumps(gcard))
+    card = json.loads((folder / CARD).read_text())
+    card["files"] = {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CARD
+    }
+    (folder / CARD).write_text(json.dumps(seal_card(card)))
+    return folder
+
+
+def test_a_gate_with_a_second_localiser_counts_the_larger_liver_area(tmp_path: Path) -> None:
+    from ml_core.classifier import Classifier
+
+    gate = Classifier.load(_with_second_localiser(tmp_path), runtime="tf").gate()
+    assert gate.second is not None and gate.localiser is not None
+    rng = np.random.default_rng(5)
+    slices = [rng.integers(0, 256, (64, 48), dtype=np.uint8) for _ in range(6)]
+    _p, area = gate.score_parts(slices)
+    first = gate.liver_area_px512(slices, gate.localiser.small_probabilities(slices))
+    other = gate.liver_area_px512(slices, gate.second.small_probabilities(slices), gate.second)
+    assert not np.array_equal(first, other)  # two different networks
+    np.testing.assert_allclose(area, np.maximum(first, other))
+
+
+def test_a_gate_refuses_a_second_localiser_it_was_not_calibrated_with(tmp_path: Path) -> None:
+    from ml_core.classifier import Classifier
+
+    clf = Classifier.load(_with_second_localiser(tmp_path, sha="0" * 64), runtime="tf")
+    with pytest.raises(MLCoreError, match="second localiser"):
+        clf.gate()
