@@ -590,10 +590,12 @@ def render_stored(ctx: WorkerContext, job_id: uuid.UUID) -> str | None:
     with session_scope(ctx.sessions) as session:
         locked = jobs.lock(session, job_id)  # the purge locks it too: one sees the other
         if retention.get_deletion(session, job_id) is not None:
-            # Deleted while rendering: nothing derived from the upload may stay behind.
-            for key in (stored.report_key, stored.overlay_sc_key, stored.sr_key):
-                if key is not None:
-                    ctx.storage.delete(key)
+            # Deleted while rendering: nothing derived from the upload may stay behind (what the
+            # store fails to delete now is left to the sweep).
+            keys = [stored.report_key, stored.overlay_sc_key, stored.sr_key]
+            retention.delete_or_defer(
+                session, ctx.storage, [k for k in keys if k is not None], job_id=job_id
+            )
             return None
         jobs.set_report_key(session, job_id, stored.report_key, locked=locked)
     return stored.report_key

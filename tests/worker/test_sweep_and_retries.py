@@ -28,13 +28,20 @@ def test_sweep_re_enqueues_a_queued_job_whose_message_was_lost(ctx: WorkerContex
     fresh = make_job(ctx, b"bytes")
     _age(ctx, Job, stuck, "updated_at", ctx.settings.sweep_deadline_s + 5)
 
-    assert sweep.run(context=ctx) == {"jobs": 1, "webhooks": 0, "uploads": 0, "secrets": 0}
+    assert sweep.run(context=ctx) == {
+        "jobs": 1,
+        "webhooks": 0,
+        "uploads": 0,
+        "secrets": 0,
+        "deletions_pending": 0,
+    }
     assert queued_tasks(broker, "inference") == [("liverscan.process_job", [str(stuck)])]
     assert sweep.run(context=ctx) == {
         "jobs": 0,
         "webhooks": 0,
         "uploads": 0,
         "secrets": 0,
+        "deletions_pending": 0,
     }  # not again before another deadline
     assert load_job(ctx, fresh).status is JobStatus.QUEUED
 
@@ -60,7 +67,13 @@ def test_sweep_re_drives_an_overdue_webhook_attempt(ctx: WorkerContext, broker) 
         row_id = webhooks.schedule(session, job, ctx)
     _age(ctx, WebhookDelivery, row_id, "next_attempt_at", ctx.settings.sweep_deadline_s + 5)
 
-    assert sweep.run(context=ctx) == {"jobs": 0, "webhooks": 1, "uploads": 0, "secrets": 0}
+    assert sweep.run(context=ctx) == {
+        "jobs": 0,
+        "webhooks": 1,
+        "uploads": 0,
+        "secrets": 0,
+        "deletions_pending": 0,
+    }
     assert queued_tasks(broker, "webhooks") == [("liverscan.deliver_webhook", [str(row_id)])]
 
 
