@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -81,6 +81,19 @@ class ReportInput:
     heatmap: np.ndarray | None = None  # float32 (H, W) in [0, 1]; the PDF uses the overlay
     card: dict[str, Any] | None = None  # the model card, only when its sha256 matches `model`
     generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class JobFacts(TypedDict):
+    """The fields of a ReportInput that come from the job's row (read inside its transaction)."""
+
+    client_ref: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    input_sha256: str | None
+    label: str
+    probability: float
+    threshold: float
+    checks: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -553,7 +566,7 @@ def render_stored(ctx: WorkerContext, job_id: uuid.UUID) -> str | None:
         if job.report_key is not None and ctx.storage.exists(job.report_key):
             return job.report_key
         model = ModelInfo(job.model_name or "", job.model_version or "", job.model_sha256 or "")
-        facts = {
+        facts: JobFacts = {
             "client_ref": job.client_ref,
             "created_at": job.created_at,
             "started_at": job.started_at,
