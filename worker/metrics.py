@@ -48,6 +48,11 @@ MODEL_BUSY = Counter(
     "liverscan_worker_model_busy_seconds_total",
     "Seconds spent inside batched model calls (rate() of it: the model's utilisation, 0..1).",
 )
+DELETIONS_PENDING = Gauge(
+    "liverscan_store_deletions_pending",
+    "Store objects of deleted jobs whose deletion failed and that the sweep still retries (as "
+    "last counted by the sweep in this process; above 0 for long: the store refuses deletes).",
+)
 
 
 class Utilisation:

@@ -223,9 +223,8 @@ def _finish(
     with session_scope(ctx.sessions) as session:
         current = jobs.lock(session, jid)
         deleted = current is not None and retention.get_deletion(session, jid) is not None
-        if deleted:
-            for key in stored:
-                ctx.storage.delete(key)
+        if deleted:  # what the store fails to delete now is left to the sweep
+            retention.delete_or_defer(session, ctx.storage, list(stored), job_id=jid)
         if current is not None and current.status.is_terminal:
             # A concurrent delivery of the same job finished first: it owns the webhook.
             return current.status

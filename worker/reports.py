@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -81,6 +81,19 @@ class ReportInput:
     heatmap: np.ndarray | None = None  # float32 (H, W) in [0, 1]; the PDF uses the overlay
     card: dict[str, Any] | None = None  # the model card, only when its sha256 matches `model`
     generated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class JobFacts(TypedDict):
+    """The fields of a ReportInput that come from the job's row (read inside its transaction)."""
+
+    client_ref: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    input_sha256: str | None
+    label: str
+    probability: float
+    threshold: float
+    checks: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -553,7 +566,7 @@ def render_stored(ctx: WorkerContext, job_id: uuid.UUID) -> str | None:
         if job.report_key is not None and ctx.storage.exists(job.report_key):
             return job.report_key
         model = ModelInfo(job.model_name or "", job.model_version or "", job.model_sha256 or "")
-        facts = {
+        facts: JobFacts = {
             "client_ref": job.client_ref,
             "created_at": job.created_at,
             "started_at": job.started_at,
@@ -590,10 +603,12 @@ def render_stored(ctx: WorkerContext, job_id: uuid.UUID) -> str | None:
     with session_scope(ctx.sessions) as session:
         locked = jobs.lock(session, job_id)  # the purge locks it too: one sees the other
         if retention.get_deletion(session, job_id) is not None:
-            # Deleted while rendering: nothing derived from the upload may stay behind.
-            for key in (stored.report_key, stored.overlay_sc_key, stored.sr_key):
-                if key is not None:
-                    ctx.storage.delete(key)
+            # Deleted while rendering: nothing derived from the upload may stay behind (what the
+            # store fails to delete now is left to the sweep).
+            keys = [stored.report_key, stored.overlay_sc_key, stored.sr_key]
+            retention.delete_or_defer(
+                session, ctx.storage, [k for k in keys if k is not None], job_id=job_id
+            )
             return None
         jobs.set_report_key(session, job_id, stored.report_key, locked=locked)
     return stored.report_key

@@ -16,7 +16,7 @@ from api.domain.db import session_scope
 from api.domain.errors import LiverscanError
 from api.domain.models import JobStatus, WebhookDelivery, utcnow
 from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB
-from worker import webhooks
+from worker import metrics, webhooks
 from worker.context import WorkerContext, get_context
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,9 @@ def _step(ctx: WorkerContext, what: str, work: Callable[[Session], T], skipped: 
 def run(*, context: WorkerContext | None = None) -> dict[str, int]:
     """Re-enqueue jobs processing past SWEEP_DEADLINE_S, jobs queued past it whose message is not
     waiting in the inference queue (lost), and overdue webhook attempts; delete the bytes of jobs
-    past RETENTION_DAYS; expire direct-to-store uploads never used; seal batches whose request
-    died; seal webhook secrets stored in plaintext or under a previous key."""
+    past RETENTION_DAYS and retry the deletions the store failed; expire direct-to-store uploads
+    never used; seal batches whose request died; seal webhook secrets stored in plaintext or
+    under a previous key."""
     ctx = context or get_context()
     deadline = timedelta(seconds=ctx.settings.sweep_deadline_s)
     now = utcnow()
@@ -91,6 +92,18 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
             lambda s: retention.apply_retention(s, ctx.storage, ctx.settings.retention_days),
             None,
         )
+    # Objects of deleted jobs that the store failed to delete (an outage during a DELETE or the
+    # retention step above): retried until they are gone, and counted where operators look.
+    pending = _step(
+        ctx,
+        "retrying store deletions",
+        lambda s: retention.retry_deletions(s, ctx.storage),
+        None,
+    )
+    if pending is not None:
+        metrics.DELETIONS_PENDING.set(pending)
+    if pending:
+        log.warning("sweep: %d store objects still to delete (their jobs were deleted)", pending)
     # Direct-to-store uploads never turned into a job: expire them, delete their bytes.
     expired_uploads = _step(
         ctx, "expiring uploads", lambda s: uploads.expire_stale(s, ctx.storage), 0
@@ -122,4 +135,5 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
         "webhooks": len(delivery_ids),
         "uploads": expired_uploads,
         "secrets": resealed,
+        "deletions_pending": pending or 0,
     }

@@ -64,10 +64,17 @@ def unseal(settings: Settings, stored: str) -> str:
 
 
 def reseal_webhook_secrets(session: Session, settings: Settings) -> int:
-    """Seal plaintext secrets and re-seal those under a previous key; returns how many changed."""
+    """Seal plaintext secrets and re-seal those under a previous key; returns how many changed.
+
+    With no previous key configured no row can be under one: only plaintext rows are read, and
+    sealed ones are neither decrypted (every sweep) nor reported again when no key opens them.
+    """
     current = _box(settings.secrets_key, ())
     changed = 0
-    for org in session.scalars(select(Organization)):
+    rows = select(Organization)
+    if not settings.secrets_keys_previous:
+        rows = rows.where(~Organization.webhook_secret.startswith(PREFIX, autoescape=True))
+    for org in session.scalars(rows):
         stored = org.webhook_secret
         if stored.startswith(PREFIX):
             try:

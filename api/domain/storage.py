@@ -250,6 +250,8 @@ class S3Storage:
             if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
                 return False
             raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
         return True
 
     def delete(self, key: str) -> None:

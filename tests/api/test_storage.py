@@ -134,6 +134,17 @@ def test_s3_unreachable_is_storage_unavailable() -> None:
     assert info.value.code == "storage_unavailable"
 
 
+@pytest.mark.parametrize("operation", ["put", "get", "exists", "size", "delete"])
+def test_every_s3_call_to_an_unreachable_store_is_storage_unavailable(operation: str) -> None:
+    """Callers (deletion, retention, the sweep) handle one error for an outage, whatever the call."""
+    store = S3Storage(
+        "nope", endpoint_url="http://127.0.0.1:1", access_key_id="a", secret_access_key="b"
+    )
+    args: dict[str, tuple[object, ...]] = {"put": ("org/job/input", b"x", "image/png")}
+    with pytest.raises(StorageUnavailable):
+        getattr(store, operation)(*args.get(operation, ("org/job/input",)))
+
+
 def test_make_storage_follows_settings(tmp_path: Path, s3_endpoint: str) -> None:
     local = make_storage(Settings(env="test", data_dir=tmp_path))
     assert isinstance(local, LocalStorage) and local.root == (tmp_path / "store").resolve()

@@ -8,9 +8,12 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from sqlalchemy import select
+from flask import Flask
+from prometheus_client import REGISTRY
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.domain.models import AuditEvent, Job, JobStatus, Role, utcnow
@@ -19,13 +22,18 @@ from api.domain.retention import JobDeletion
 from api.domain.storage import (
     DICOM_OVERLAY_NAME,
     DICOM_SR_NAME,
+    REPORT_PDF_NAME,
     LocalStorage,
     S3Storage,
     Storage,
     job_key,
 )
 from tests.api.conftest import bearer, login, png_bytes, signup, submit
+from tests.live_stack import TcpProxy, port_in
 from tests.security.conftest import REDIS_URL, AppFactory, add_member
+
+if TYPE_CHECKING:
+    from worker.context import WorkerContext
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -42,6 +50,25 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
     )
     s3.ensure_bucket()
     yield s3
+
+
+@pytest.fixture
+def s3_behind_proxy(s3_endpoint: str) -> Iterator[tuple[S3Storage, TcpProxy]]:
+    """An S3 bucket on the moto server, reached through a proxy the test can take down (an
+    outage of the store: connections refused and reset), and the proxy."""
+    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]), port_in(18300, 18349))
+    proxy.up()
+    s3 = S3Storage(
+        f"sec-{uuid.uuid4().hex[:12]}",
+        endpoint_url=f"http://127.0.0.1:{proxy.port}",
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+    s3.ensure_bucket()
+    try:
+        yield s3, proxy
+    finally:
+        proxy.down()
 
 
 def _finish(session: Session, store: Storage, job_id: str, *, days_ago: float) -> Job:
@@ -117,15 +144,29 @@ def test_deleting_a_dicom_job_also_removes_its_dicom_outputs(
     assert mark is not None and mark.objects_deleted == 4
 
 
+def _sweep_context(
+    app: Flask, store: Storage, sessions: sessionmaker[Session], engine: Engine
+) -> WorkerContext:
+    """The worker context of a sweep run against the app's settings, store and test transaction."""
+    from worker.context import WorkerContext
+
+    return WorkerContext(
+        settings=app.extensions["liverscan"].settings,
+        engine=engine,
+        sessions=sessions,
+        storage=store,
+        queue=CeleryQueue(REDIS_URL),
+    )
+
+
 def test_sweep_purges_jobs_past_the_retention_period_only(
     make_security_app: AppFactory,
     store: Storage,
     session: Session,
     session_factory: sessionmaker[Session],
-    security_engine: object,
+    security_engine: Engine,
 ) -> None:
     from worker import sweep
-    from worker.context import WorkerContext
 
     app = make_security_app(storage=store, retention_days=30)
     client = app.test_client()
@@ -137,15 +178,7 @@ def test_sweep_purges_jobs_past_the_retention_period_only(
     old_keys = [old.input_key, old.heatmap_key]
     recent_keys = [recent.input_key, recent.heatmap_key]
 
-    settings = app.extensions["liverscan"].settings
-    ctx = WorkerContext(
-        settings=settings,
-        engine=security_engine,  # type: ignore[arg-type]
-        sessions=session_factory,
-        storage=store,
-        queue=CeleryQueue(REDIS_URL),
-    )
-    sweep.run(context=ctx)
+    sweep.run(context=_sweep_context(app, store, session_factory, security_engine))
 
     assert not any(store.exists(k) for k in old_keys if k)
     assert all(store.exists(k) for k in recent_keys if k)
@@ -213,3 +246,80 @@ def test_retention_is_off_by_default(tmp_path: Path) -> None:
     from api.domain.settings import Settings
 
     assert Settings(env="test", data_dir=tmp_path).retention_days == 0
+
+
+def _pending_metric() -> float | None:
+    return REGISTRY.get_sample_value("liverscan_store_deletions_pending")
+
+
+def test_a_job_deleted_while_the_store_is_down_loses_its_bytes_when_the_store_is_back(
+    make_security_app: AppFactory,
+    s3_behind_proxy: tuple[S3Storage, TcpProxy],
+    session: Session,
+    session_factory: sessionmaker[Session],
+    security_engine: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The admin's DELETE during a store outage is answered (the job reads as deleted at once);
+    the objects it could not delete are owed, counted by the sweep, and deleted by the first
+    sweep after the store is back."""
+    from worker import sweep
+
+    store, proxy = s3_behind_proxy
+    app = make_security_app(storage=store)
+    client = app.test_client()
+    headers = bearer(login(client, signup(client)["email"])["access_token"])
+    job_id = submit(client, headers).get_json()["id"]
+    job = _finish(session, store, job_id, days_ago=0)
+    unrecorded_pdf = job_key(job.org_id, job.id, REPORT_PDF_NAME)  # a render cut short
+    store.put(unrecorded_pdf, b"%PDF report", "application/pdf")
+    keys = [job.input_key, job.heatmap_key, unrecorded_pdf]
+    ctx = _sweep_context(app, store, session_factory, security_engine)
+
+    with proxy.outage():
+        r = client.delete(f"/api/v1/jobs/{job_id}", headers=headers)
+        assert r.status_code == 200, r.get_json()
+        assert r.get_json()["deleted"] is True
+        assert client.get(f"/api/v1/jobs/{job_id}", headers=headers).status_code == 410
+        with caplog.at_level("WARNING", logger="worker.sweep"):
+            sweep.run(context=ctx)  # still down: nothing is dropped
+        assert "store objects still to delete" in caplog.text
+        owed = _pending_metric()
+        assert owed is not None and owed >= 3
+    assert all(store.exists(k) for k in keys if k)  # the outage kept them
+
+    assert sweep.run(context=ctx)["deletions_pending"] == 0
+    assert not any(store.exists(k) for k in keys if k)
+    assert _pending_metric() == 0
+    mark = session.get(JobDeletion, uuid.UUID(job_id))
+    assert mark is not None and mark.reason == "admin"
+
+
+def test_retention_during_a_store_outage_deletes_the_bytes_once_the_store_is_back(
+    make_security_app: AppFactory,
+    s3_behind_proxy: tuple[S3Storage, TcpProxy],
+    session: Session,
+    session_factory: sessionmaker[Session],
+    security_engine: Engine,
+) -> None:
+    """A job past the retention period is no longer served even while the store is down, and its
+    bytes leave the store with the first sweep after the outage."""
+    from worker import sweep
+
+    store, proxy = s3_behind_proxy
+    app = make_security_app(storage=store, retention_days=30)
+    client = app.test_client()
+    headers = bearer(login(client, signup(client)["email"])["access_token"])
+    old = _finish(session, store, submit(client, headers).get_json()["id"], days_ago=31)
+    keys = [old.input_key, old.heatmap_key]
+    ctx = _sweep_context(app, store, session_factory, security_engine)
+
+    with proxy.outage():
+        sweep.run(context=ctx)
+        assert client.get(f"/api/v1/jobs/{old.id}", headers=headers).status_code == 410
+    assert all(store.exists(k) for k in keys if k)
+
+    sweep.run(context=ctx)
+    assert not any(store.exists(k) for k in keys if k)
+    mark = session.get(JobDeletion, old.id)
+    assert mark is not None and mark.reason == "retention"

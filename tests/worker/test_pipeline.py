@@ -16,8 +16,10 @@ from worker_support import load_job, make_job, queued_tasks
 
 from api.domain import retention
 from api.domain.models import Job, JobStatus
-from api.domain.storage import StoredObject
+from api.domain.settings import Settings
+from api.domain.storage import REPORT_PDF_NAME, S3Storage, StoredObject, job_key
 from ml_core.classifier import Classifier
+from tests.live_stack import TcpProxy, port_in
 from worker import model_cache, pipeline
 from worker.context import WorkerContext
 
@@ -247,6 +249,65 @@ def test_a_report_rendered_while_the_job_is_deleted_is_not_kept(
     assert stored == ["report.pdf"]  # it was rendered and stored before the deletion
     assert load_job(ctx, job_id).report_key is None
     assert _kept_objects(ctx, job_id) == []
+
+
+@pytest.fixture
+def s3_ctx_behind_proxy(
+    settings: Settings, s3_endpoint: str, broker
+) -> Iterator[tuple[WorkerContext, TcpProxy]]:
+    """The worker's context on an S3 bucket of the moto server reached through a proxy the test
+    can take down (a store outage), and the proxy."""
+    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]), port_in(18350, 18399))
+    proxy.up()
+    context = WorkerContext.from_settings(
+        settings.model_copy(
+            update={
+                "storage_backend": "s3",
+                "s3_endpoint_url": f"http://127.0.0.1:{proxy.port}",
+                "s3_bucket": f"worker-{uuid.uuid4().hex[:12]}",
+                "aws_access_key_id": "test",
+                "aws_secret_access_key": "test",
+            }
+        )
+    )
+    assert isinstance(context.storage, S3Storage)
+    context.storage.ensure_bucket()
+    try:
+        yield context, proxy
+    finally:
+        proxy.down()
+        context.engine.dispose()
+
+
+def test_a_report_the_store_fails_to_delete_after_a_deletion_is_deleted_by_the_sweep(
+    s3_ctx_behind_proxy: tuple[WorkerContext, TcpProxy], classifier: Classifier, slice_png: bytes
+) -> None:
+    """An admin deletes the job while its PDF renders (the purge sees no PDF yet), and the store
+    goes down before the render can delete what it stored: the PDF is owed, not forgotten, and
+    the first sweep after the outage deletes it."""
+    from worker import reports, sweep
+
+    ctx, proxy = s3_ctx_behind_proxy
+    model_cache.set_classifier(classifier)
+    job_id = make_job(ctx, slice_png)
+    assert pipeline.run(job_id, context=ctx) is JobStatus.SUCCEEDED
+    pdf = job_key(load_job(ctx, job_id).org_id, job_id, REPORT_PDF_NAME)
+    put = ctx.storage.put
+
+    def deleted_then_stored_then_outage(key: str, data: bytes, content_type: str) -> StoredObject:
+        _purge(ctx, job_id)
+        out = put(key, data, content_type)
+        proxy.down()
+        return out
+
+    ctx.storage.put = deleted_then_stored_then_outage  # type: ignore[method-assign]
+    assert reports.render_stored(ctx, job_id) is None
+    assert load_job(ctx, job_id).report_key is None
+    proxy.up()
+    assert ctx.storage.exists(pdf)  # the outage kept it
+
+    assert sweep.run(context=ctx)["deletions_pending"] == 0
+    assert not ctx.storage.exists(pdf)
 
 
 def test_a_report_stored_but_never_recorded_goes_with_the_job(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from datetime import timedelta
 
-from sqlalchemy import update
+import pytest
+from sqlalchemy import delete, update
 from worker_support import load_job, make_job, queued_tasks
 
 from api.domain import jobs
@@ -28,13 +31,20 @@ def test_sweep_re_enqueues_a_queued_job_whose_message_was_lost(ctx: WorkerContex
     fresh = make_job(ctx, b"bytes")
     _age(ctx, Job, stuck, "updated_at", ctx.settings.sweep_deadline_s + 5)
 
-    assert sweep.run(context=ctx) == {"jobs": 1, "webhooks": 0, "uploads": 0, "secrets": 0}
+    assert sweep.run(context=ctx) == {
+        "jobs": 1,
+        "webhooks": 0,
+        "uploads": 0,
+        "secrets": 0,
+        "deletions_pending": 0,
+    }
     assert queued_tasks(broker, "inference") == [("liverscan.process_job", [str(stuck)])]
     assert sweep.run(context=ctx) == {
         "jobs": 0,
         "webhooks": 0,
         "uploads": 0,
         "secrets": 0,
+        "deletions_pending": 0,
     }  # not again before another deadline
     assert load_job(ctx, fresh).status is JobStatus.QUEUED
 
@@ -60,7 +70,13 @@ def test_sweep_re_drives_an_overdue_webhook_attempt(ctx: WorkerContext, broker) 
         row_id = webhooks.schedule(session, job, ctx)
     _age(ctx, WebhookDelivery, row_id, "next_attempt_at", ctx.settings.sweep_deadline_s + 5)
 
-    assert sweep.run(context=ctx) == {"jobs": 0, "webhooks": 1, "uploads": 0, "secrets": 0}
+    assert sweep.run(context=ctx) == {
+        "jobs": 0,
+        "webhooks": 1,
+        "uploads": 0,
+        "secrets": 0,
+        "deletions_pending": 0,
+    }
     assert queued_tasks(broker, "webhooks") == [("liverscan.deliver_webhook", [str(row_id)])]
 
 
@@ -193,3 +209,42 @@ def test_sweep_seals_plaintext_secrets_and_rotates_keys(ctx: WorkerContext) -> N
         )
         sweep.run(context=ctx)  # back under the suite's key for the tests after this one
         ctx.settings = ctx.settings.model_copy(update={"secrets_key_previous": ""})
+
+
+def test_without_a_previous_key_the_sweep_only_seals_plaintext_secrets(
+    ctx: WorkerContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With LIVERSCAN_SECRETS_KEY_PREVIOUS empty no row can be under an old key: the sweep seals
+    plaintext rows and leaves sealed ones alone. A row no configured key opens (sealed elsewhere)
+    is not decrypted again every sweep, so the log does not repeat an error for it each run."""
+    from api.domain import secrets
+    from api.domain.models import Organization
+
+    assert ctx.settings.secrets_keys_previous == ()
+    elsewhere = ctx.settings.model_copy(update={"secrets_key": "elsewhere-" + "e" * 40})
+    foreign = secrets.seal(elsewhere, "whsec_sealed_elsewhere")
+    with ctx.sessions.begin() as session:
+        orgs = [
+            Organization(name="plain clinic", webhook_secret="whsec_still_plain"),
+            Organization(name="restored clinic", webhook_secret=foreign),
+        ]
+        session.add_all(orgs)
+        session.flush()
+        plain_id, foreign_id = (org.id for org in orgs)
+
+    def stored(org_id: uuid.UUID) -> str:
+        with ctx.sessions() as session:
+            row = session.get(Organization, org_id)
+            assert row is not None
+            return row.webhook_secret
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="api.domain.secrets"):
+            results = [sweep.run(context=ctx)["secrets"] for _ in range(3)]
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert results[0] >= 1 and results[1:] == [0, 0]
+        assert secrets.unseal(ctx.settings, stored(plain_id)) == "whsec_still_plain"
+        assert stored(foreign_id) == foreign  # untouched, still readable with its own key
+    finally:
+        with ctx.sessions.begin() as session:
+            session.execute(delete(Organization).where(Organization.id.in_([plain_id, foreign_id])))
