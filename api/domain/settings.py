@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     report_wait_s: float = Field(default=20.0, ge=0)
 
     cors_origins: list[str] = Field(default_factory=list)  # empty = CORS off
+    # Reverse proxies in front of the API that append the client to X-Forwarded-For (werkzeug's
+    # ProxyFix x_for): the client address the rate limits and the lockout see is the one that
+    # many hops from the right. 0 = the connection's peer, the header ignored (a client could
+    # write anything there). Set it only when every request reaches the API through the proxies.
+    trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
     hsts: bool | None = None  # Strict-Transport-Security; default: on when jwt_cookie_secure
 
     # Rate limits (flask-limiter syntax, per client address; submit per user). None = on, except

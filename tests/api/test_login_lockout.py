@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,21 +25,37 @@ from tests.api.conftest import PASSWORD, base_settings, make_app, signup
 CLINIC = "198.51.100.10"  # where the clinician works
 HOME = "198.51.100.20"  # where the clinician also signs in
 ATTACKER = "203.0.113.66"  # somewhere the account never signed in from
+PROXY = "10.0.0.2"  # a reverse proxy in front of the API: every connection comes from it
 WRONG = "wrong-password-1"
+
+ClientFactory = Callable[..., FlaskClient]
 
 
 @pytest.fixture
-def client(
+def make_client(
     tmp_path: Path,
     database_url: str,
     session_factory: sessionmaker[Session],
     storage: Storage,
     broker: redis.Redis,
     engine: Engine,
-) -> FlaskClient:
-    """An app that locks after 3 failures for 600 s (rate limits off, as in every API test)."""
-    settings = base_settings(tmp_path, database_url, login_max_failures=3, login_lockout_s=600)
-    return make_app(settings, session_factory, storage, engine=engine).test_client()
+) -> ClientFactory:
+    """Build a client of an app that locks after 3 failures for 600 s (rate limits off, as in
+    every API test), with further settings overrides."""
+
+    def build(**overrides: object) -> FlaskClient:
+        settings = base_settings(
+            tmp_path, database_url, login_max_failures=3, login_lockout_s=600, **overrides
+        )
+        return make_app(settings, session_factory, storage, engine=engine).test_client()
+
+    return build
+
+
+@pytest.fixture
+def client(make_client: ClientFactory) -> FlaskClient:
+    """The client of an app with the default settings otherwise (no trusted proxy)."""
+    return make_client()
 
 
 def _login(
@@ -138,6 +155,20 @@ def test_a_forwarded_for_header_does_not_make_an_address_familiar(client: FlaskC
         assert _login(client, email, WRONG, ATTACKER, **spoof)[0] == 401
     assert _login(client, email, PASSWORD, ATTACKER, **spoof)[:2] == (423, "account_locked")
     assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+
+
+def test_behind_a_trusted_proxy_its_clients_are_told_apart(make_client: ClientFactory) -> None:
+    """With LIVERSCAN_TRUSTED_PROXY_HOPS=1 every connection comes from the proxy; the client is
+    the address the proxy appended to X-Forwarded-For, not one the client wrote there itself."""
+    client = make_client(trusted_proxy_hops=1)
+    email = signup(client)["email"]
+    clinic = {"X-Forwarded-For": CLINIC}
+    forged = {"X-Forwarded-For": f"{CLINIC}, {ATTACKER}"}  # the attacker's lie, then the proxy's
+    assert _login(client, email, PASSWORD, PROXY, **clinic)[0] == 200
+    for _ in range(3):
+        assert _login(client, email, WRONG, PROXY, **forged)[:2] == (401, "invalid_credentials")
+    assert _login(client, email, PASSWORD, PROXY, **forged)[:2] == (423, "account_locked")
+    assert _login(client, email, PASSWORD, PROXY, **clinic)[0] == 200
 
 
 def test_only_the_last_ten_addresses_are_familiar(client: FlaskClient) -> None:
