@@ -171,6 +171,56 @@ def test_behind_a_trusted_proxy_its_clients_are_told_apart(make_client: ClientFa
     assert _login(client, email, PASSWORD, PROXY, **clinic)[0] == 200
 
 
+@pytest.mark.parametrize(("days", "familiar"), [(89, True), (91, False)])
+def test_an_address_stays_familiar_for_ninety_days_after_its_last_sign_in(
+    client: FlaskClient, session: Session, days: int, familiar: bool
+) -> None:
+    """LIVERSCAN_LOGIN_FAMILIAR_DAYS (90): an address last signed in from longer ago is treated
+    like any other, so a lockout of unfamiliar addresses covers it too."""
+    email = signup(client)["email"]
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+    session.execute(update(LoginAddress).values(last_login_at=utcnow() - timedelta(days=days)))
+    session.commit()
+    for _ in range(3):
+        assert _login(client, email, WRONG, ATTACKER)[0] == 401
+    assert _login(client, email, PASSWORD, CLINIC)[0] == (200 if familiar else 423)
+
+
+def test_a_stale_address_signing_in_again_is_familiar_again(
+    client: FlaskClient, session: Session
+) -> None:
+    """Its sign-in counts as one from an unfamiliar address (it resets the email's shared count)
+    and makes it familiar for another 90 days."""
+    email = signup(client)["email"]
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+    session.execute(update(LoginAddress).values(last_login_at=utcnow() - timedelta(days=120)))
+    session.commit()
+    for _ in range(2):
+        assert _login(client, email, WRONG, ATTACKER)[0] == 401
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+    for _ in range(3):
+        assert _login(client, email, WRONG, ATTACKER)[0] == 401  # the shared count restarted
+    assert _login(client, email, PASSWORD, ATTACKER)[:2] == (423, "account_locked")
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+
+
+def test_stale_addresses_are_forgotten(client: FlaskClient, session: Session) -> None:
+    """accounts.forget_stale_addresses (run by the sweep) deletes only addresses past the age."""
+    email = signup(client)["email"]
+    for address in (CLINIC, HOME):
+        assert _login(client, email, PASSWORD, address)[0] == 200
+    session.execute(
+        update(LoginAddress)
+        .where(LoginAddress.address == HOME)
+        .values(last_login_at=utcnow() - timedelta(days=91))
+    )
+    settings = client.application.extensions["liverscan"].settings
+    assert accounts.forget_stale_addresses(session, settings) == 1
+    user_id = session.scalars(select(User.id).where(User.email == email)).one()
+    rows = session.scalars(select(LoginAddress.address).where(LoginAddress.user_id == user_id))
+    assert list(rows) == [CLINIC]
+
+
 def test_only_the_last_ten_addresses_are_familiar(client: FlaskClient) -> None:
     email = signup(client)["email"]
     addresses = [f"192.0.2.{n}" for n in range(1, 12)]
@@ -182,8 +232,11 @@ def test_only_the_last_ten_addresses_are_familiar(client: FlaskClient) -> None:
     assert all(_login(client, email, PASSWORD, a)[0] == 200 for a in addresses[1:])
 
 
-def test_two_first_logins_from_one_address_at_once_both_succeed(pg_url: str) -> None:
+def test_two_first_logins_from_one_address_at_once_both_succeed(
+    pg_url: str, tmp_path: Path
+) -> None:
     """The second waits for the first's row on PostgreSQL, then uses it (no 500, one row)."""
+    settings = base_settings(tmp_path, pg_url)
     engine = create_engine(pg_url)
     factory = sessionmaker(bind=engine, expire_on_commit=False)
     with factory() as setup:
@@ -199,14 +252,14 @@ def test_two_first_logins_from_one_address_at_once_both_succeed(pg_url: str) -> 
     def second() -> None:
         try:
             with factory() as other:
-                accounts.remember_address(other, other.get_one(User, user.id), CLINIC)
+                accounts.remember_address(other, settings, other.get_one(User, user.id), CLINIC)
                 other.commit()
         except BaseException as exc:  # reported below
             errors.append(exc)
 
     try:
         with factory() as first:
-            accounts.remember_address(first, first.get_one(User, user.id), CLINIC)
+            accounts.remember_address(first, settings, first.get_one(User, user.id), CLINIC)
             thread = threading.Thread(target=second)
             thread.start()
             thread.join(0.5)  # blocked on the first's uncommitted row
