@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     # many hops from the right. 0 = the connection's peer, the header ignored (a client could
     # write anything there). Set it only when every request reaches the API through the proxies.
     trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
+    # Bearer token Prometheus must send for the API's /metrics (Authorization: Bearer <token>).
+    # Empty = /metrics is public: restrict it at the ingress to the scraper's network instead.
+    metrics_token: str = ""
     hsts: bool | None = None  # Strict-Transport-Security; default: on when jwt_cookie_secure
 
     # Rate limits (flask-limiter syntax, per client address; submit per user). None = on, except
