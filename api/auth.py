@@ -209,7 +209,12 @@ def authenticate_counted(email: str, password: str) -> User:
     session, settings, address = db(), resources().settings, client_address()
     try:
         return accounts.authenticate(
-            session, accounts.make_hasher(settings), email=email, password=password, address=address
+            session,
+            accounts.make_hasher(settings),
+            settings=settings,
+            email=email,
+            password=password,
+            address=address,
         )
     except accounts.AccountLocked:
         session.rollback()

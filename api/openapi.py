@@ -292,8 +292,12 @@ SPEC: dict[str, Any] = {
         },
         "/metrics": {
             "get": _op(
-                "Prometheus metrics",
-                {"200": {"description": "text exposition", "content": {"text/plain": {}}}},
+                "Prometheus metrics (with LIVERSCAN_METRICS_TOKEN set: Authorization: Bearer "
+                "<that token>, else 401 unauthorized)",
+                {
+                    "200": {"description": "text exposition", "content": {"text/plain": {}}},
+                    "401": _ERR,
+                },
                 auth=False,
             )
         },

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Iterator, Sequence
 from statistics import quantiles
 from typing import Any
 
-from flask import Blueprint, Flask, Response, jsonify
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from api.auth import Unauthenticated
 from api.domain.db import ping as db_ping
 from api.domain.errors import LiverscanError
 from api.domain.models import Job, JobStatus
@@ -152,10 +154,21 @@ def init_metrics(app: Flask) -> None:
     app.extensions["liverscan_metrics"] = registry
 
 
+def scraper_allowed(token: str, authorization: str) -> bool:
+    """Whether a request with this Authorization header may read /metrics: any request when no
+    token is configured, else one sending `Bearer <token>` (compared in constant time)."""
+    if not token:
+        return True
+    scheme, _, given = authorization.strip().partition(" ")
+    matches = hmac.compare_digest(given.strip().encode(), token.encode())
+    return scheme.lower() == "bearer" and matches
+
+
 @bp.get("/metrics")
 def metrics() -> Response:
-    """Prometheus text exposition."""
-    from flask import current_app
-
+    """Prometheus text exposition (401 unauthorized without LIVERSCAN_METRICS_TOKEN when set)."""
+    token = resources().settings.metrics_token
+    if not scraper_allowed(token, request.headers.get("Authorization", "")):
+        raise Unauthenticated("/metrics needs Authorization: Bearer <LIVERSCAN_METRICS_TOKEN>.")
     registry: CollectorRegistry = current_app.extensions["liverscan_metrics"]
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

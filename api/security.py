@@ -15,6 +15,7 @@ from flask_jwt_extended import get_jwt, verify_jwt_in_request
 from flask_jwt_extended.exceptions import JWTExtendedException
 from flask_limiter import Limiter, RateLimitExceeded
 from jwt.exceptions import PyJWTError
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from api.domain import retention
 from api.domain.errors import Forbidden, LiverscanError
@@ -83,9 +84,20 @@ def _own_session() -> Iterator[None]:
 
 def client_address() -> str:
     """The client's address as the rate limits and the login lockout see it: the connection's peer
-    (`request.remote_addr`). No header can change it unless the app is wrapped in werkzeug's
-    ProxyFix (behind a reverse proxy), which then takes it from the proxy's X-Forwarded-For."""
+    (`request.remote_addr`), or behind LIVERSCAN_TRUSTED_PROXY_HOPS proxies the address the
+    outermost of them put in X-Forwarded-For (init_proxy). No other header changes it."""
     return request.remote_addr or "unknown"
+
+
+def init_proxy(app: Flask, settings: Settings) -> None:
+    """Behind `trusted_proxy_hops` reverse proxies, take the client address from X-Forwarded-For
+    (that many entries from the right: the ones the proxies appended, never a client's own).
+    Only the address: scheme and host stay the connection's."""
+    hops = settings.trusted_proxy_hops
+    if hops:
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=hops, x_proto=0, x_host=0, x_port=0, x_prefix=0
+        )
 
 
 def client_key() -> str:
@@ -216,6 +228,7 @@ def init_policies(app: Flask) -> None:
 
 def init_security(app: Flask, settings: Settings) -> None:
     """Everything above, in the order the app factory needs (after the blueprints)."""
+    init_proxy(app, settings)
     init_headers(app, settings)
     init_rate_limits(app, settings)
     init_policies(app)

@@ -11,7 +11,7 @@ from typing import TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.domain import batches, jobs, retention, secrets, uploads
+from api.domain import accounts, batches, jobs, retention, secrets, uploads
 from api.domain.db import session_scope
 from api.domain.errors import LiverscanError
 from api.domain.models import JobStatus, WebhookDelivery, utcnow
@@ -128,6 +128,13 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
     )
     if resealed:
         log.info("sweep sealed %d webhook secrets under the current key", resealed)
+    # Sign-in addresses unused for LOGIN_FAMILIAR_DAYS are no longer familiar: forget them.
+    _step(
+        ctx,
+        "forgetting stale sign-in addresses",
+        lambda s: accounts.forget_stale_addresses(s, ctx.settings),
+        0,
+    )
     if job_ids or delivery_ids:
         log.info("sweep re-drove %d jobs and %d webhook attempts", len(job_ids), len(delivery_ids))
     return {

@@ -178,30 +178,41 @@ def address_key(address: str | None) -> str:
     return (address or "").replace("\x00", "").strip()[:MAX_ADDRESS_LENGTH] or "unknown"
 
 
-def familiar_address(session: Session, email: str, address: str | None) -> LoginAddress | None:
-    """The account's remembered address if the account with this email signed in from it, else
-    None (also for unknown emails: one query either way)."""
+def familiar_since(settings: Settings) -> datetime:
+    """The oldest last sign-in that still makes an address familiar (LOGIN_FAMILIAR_DAYS ago)."""
+    return utcnow() - timedelta(days=settings.login_familiar_days)
+
+
+def familiar_address(
+    session: Session, settings: Settings, email: str, address: str | None
+) -> LoginAddress | None:
+    """The account's remembered address if the account with this email signed in from it within
+    LOGIN_FAMILIAR_DAYS, else None (also for unknown emails: one query either way)."""
     return session.scalars(
         select(LoginAddress)
         .join(User, User.id == LoginAddress.user_id)
-        .where(User.email == _email_key(email), LoginAddress.address == address_key(address))
+        .where(
+            User.email == _email_key(email),
+            LoginAddress.address == address_key(address),
+            LoginAddress.last_login_at >= familiar_since(settings),
+        )
     ).one_or_none()
 
 
 def _counter(
-    session: Session, email: str, address: str | None
+    session: Session, settings: Settings, email: str, address: str | None
 ) -> LoginAddress | LoginThrottle | None:
     """The failure count that governs a login from `address`: the address's own when it is
     familiar, else the email's count shared by every unfamiliar address."""
-    return familiar_address(session, email, address) or session.get(
+    return familiar_address(session, settings, email, address) or session.get(
         LoginThrottle, _email_key(email)
     )
 
 
-def check_not_locked(session: Session, email: str, address: str | None) -> None:
+def check_not_locked(session: Session, settings: Settings, email: str, address: str | None) -> None:
     """Raise AccountLocked (details.retry_after_s) while logins for this email from this address
     are locked out."""
-    counter = _counter(session, email, address)
+    counter = _counter(session, settings, email, address)
     if counter is None or counter.locked_until is None:
         return
     remaining = (counter.locked_until - utcnow()).total_seconds()
@@ -214,7 +225,7 @@ def record_failed_login(
 ) -> LoginAddress | LoginThrottle:
     """Count a failed login against the familiar address it came from, else against the email's
     unfamiliar addresses; from the max-th on, lock for lockout_s doubled per extra failure."""
-    counter = _counter(session, email, address)
+    counter = _counter(session, settings, email, address)
     if counter is None:
         counter = LoginThrottle(email=_email_key(email), failures=0)
         session.add(counter)
@@ -240,16 +251,20 @@ def clear_failed_logins(session: Session, email: str) -> None:
     session.execute(delete(LoginThrottle).where(LoginThrottle.email == _email_key(email)))
 
 
-def remember_address(session: Session, user: User, address: str | None) -> LoginAddress:
+def remember_address(
+    session: Session, settings: Settings, user: User, address: str | None
+) -> LoginAddress:
     """Record a successful login from `address`: it becomes (or stays) familiar with its count
     reset; only the MAX_FAMILIAR_ADDRESSES most recently used are kept. A success from an
-    unfamiliar address also resets the email's unfamiliar-address count (as before smart lockout);
-    one from a familiar address leaves it alone, so a clinician's logins never hand whoever is
-    guessing from elsewhere a fresh set of tries."""
+    unfamiliar address (one never used, or not within LOGIN_FAMILIAR_DAYS) also resets the email's
+    unfamiliar-address count (as before smart lockout); one from a familiar address leaves it
+    alone, so a clinician's logins never hand whoever is guessing from elsewhere a fresh set of
+    tries."""
     key, now = address_key(address), utcnow()
     row = session.get(LoginAddress, (user.id, key))
-    if row is None:
+    if row is None or row.last_login_at < familiar_since(settings):
         clear_failed_logins(session, user.email)
+    if row is None:
         row = LoginAddress(user_id=user.id, address=key, last_login_at=now, failures=0)
         try:
             with session.begin_nested():
@@ -274,15 +289,30 @@ def remember_address(session: Session, user: User, address: str | None) -> Login
     return row
 
 
+def forget_stale_addresses(session: Session, settings: Settings) -> int:
+    """Delete remembered addresses not signed in from within LOGIN_FAMILIAR_DAYS (no longer
+    familiar anyway); returns how many."""
+    result = session.execute(
+        delete(LoginAddress).where(LoginAddress.last_login_at < familiar_since(settings))
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def authenticate(
-    session: Session, hasher: PasswordHasher, *, email: str, password: str, address: str | None
+    session: Session,
+    hasher: PasswordHasher,
+    *,
+    settings: Settings,
+    email: str,
+    password: str,
+    address: str | None,
 ) -> User:
     """The user with these credentials, else InvalidCredentials (same answer for unknown emails);
     AccountLocked while logins for the email from `address` (the client's address) are locked
     out (the caller records failures and commits them)."""
     if "\x00" in email:  # no account has one (signup refuses it), and PostgreSQL cannot compare it
         raise InvalidCredentials()
-    check_not_locked(session, email, address)
+    check_not_locked(session, settings, email, address)
     user = session.scalars(select(User).where(User.email == _email_key(email))).one_or_none()
     if user is None:
         # Spend the same time as a real check so response times do not reveal which emails exist.
@@ -297,7 +327,7 @@ def authenticate(
         raise InvalidCredentials() from exc
     if hasher.check_needs_rehash(user.password_hash):
         user.password_hash = hasher.hash(password)
-    remember_address(session, user, address)
+    remember_address(session, settings, user, address)
     audit.record(session, "login", org_id=user.org_id, user_id=user.id)
     return user
 

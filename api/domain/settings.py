@@ -110,6 +110,14 @@ class Settings(BaseSettings):
     report_wait_s: float = Field(default=20.0, ge=0)
 
     cors_origins: list[str] = Field(default_factory=list)  # empty = CORS off
+    # Reverse proxies in front of the API that append the client to X-Forwarded-For (werkzeug's
+    # ProxyFix x_for): the client address the rate limits and the lockout see is the one that
+    # many hops from the right. 0 = the connection's peer, the header ignored (a client could
+    # write anything there). Set it only when every request reaches the API through the proxies.
+    trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
+    # Bearer token Prometheus must send for the API's /metrics (Authorization: Bearer <token>).
+    # Empty = /metrics is public: restrict it at the ingress to the scraper's network instead.
+    metrics_token: str = ""
     hsts: bool | None = None  # Strict-Transport-Security; default: on when jwt_cookie_secure
 
     # Rate limits (flask-limiter syntax, per client address; submit per user). None = on, except
@@ -123,6 +131,9 @@ class Settings(BaseSettings):
     # address (one of the user's last sign-in addresses); each further failure doubles it (≤ a day).
     login_max_failures: int = Field(default=5, ge=1)
     login_lockout_s: int = Field(default=900, ge=1)
+    # An address stays familiar this many days after its last successful sign-in; then it is
+    # counted like any other (and the sweep forgets it).
+    login_familiar_days: int = Field(default=90, ge=1, le=3650)
 
     # Days after a job finishes before the sweep deletes its upload and artifacts; 0 = keep.
     retention_days: int = Field(default=0, ge=0)

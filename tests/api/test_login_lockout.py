@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,21 +25,37 @@ from tests.api.conftest import PASSWORD, base_settings, make_app, signup
 CLINIC = "198.51.100.10"  # where the clinician works
 HOME = "198.51.100.20"  # where the clinician also signs in
 ATTACKER = "203.0.113.66"  # somewhere the account never signed in from
+PROXY = "10.0.0.2"  # a reverse proxy in front of the API: every connection comes from it
 WRONG = "wrong-password-1"
+
+ClientFactory = Callable[..., FlaskClient]
 
 
 @pytest.fixture
-def client(
+def make_client(
     tmp_path: Path,
     database_url: str,
     session_factory: sessionmaker[Session],
     storage: Storage,
     broker: redis.Redis,
     engine: Engine,
-) -> FlaskClient:
-    """An app that locks after 3 failures for 600 s (rate limits off, as in every API test)."""
-    settings = base_settings(tmp_path, database_url, login_max_failures=3, login_lockout_s=600)
-    return make_app(settings, session_factory, storage, engine=engine).test_client()
+) -> ClientFactory:
+    """Build a client of an app that locks after 3 failures for 600 s (rate limits off, as in
+    every API test), with further settings overrides."""
+
+    def build(**overrides: object) -> FlaskClient:
+        settings = base_settings(
+            tmp_path, database_url, login_max_failures=3, login_lockout_s=600, **overrides
+        )
+        return make_app(settings, session_factory, storage, engine=engine).test_client()
+
+    return build
+
+
+@pytest.fixture
+def client(make_client: ClientFactory) -> FlaskClient:
+    """The client of an app with the default settings otherwise (no trusted proxy)."""
+    return make_client()
 
 
 def _login(
@@ -140,6 +157,70 @@ def test_a_forwarded_for_header_does_not_make_an_address_familiar(client: FlaskC
     assert _login(client, email, PASSWORD, CLINIC)[0] == 200
 
 
+def test_behind_a_trusted_proxy_its_clients_are_told_apart(make_client: ClientFactory) -> None:
+    """With LIVERSCAN_TRUSTED_PROXY_HOPS=1 every connection comes from the proxy; the client is
+    the address the proxy appended to X-Forwarded-For, not one the client wrote there itself."""
+    client = make_client(trusted_proxy_hops=1)
+    email = signup(client)["email"]
+    clinic = {"X-Forwarded-For": CLINIC}
+    forged = {"X-Forwarded-For": f"{CLINIC}, {ATTACKER}"}  # the attacker's lie, then the proxy's
+    assert _login(client, email, PASSWORD, PROXY, **clinic)[0] == 200
+    for _ in range(3):
+        assert _login(client, email, WRONG, PROXY, **forged)[:2] == (401, "invalid_credentials")
+    assert _login(client, email, PASSWORD, PROXY, **forged)[:2] == (423, "account_locked")
+    assert _login(client, email, PASSWORD, PROXY, **clinic)[0] == 200
+
+
+@pytest.mark.parametrize(("days", "familiar"), [(89, True), (91, False)])
+def test_an_address_stays_familiar_for_ninety_days_after_its_last_sign_in(
+    client: FlaskClient, session: Session, days: int, familiar: bool
+) -> None:
+    """LIVERSCAN_LOGIN_FAMILIAR_DAYS (90): an address last signed in from longer ago is treated
+    like any other, so a lockout of unfamiliar addresses covers it too."""
+    email = signup(client)["email"]
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+    session.execute(update(LoginAddress).values(last_login_at=utcnow() - timedelta(days=days)))
+    session.commit()
+    for _ in range(3):
+        assert _login(client, email, WRONG, ATTACKER)[0] == 401
+    assert _login(client, email, PASSWORD, CLINIC)[0] == (200 if familiar else 423)
+
+
+def test_a_stale_address_signing_in_again_is_familiar_again(
+    client: FlaskClient, session: Session
+) -> None:
+    """Its sign-in counts as one from an unfamiliar address (it resets the email's shared count)
+    and makes it familiar for another 90 days."""
+    email = signup(client)["email"]
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+    session.execute(update(LoginAddress).values(last_login_at=utcnow() - timedelta(days=120)))
+    session.commit()
+    for _ in range(2):
+        assert _login(client, email, WRONG, ATTACKER)[0] == 401
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+    for _ in range(3):
+        assert _login(client, email, WRONG, ATTACKER)[0] == 401  # the shared count restarted
+    assert _login(client, email, PASSWORD, ATTACKER)[:2] == (423, "account_locked")
+    assert _login(client, email, PASSWORD, CLINIC)[0] == 200
+
+
+def test_stale_addresses_are_forgotten(client: FlaskClient, session: Session) -> None:
+    """accounts.forget_stale_addresses (run by the sweep) deletes only addresses past the age."""
+    email = signup(client)["email"]
+    for address in (CLINIC, HOME):
+        assert _login(client, email, PASSWORD, address)[0] == 200
+    session.execute(
+        update(LoginAddress)
+        .where(LoginAddress.address == HOME)
+        .values(last_login_at=utcnow() - timedelta(days=91))
+    )
+    settings = client.application.extensions["liverscan"].settings
+    assert accounts.forget_stale_addresses(session, settings) == 1
+    user_id = session.scalars(select(User.id).where(User.email == email)).one()
+    rows = session.scalars(select(LoginAddress.address).where(LoginAddress.user_id == user_id))
+    assert list(rows) == [CLINIC]
+
+
 def test_only_the_last_ten_addresses_are_familiar(client: FlaskClient) -> None:
     email = signup(client)["email"]
     addresses = [f"192.0.2.{n}" for n in range(1, 12)]
@@ -151,8 +232,11 @@ def test_only_the_last_ten_addresses_are_familiar(client: FlaskClient) -> None:
     assert all(_login(client, email, PASSWORD, a)[0] == 200 for a in addresses[1:])
 
 
-def test_two_first_logins_from_one_address_at_once_both_succeed(pg_url: str) -> None:
+def test_two_first_logins_from_one_address_at_once_both_succeed(
+    pg_url: str, tmp_path: Path
+) -> None:
     """The second waits for the first's row on PostgreSQL, then uses it (no 500, one row)."""
+    settings = base_settings(tmp_path, pg_url)
     engine = create_engine(pg_url)
     factory = sessionmaker(bind=engine, expire_on_commit=False)
     with factory() as setup:
@@ -168,14 +252,14 @@ def test_two_first_logins_from_one_address_at_once_both_succeed(pg_url: str) -> 
     def second() -> None:
         try:
             with factory() as other:
-                accounts.remember_address(other, other.get_one(User, user.id), CLINIC)
+                accounts.remember_address(other, settings, other.get_one(User, user.id), CLINIC)
                 other.commit()
         except BaseException as exc:  # reported below
             errors.append(exc)
 
     try:
         with factory() as first:
-            accounts.remember_address(first, first.get_one(User, user.id), CLINIC)
+            accounts.remember_address(first, settings, first.get_one(User, user.id), CLINIC)
             thread = threading.Thread(target=second)
             thread.start()
             thread.join(0.5)  # blocked on the first's uncommitted row

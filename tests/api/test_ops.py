@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import pytest
 import redis
 from flask.testing import FlaskClient
 from flask_jwt_extended import create_access_token
@@ -22,6 +23,7 @@ from tests.api.conftest import bearer, make_app, signup, submit
 DEAD_BROKER = "redis://127.0.0.1:1/0"
 OWN_BLUEPRINTS = ("auth.", "jobs.", "org.", "ops.", "openapi.")
 DEAD_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:1/nowhere"
+METRICS_TOKEN = "scrape-token-" + "m" * 32
 
 
 def test_healthz(client: FlaskClient) -> None:
@@ -122,6 +124,58 @@ def test_metrics_count_jobs_by_status_and_queue_depth(
         in text
     )
     assert 'liverscan_stage_duration_seconds{quantile="0.5",stage="predict"} 0.2' in text
+
+
+@pytest.fixture
+def guarded(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    storage: Storage,
+    broker: redis.Redis,
+    engine: object,
+) -> FlaskClient:
+    """A client of an app whose /metrics needs LIVERSCAN_METRICS_TOKEN."""
+    guarded_settings = settings.model_copy(update={"metrics_token": METRICS_TOKEN})
+    return make_app(guarded_settings, session_factory, storage, engine=engine).test_client()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer wrong-" + METRICS_TOKEN,
+        "Bearer " + METRICS_TOKEN[:-1],
+        "Basic " + METRICS_TOKEN,
+        METRICS_TOKEN,
+    ],
+)
+def test_metrics_with_a_token_set_refuse_a_missing_or_wrong_one(
+    guarded: FlaskClient, authorization: str | None
+) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    r = guarded.get("/metrics", headers=headers)
+    assert r.status_code == 401
+    assert r.get_json()["error"]["code"] == "unauthorized"
+    assert "liverscan_jobs" not in r.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer"])
+def test_metrics_with_a_token_set_answer_the_scraper_that_sends_it(
+    guarded: FlaskClient, scheme: str
+) -> None:
+    r = guarded.get("/metrics", headers={"Authorization": f"{scheme} {METRICS_TOKEN}"})
+    assert r.status_code == 200
+    assert 'liverscan_jobs{status="queued"}' in r.get_data(as_text=True)
+
+
+def test_metrics_without_a_token_set_are_open_to_any_caller(client: FlaskClient) -> None:
+    """The default (LIVERSCAN_METRICS_TOKEN empty): restrict /metrics at the ingress instead."""
+    for headers in ({}, {"Authorization": "Bearer anything"}):
+        r = client.get("/metrics", headers=headers)
+        assert r.status_code == 200
+        assert 'liverscan_jobs{status="queued"}' in r.get_data(as_text=True)
 
 
 def test_openapi_document_covers_every_api_route(client: FlaskClient) -> None:

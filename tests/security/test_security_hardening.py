@@ -46,6 +46,47 @@ def test_login_is_rate_limited_across_api_processes_through_redis(
     assert any(b"liverscan" in key for key in redis_db.keys("*"))
 
 
+def _login_from(client: FlaskClient, email: str, address: str, forwarded_for: str) -> int:
+    """Log in over a connection from `address` with this X-Forwarded-For; the status."""
+    r = client.post(
+        "/api/v1/auth/login",
+        json={"email": email, "password": PASSWORD},
+        environ_base={"REMOTE_ADDR": address},
+        headers={"X-Forwarded-For": forwarded_for},
+    )
+    return r.status_code
+
+
+def test_a_forged_forwarded_for_does_not_dodge_the_login_rate_limit(
+    make_security_app: AppFactory,
+) -> None:
+    """No trusted proxy (LIVERSCAN_TRUSTED_PROXY_HOPS=0): the limit counts the connection's
+    address whatever X-Forwarded-For says."""
+    client = make_security_app(
+        rate_limit_enabled=True, rate_limit_storage_url="memory://", rate_limit_login="2/minute"
+    ).test_client()
+    email = signup(client)["email"]
+    forged = [_login_from(client, email, "203.0.113.66", f"192.0.2.{n}") for n in range(3)]
+    assert forged == [200, 200, 429]
+
+
+def test_behind_a_trusted_proxy_each_client_has_its_own_login_rate_limit(
+    make_security_app: AppFactory,
+) -> None:
+    """LIVERSCAN_TRUSTED_PROXY_HOPS=1: clients of one proxy are limited each on its own address,
+    the one the proxy appended (not one a client prepended)."""
+    client = make_security_app(
+        trusted_proxy_hops=1,
+        rate_limit_enabled=True,
+        rate_limit_storage_url="memory://",
+        rate_limit_login="2/minute",
+    ).test_client()
+    email, proxy = signup(client)["email"], "10.0.0.2"
+    first = [_login_from(client, email, proxy, f"192.0.2.{n}, 198.51.100.10") for n in range(3)]
+    assert first == [200, 200, 429]
+    assert _login_from(client, email, proxy, "198.51.100.20") == 200
+
+
 def test_signup_is_rate_limited(make_security_app: AppFactory) -> None:
     client = make_security_app(
         rate_limit_enabled=True, rate_limit_storage_url="memory://", rate_limit_signup="2/minute"

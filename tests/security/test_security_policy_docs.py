@@ -107,3 +107,11 @@ def test_rate_limit_429_is_documented_on_login_signup_and_both_submits(
     for path, answer in answers.items():
         assert (answer.status_code, answer.get_json()["error"]["code"]) == (429, "rate_limited")
         _documented(app, client, path, "POST", answer)
+
+
+def test_metrics_401_without_the_scrape_token_is_documented(make_security_app: AppFactory) -> None:
+    app = make_security_app(metrics_token="scrape-" + "t" * 32)
+    client = app.test_client()
+    answer = client.get("/metrics", headers={"Authorization": "Bearer wrong"})
+    assert (answer.status_code, answer.get_json()["error"]["code"]) == (401, "unauthorized")
+    _documented(app, client, "/metrics", "GET", answer)
