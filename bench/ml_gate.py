@@ -12,7 +12,7 @@ Prints JSON lines {"name", "value", "unit", "config"}:
 - gate_rate/<group>: the rate per group (acceptance for liver groups, rejection otherwise);
 - validate_ms/<format>: median wall time of the whole ``validate(data, gate=gate)`` (decode,
   rule layers, content gate with its localiser run) on one 512x512 liver slice as PNG, JPEG
-  and DICOM, the localiser's cache emptied before each call (every upload is a new slice);
+  and DICOM, the localisers' caches emptied before each call (every upload is a new slice);
 - upload_ms/<format>: validate + ``Classifier.predict`` on the validated slice (the worker's
   two ml_core calls), and upload_ms_localiser_twice/<format> the same with the cache emptied
   between the two calls (as before the localiser output was shared);
@@ -99,7 +99,7 @@ def bench_validate(gate: Any, folder: Path, cfg: dict[str, Any], runtime: str = 
         c = {**cfg, "format": fmt, "repeats": 30}
         emit(
             f"validate_ms/{fmt}",
-            median_ms(lambda d=data: validate(d, gate=gate), before=loc.clear_cache),
+            median_ms(lambda d=data: validate(d, gate=gate), before=gate.clear_caches),
             "ms",
             c,
         )
@@ -112,10 +112,10 @@ def bench_validate(gate: Any, folder: Path, cfg: dict[str, Any], runtime: str = 
                 loc.clear_cache()
             clf.predict([report.slice_u8])
 
-        emit(f"upload_ms/{fmt}", median_ms(upload, before=loc.clear_cache), "ms", c)
+        emit(f"upload_ms/{fmt}", median_ms(upload, before=gate.clear_caches), "ms", c)
         emit(
             f"upload_ms_localiser_twice/{fmt}",
-            median_ms(lambda: upload(twice=True), before=loc.clear_cache),
+            median_ms(lambda: upload(twice=True), before=gate.clear_caches),
             "ms",
             c,
         )
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = [base.copy() for _ in range(n)]
 
         def fresh_gate(b: list[np.ndarray] = batch) -> None:
-            gate.localiser.clear_cache()
+            gate.clear_caches()
             gate.score(b)
 
         emit(f"gate_ms_per_slice/batch{n}", ms_per_item(fresh_gate, n), "ms", cfg)

@@ -314,6 +314,12 @@ class LiverGate:
             area = np.maximum(area, self.liver_area_px512(slices_u8, maps, self.second))
         return np.asarray(p_cnn, np.float32), area
 
+    def clear_caches(self) -> None:
+        """Forget every cached localiser output, the second localiser's too (benchmarks)."""
+        for loc in (self.localiser, self.second):
+            if loc is not None:
+                loc.clear_cache()
+
     def accepts(self, slices_u8: list[np.ndarray]) -> list[bool]:
         """True where the slice's score reaches the threshold."""
         return [s >= self.threshold for s in self.score(slices_u8)]
