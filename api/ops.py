@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from api.auth import Unauthenticated
+from api.domain import retention
 from api.domain.db import ping as db_ping
 from api.domain.errors import LiverscanError
 from api.domain.models import Job, JobStatus
@@ -68,7 +69,8 @@ def readyz() -> tuple[Response, int]:
 
 
 class LiverscanCollector(Collector):
-    """Reads job counts, queue depth, stage durations and model version at scrape time."""
+    """Reads job counts, queue depth, stage durations, model version and the store deletions still
+    owed at scrape time."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
@@ -87,6 +89,11 @@ class LiverscanCollector(Collector):
         )
         model = InfoMetricFamily("liverscan_model", "Model of the most recent succeeded job.")
         up = GaugeMetricFamily("liverscan_database_up", "Whether the database answered the scrape.")
+        pending = GaugeMetricFamily(
+            "liverscan_store_deletions_pending",
+            "Store objects of deleted jobs whose deletion failed and that the sweep still retries "
+            "(counted at scrape time; above 0 for long: the store refuses deletes).",
+        )
         try:
             with res.session_factory() as session:
                 counts = dict(
@@ -94,6 +101,7 @@ class LiverscanCollector(Collector):
                 )
                 for status in JobStatus:
                     jobs.add_metric([status.value], float(counts.get(status, 0)))
+                pending.add_metric([], float(retention.pending_deletions(session)))
                 latest = session.execute(
                     select(Job.model_name, Job.model_version, Job.model_sha256)
                     .where(Job.status == JobStatus.SUCCEEDED)
@@ -126,7 +134,7 @@ class LiverscanCollector(Collector):
             n = res.queue.depth(queue)
             if n is not None:
                 depth.add_metric([queue], float(n))
-        yield from (jobs, depth, stage, model, up)
+        yield from (jobs, depth, stage, model, up, pending)
 
 
 def _stage_samples(rows: Sequence[Any]) -> dict[str, list[float]]:

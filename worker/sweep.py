@@ -40,7 +40,8 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
     waiting in the inference queue (lost), and overdue webhook attempts; delete the bytes of jobs
     past RETENTION_DAYS and retry the deletions the store failed; expire direct-to-store uploads
     never used; seal batches whose request died; seal webhook secrets stored in plaintext or
-    under a previous key."""
+    under a previous key; forget stale sign-in addresses and failed-login counts and the
+    revocations of expired tokens."""
     ctx = context or get_context()
     deadline = timedelta(seconds=ctx.settings.sweep_deadline_s)
     now = utcnow()
@@ -135,6 +136,22 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
         lambda s: accounts.forget_stale_addresses(s, ctx.settings),
         0,
     )
+    # A revoked token past its own expiry is refused as expired anyway: its revocation can go.
+    purged = _step(ctx, "purging expired token revocations", accounts.purge_expired_revocations, 0)
+    # Failed-login counts (one per email ever tried, known or not) quiet for long: forget them.
+    # Running locks, and locks ended too recently to forget how often they doubled, stay.
+    forgotten = _step(
+        ctx,
+        "forgetting stale failed-login counts",
+        lambda s: accounts.forget_stale_throttles(s, ctx.settings),
+        0,
+    )
+    if purged or forgotten:
+        log.info(
+            "sweep deleted %d expired token revocations and %d stale failed-login counts",
+            purged,
+            forgotten,
+        )
     if job_ids or delivery_ids:
         log.info("sweep re-drove %d jobs and %d webhook attempts", len(job_ids), len(delivery_ids))
     return {

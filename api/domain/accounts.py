@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import ForeignKey, Integer, String, delete, select
+from sqlalchemy import ForeignKey, Integer, String, delete, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -287,6 +287,40 @@ def remember_address(
             )
         )
     return row
+
+
+def throttle_forget_after(settings: Settings) -> timedelta:
+    """How long an email's count of failed logins from unfamiliar addresses is kept after its last
+    failure and the end of its last lock: LOGIN_FAMILIAR_DAYS, and never less than a day per
+    guess that a fresh count and its doubling locks allow before they reach the day-long cap, so
+    waiting for the count to be forgotten never yields more guesses than one a day."""
+    fresh_guesses = settings.login_max_failures + _doublings_to_cap(settings)
+    return max(
+        timedelta(days=settings.login_familiar_days),
+        timedelta(seconds=MAX_LOCKOUT_S) * (fresh_guesses + 1),
+    )
+
+
+def _doublings_to_cap(settings: Settings) -> int:
+    """Locks after the first that are shorter than MAX_LOCKOUT_S (each one guess apart)."""
+    doublings, seconds = 0, settings.login_lockout_s
+    while seconds < MAX_LOCKOUT_S:
+        doublings, seconds = doublings + 1, seconds * 2
+    return doublings
+
+
+def forget_stale_throttles(session: Session, settings: Settings) -> int:
+    """Delete counts of failed logins from unfamiliar addresses (known emails or not) with no
+    failure and no lock within `throttle_forget_after`; a running lock, or one that ended
+    recently (the next failure doubles it), stays. Returns how many."""
+    cutoff = utcnow() - throttle_forget_after(settings)
+    result = session.execute(
+        delete(LoginThrottle).where(
+            LoginThrottle.last_failure_at < cutoff,
+            or_(LoginThrottle.locked_until.is_(None), LoginThrottle.locked_until < cutoff),
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def forget_stale_addresses(session: Session, settings: Settings) -> int:

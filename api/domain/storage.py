@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,35 @@ def _stored(key: str, data: bytes, content_type: str) -> StoredObject:
     )
 
 
+def _disk_fault(exc: OSError) -> StorageUnavailable:
+    """The outage a failing disk call means (a folder not writable, a file where the store needs a
+    folder, a full or read-only volume): the error S3 raises when it cannot be reached. The reason
+    names the error, never the path."""
+    reason = type(exc).__name__ + (f": {exc.strerror}" if exc.strerror else "")
+    return StorageUnavailable(details={"reason": reason[:200]})
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class LocalStorage:
-    """A folder on disk; `url_for` is None, so the API serves objects through an authenticated route."""
+    """A folder on disk; `url_for` is None, so the API serves objects through an authenticated route.
+
+    Disk errors are StorageUnavailable, as S3's are; only a missing file (or a folder, which holds
+    no object, under the key) means that no object is stored there.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
@@ -116,17 +144,10 @@ class LocalStorage:
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
         """Write `data` atomically under `key`."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            _write_atomically(path, data)
+        except OSError as exc:
+            raise _disk_fault(exc) from exc
         return _stored(key, data, content_type)
 
     def get(self, key: str, max_bytes: int | None = None) -> bytes:
@@ -137,15 +158,22 @@ class LocalStorage:
                 data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
         except (FileNotFoundError, IsADirectoryError) as exc:
             raise ObjectNotFound(details={"key": key}) from exc
+        except OSError as exc:
+            raise _disk_fault(exc) from exc
         return _within(data, max_bytes)
 
     def exists(self, key: str) -> bool:
         """Whether an object is stored under `key`."""
-        return self._path(key).is_file()
+        return self.size(key) is not None
 
     def delete(self, key: str) -> None:
         """Remove the object under `key`; absent keys are fine."""
-        self._path(key).unlink(missing_ok=True)
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except IsADirectoryError:  # a folder holds no object under its own key (as in get)
+            return
+        except OSError as exc:
+            raise _disk_fault(exc) from exc
 
     def url_for(self, key: str, expires_s: int = 900) -> str | None:
         """No direct URL for a local folder: the API serves it with authentication."""
@@ -159,8 +187,13 @@ class LocalStorage:
 
     def size(self, key: str) -> int | None:
         """Bytes stored under `key`, or None when nothing is."""
-        path = self._path(key)
-        return path.stat().st_size if path.is_file() else None
+        try:
+            found = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _disk_fault(exc) from exc
+        return found.st_size if stat.S_ISREG(found.st_mode) else None
 
     def ping(self) -> None:
         """Raise StorageUnavailable unless the folder is writable."""

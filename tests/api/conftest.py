@@ -3,8 +3,11 @@ a local or S3 store, a real Redis queue, and the Flask test client."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -216,6 +219,28 @@ def user_headers(client: FlaskClient) -> dict[str, str]:
     """Authorization headers of a fresh user in a fresh organization."""
     user = signup(client)
     return bearer(login(client, user["email"])["access_token"])
+
+
+@contextlib.contextmanager
+def read_only_folder(folder: Path) -> Iterator[None]:
+    """Make `folder` refuse new and removed entries (a read-only volume, a wrong owner) until the
+    block ends: chmod for other users; for root, whom chmod does not stop, the immutable attribute
+    (skipped where `chattr` cannot set it)."""
+    if os.geteuid() != 0:
+        mode = folder.stat().st_mode
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(mode)
+        return
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)], check=False).returncode:
+        pytest.skip("root, and chattr cannot make the folder immutable here")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-i", str(folder)], check=True)
 
 
 def png_bytes(size: int = 64, seed: int = 0) -> bytes:

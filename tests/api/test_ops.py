@@ -16,8 +16,9 @@ from api.domain import jobs
 from api.domain.db import make_engine
 from api.domain.models import Job
 from api.domain.queue import CeleryQueue
+from api.domain.retention import PendingDeletion
 from api.domain.settings import Settings
-from api.domain.storage import LocalStorage, Storage
+from api.domain.storage import LocalStorage, Storage, job_key
 from tests.api.conftest import bearer, make_app, signup, submit
 
 DEAD_BROKER = "redis://127.0.0.1:1/0"
@@ -124,6 +125,23 @@ def test_metrics_count_jobs_by_status_and_queue_depth(
         in text
     )
     assert 'liverscan_stage_duration_seconds{quantile="0.5",stage="predict"} 0.2' in text
+
+
+def test_metrics_count_the_store_deletions_still_owed(
+    client: FlaskClient, session: Session
+) -> None:
+    """Keys whose deletion the store refused are counted at scrape time on the API's /metrics,
+    which Prometheus scrapes in every deployment (the worker's port may be off)."""
+    gauge = "liverscan_store_deletions_pending "
+    assert gauge + "0.0" in client.get("/metrics").get_data(as_text=True)
+    org_id, job_id = uuid.uuid4(), uuid.uuid4()
+    for name in ("input", "heatmap.png"):
+        session.add(PendingDeletion(key=job_key(org_id, job_id, name), error="storage_unavailable"))
+    session.commit()
+
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    assert gauge + "2.0" in r.get_data(as_text=True)
 
 
 @pytest.fixture

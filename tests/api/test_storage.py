@@ -13,6 +13,7 @@ import requests
 from api.domain.errors import InvalidKey, ObjectNotFound, PayloadTooLarge, StorageUnavailable
 from api.domain.settings import Settings
 from api.domain.storage import LocalStorage, S3Storage, Storage, job_key, make_storage
+from tests.api.conftest import read_only_folder
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -134,15 +135,61 @@ def test_s3_unreachable_is_storage_unavailable() -> None:
     assert info.value.code == "storage_unavailable"
 
 
-@pytest.mark.parametrize("operation", ["put", "get", "exists", "size", "delete"])
+STORE_CALLS = ["put", "get", "exists", "size", "delete"]
+
+
+def _call(store: Storage, operation: str, key: str) -> object:
+    """One store call by name on `key` (put stores one byte)."""
+    args: dict[str, tuple[object, ...]] = {"put": (key, b"x", "image/png")}
+    return getattr(store, operation)(*args.get(operation, (key,)))
+
+
+@pytest.mark.parametrize("operation", STORE_CALLS)
 def test_every_s3_call_to_an_unreachable_store_is_storage_unavailable(operation: str) -> None:
     """Callers (deletion, retention, the sweep) handle one error for an outage, whatever the call."""
     store = S3Storage(
         "nope", endpoint_url="http://127.0.0.1:1", access_key_id="a", secret_access_key="b"
     )
-    args: dict[str, tuple[object, ...]] = {"put": ("org/job/input", b"x", "image/png")}
     with pytest.raises(StorageUnavailable):
-        getattr(store, operation)(*args.get(operation, ("org/job/input",)))
+        _call(store, operation, "org/job/input")
+
+
+@pytest.mark.parametrize("operation", STORE_CALLS)
+@pytest.mark.parametrize("where", ["root", "org"])
+def test_every_local_call_to_a_broken_folder_is_storage_unavailable(
+    tmp_path: Path, operation: str, where: str
+) -> None:
+    """A file where the store needs a folder (its root, e.g. a volume not mounted, or an org's
+    folder) is the same outage as an unreachable S3, not an absent object or a 500."""
+    store = LocalStorage(tmp_path / "store")
+    broken = store.root if where == "root" else store.root / "org"
+    if broken.exists():
+        broken.rmdir()
+    broken.write_bytes(b"not a folder")
+    with pytest.raises(StorageUnavailable) as info:
+        _call(store, operation, "org/job/input")
+    assert info.value.code == "storage_unavailable"
+
+
+def test_local_writes_to_a_read_only_folder_are_storage_unavailable(tmp_path: Path) -> None:
+    """A folder the process may not write (a read-only volume, files of another owner): put and
+    delete answer storage_unavailable; what is there can still be read."""
+    store = LocalStorage(tmp_path / "store")
+    store.put("org/job/input", b"kept", "image/png")
+    with read_only_folder(store.root / "org" / "job"):
+        with pytest.raises(StorageUnavailable) as refused_put:
+            store.put("org/job/overlay.png", b"x", "image/png")
+        assert refused_put.value.code == "storage_unavailable"
+        with pytest.raises(StorageUnavailable) as refused_delete:
+            store.delete("org/job/input")
+        assert refused_delete.value.code == "storage_unavailable"
+        assert store.get("org/job/input") == b"kept"
+        assert store.exists("org/job/input") and store.size("org/job/input") == 4
+        assert not store.exists("org/job/nothing")
+        with pytest.raises(ObjectNotFound):
+            store.get("org/job/nothing")
+    store.delete("org/job/input")
+    assert not store.exists("org/job/input")
 
 
 def test_make_storage_follows_settings(tmp_path: Path, s3_endpoint: str) -> None:

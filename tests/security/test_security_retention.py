@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.domain.models import AuditEvent, Job, JobStatus, Role, utcnow
 from api.domain.queue import CeleryQueue
-from api.domain.retention import JobDeletion
+from api.domain.retention import JobDeletion, PendingDeletion
 from api.domain.storage import (
     DICOM_OVERLAY_NAME,
     DICOM_SR_NAME,
@@ -28,7 +28,7 @@ from api.domain.storage import (
     Storage,
     job_key,
 )
-from tests.api.conftest import bearer, login, png_bytes, signup, submit
+from tests.api.conftest import bearer, login, png_bytes, read_only_folder, signup, submit
 from tests.live_stack import TcpProxy, port_in
 from tests.security.conftest import REDIS_URL, AppFactory, add_member
 
@@ -293,6 +293,40 @@ def test_a_job_deleted_while_the_store_is_down_loses_its_bytes_when_the_store_is
     assert _pending_metric() == 0
     mark = session.get(JobDeletion, uuid.UUID(job_id))
     assert mark is not None and mark.reason == "admin"
+
+
+def test_a_job_deleted_while_its_local_folder_is_read_only_is_deleted_once_it_is_writable(
+    make_security_app: AppFactory,
+    session: Session,
+    session_factory: sessionmaker[Session],
+    security_engine: Engine,
+) -> None:
+    """The local folder store fails like S3 does: the admin's DELETE while the job's folder refuses
+    writes is answered (not a 500), the keys it could not delete are owed, and the first sweep
+    after the folder is writable again deletes them."""
+    from worker import sweep
+
+    app = make_security_app()
+    store = app.extensions["liverscan"].storage
+    assert isinstance(store, LocalStorage)
+    client = app.test_client()
+    headers = bearer(login(client, signup(client)["email"])["access_token"])
+    job_id = submit(client, headers).get_json()["id"]
+    job = _finish(session, store, job_id, days_ago=0)
+    keys = [k for k in (job.input_key, job.heatmap_key) if k]
+
+    with read_only_folder(store.root / str(job.org_id) / job_id):
+        r = client.delete(f"/api/v1/jobs/{job_id}", headers=headers)
+        assert r.status_code == 200, r.get_json()
+        assert r.get_json()["deleted"] is True
+        assert client.get(f"/api/v1/jobs/{job_id}", headers=headers).status_code == 410
+        owed = session.scalars(select(PendingDeletion.key).where(PendingDeletion.key.in_(keys)))
+        assert sorted(owed) == sorted(keys)
+        assert all(store.exists(k) for k in keys)
+
+    ctx = _sweep_context(app, store, session_factory, security_engine)
+    assert sweep.run(context=ctx)["deletions_pending"] == 0
+    assert not any(store.exists(k) for k in keys)
 
 
 def test_retention_during_a_store_outage_deletes_the_bytes_once_the_store_is_back(
