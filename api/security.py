@@ -91,12 +91,13 @@ def client_address() -> str:
 
 def init_proxy(app: Flask, settings: Settings) -> None:
     """Behind `trusted_proxy_hops` reverse proxies, take the client address from X-Forwarded-For
-    (that many entries from the right: the ones the proxies appended, never a client's own).
-    Only the address: scheme and host stay the connection's."""
+    (that many entries from the right: the ones the proxies appended, never a client's own) and
+    the scheme from X-Forwarded-Proto (a TLS-terminating proxy: links such as a job's status_url
+    must say https). Host and port stay the connection's (a forged Host must not reach links)."""
     hops = settings.trusted_proxy_hops
     if hops:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
-            app.wsgi_app, x_for=hops, x_proto=0, x_host=0, x_port=0, x_prefix=0
+            app.wsgi_app, x_for=hops, x_proto=hops, x_host=0, x_port=0, x_prefix=0
         )
 
 

@@ -87,6 +87,20 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_login_rate_limit(
     assert _login_from(client, email, proxy, "198.51.100.20") == 200
 
 
+@pytest.mark.parametrize(("hops", "scheme"), [(0, "http"), (1, "https")])
+def test_links_take_the_scheme_the_trusted_proxy_reports(
+    make_security_app: AppFactory, hops: int, scheme: str
+) -> None:
+    """Behind a TLS-terminating proxy the job's status_url must say https (the proxy's
+    X-Forwarded-Proto); with no trusted proxy a client's own X-Forwarded-Proto is ignored."""
+    client = make_security_app(trusted_proxy_hops=hops).test_client()
+    token = bearer(login(client, signup(client)["email"])["access_token"])
+    via_proxy = {"X-Forwarded-For": "198.51.100.10", "X-Forwarded-Proto": "https"}
+    r = submit(client, token, extra_headers=via_proxy)
+    assert r.status_code == 202
+    assert r.get_json()["status_url"].startswith(f"{scheme}://")
+
+
 def test_signup_is_rate_limited(make_security_app: AppFactory) -> None:
     client = make_security_app(
         rate_limit_enabled=True, rate_limit_storage_url="memory://", rate_limit_signup="2/minute"
