@@ -44,12 +44,14 @@ def test_the_worker_pool_follows_the_settings(tmp_path) -> None:
 
 
 def test_every_dashboard_series_is_exported(settings: Settings, broker) -> None:
-    """Each metric the Grafana dashboard charts is served by the API's or a worker's /metrics,
+    """Each metric the Grafana dashboard charts or an alert rule watches is served by the API's or
+    a worker's /metrics, the k8s PrometheusRule holds the same alerts as infra/monitoring/alerts.yml,
     and the API exports the depth of every queue (inference, webhooks, reports)."""
     import json
     import re
     from pathlib import Path
 
+    import yaml
     from prometheus_client import REGISTRY, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -61,6 +63,14 @@ def test_every_dashboard_series_is_exported(settings: Settings, broker) -> None:
     exported = api_text + generate_latest(REGISTRY).decode()
     dashboard = Path(__file__).resolve().parents[2] / "infra" / "grafana" / "liverscan.json"
     exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"]]
+    alerts = yaml.safe_load((dashboard.parents[1] / "monitoring" / "alerts.yml").read_text())
+    exprs += [r["expr"] for g in alerts["groups"] for r in g["rules"]]
+    rules = [
+        d
+        for d in yaml.safe_load_all((dashboard.parents[1] / "k8s" / "monitoring.yaml").read_text())
+        if d["kind"] == "PrometheusRule"
+    ]
+    assert [g for r in rules for g in r["spec"]["groups"]] == alerts["groups"]  # the same alerts
     names = {n for e in exprs for n in re.findall(r"liverscan_[a-z_]+", e)}
     assert names
     families = {f.name for f in text_string_to_metric_families(exported)}
