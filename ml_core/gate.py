@@ -1535,6 +1535,8 @@ def run(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if second is not None and second_path is not None:  # beside the gate, as an artifact holds it
+        _copy_localiser(Path(second_path), out.parent / SECOND_LOCALISER_DIR)
     weights = out / WEIGHTS_NAME
     cnn.save_weights(str(weights))
     from ml_core import datasets as D
@@ -1581,12 +1583,28 @@ def run(args: argparse.Namespace) -> int:
         f"--batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} "
         f"--mr-share {args.mr_share} --select {args.select} --area-ramps {args.area_ramps}"
         + (f" --init {args.init}" if args.init is not None else "")
-        + (f" --rescore --localiser {args.localiser}" if getattr(args, "rescore", False) else "")
+        + (
+            f" --rescore --localiser {args.localiser} --checkpoint-dir {args.checkpoint_dir}"
+            if getattr(args, "rescore", False)
+            else ""
+        )
         + (f" --second-localiser {second_path}" if second_path is not None else ""),
     }
     (out / CARD_NAME).write_text(json.dumps(card, indent=1) + "\n")
     log.info("wrote %s (%.2f MB)", out, weights.stat().st_size / 1e6)
     return 0
+
+
+def _copy_localiser(src: Path, dst: Path) -> None:
+    """Copy a localiser folder's card and weights (no ONNX export: it is re-made per artifact)."""
+    import shutil
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    card = json.loads((src / L.CARD_NAME).read_text())
+    for name in (L.CARD_NAME, str(card.get("weights", L.WEIGHTS_NAME))):
+        shutil.copy2(src / name, dst / name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

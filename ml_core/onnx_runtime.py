@@ -283,6 +283,15 @@ class _Job:
     forward: dict[str, Any] | None = None  # the classifier's forward_spec; None for other parts
 
 
+def _second_localiser(clf: Any) -> Any:
+    second = clf.gate().second
+    if second is None:
+        raise ModelLoadError(
+            "the gate has no second localiser (its card names none): nothing to export"
+        )
+    return second
+
+
 def _jobs(clf: Any, card: dict[str, Any], parts: list[str], volume: Path | None) -> list[_Job]:
     from ml_core.classifier import WEIGHTS
 
@@ -310,7 +319,7 @@ def _jobs(clf: Any, card: dict[str, Any], parts: list[str], volume: Path | None)
         model = {
             "localiser": lambda: clf._localiser,
             "gate": clf.gate,
-            "localiser_second": lambda: clf.gate().second,
+            "localiser_second": lambda: _second_localiser(clf),
         }[part]()
         size = int(model.input_size)
         x = slice_inputs(size, volume)
@@ -445,8 +454,8 @@ def export(
     from ml_core.classifier import CARD, Classifier, read_card, seal_card
 
     folder = Path(folder)
-    if parts is None:
-        parts = tuple(p for p in PARTS if p == "classifier" or (folder / p).is_dir())
+    if parts is None:  # every part the artifact serves (a leftover localiser_second/ is not one)
+        parts = tuple(p for p in PARTS if p == "classifier" or _serves(folder, p))
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown parts {unknown}; of {', '.join(PARTS)}")
@@ -468,6 +477,17 @@ def export(
         out[part] = entry
     (folder / CARD).write_text(json.dumps(seal_card(card), indent=2))  # runtimes are served
     return out
+
+
+def _serves(folder: Path, part: str) -> bool:
+    """Whether the artifact ``folder`` serves ``part`` (its folder exists; the second localiser
+    only when the gate's card names one)."""
+    if not (folder / part).is_dir():
+        return False
+    if part != "localiser_second":
+        return True
+    card = folder / "gate" / "gate.json"
+    return card.is_file() and bool(json.loads(card.read_text()).get("second_localiser_sha256"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -731,10 +731,10 @@ def export_artifact(
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ckpt / weights, folder / WEIGHTS)
     staging = models_dir / "_staging"
-    for part in ("localiser", "gate"):
+    for part in _staged_parts(staging):
+        if (folder / part).exists():
+            shutil.rmtree(folder / part)
         if (staging / part).is_dir():
-            if (folder / part).exists():
-                shutil.rmtree(folder / part)
             shutil.copytree(
                 staging / part, folder / part, ignore=shutil.ignore_patterns("*.log", "__pycache__")
             )
@@ -803,8 +803,30 @@ def export_artifact(
         card["files"] = files
     (folder / CARD).write_text(json.dumps(seal_card(card), indent=2))
     if set_current:
+        _check_loads(folder)  # never point CURRENT at a model every job would fail to load
         (models_dir / "CURRENT").write_text(folder.name + "\n")
     return folder
+
+
+def _staged_parts(staging: Path) -> list[str]:
+    """The staged folders an export copies: the localiser and the gate, and the gate's second
+    localiser (``gate.SECOND_LOCALISER_DIR``) only when the staged gate was calibrated with one."""
+    from ml_core import gate as G
+
+    parts = ["localiser", "gate"]
+    card = staging / "gate" / G.CARD_NAME
+    if card.is_file() and json.loads(card.read_text()).get("second_localiser_sha256"):
+        parts.append(G.SECOND_LOCALISER_DIR)
+    return parts
+
+
+def _check_loads(folder: Path) -> None:
+    """Load the exported artifact as the worker will (classifier, and its gate if it has one)."""
+    from ml_core.classifier import Classifier
+
+    clf = Classifier.load(folder, runtime="tf")
+    if (folder / "gate").is_dir():
+        clf.gate()
 
 
 if __name__ == "__main__":

@@ -340,3 +340,19 @@ def test_shipped_localiser_and_gate_exports_equal_tensorflow_on_real_slices(data
     ):
         mt, mo = L.keep_main_components(pt >= 0.5), L.keep_main_components(po >= 0.5)
         assert np.all(np.abs(pt[mt != mo] - 0.5) <= TOL)  # only threshold flips, if any
+
+
+def test_a_leftover_second_localiser_folder_is_not_exported(exported: Path, tmp_path: Path) -> None:
+    """A localiser_second/ the gate does not count (its card names none) is not a served part:
+    the default export leaves it out; asking for it is a clear load error, not a crash."""
+    from ml_core import gate as G
+
+    folder = _copy(exported, tmp_path)
+    shutil.copytree(folder / "localiser", folder / G.SECOND_LOCALISER_DIR)
+    (folder / G.SECOND_LOCALISER_DIR / "localiser.onnx").unlink()
+    entries = onnx_runtime.export(folder, parts=("localiser", "gate"))
+    assert set(entries) == {"localiser", "gate"}
+    assert not onnx_runtime._serves(folder, "localiser_second")
+    with pytest.raises(ModelLoadError, match="no second localiser"):
+        onnx_runtime.export(folder, parts=("localiser_second",))
+    assert not (folder / G.SECOND_LOCALISER_DIR / "localiser.onnx").exists()

@@ -206,3 +206,68 @@ def test_kits19_backgrounds_are_the_by_eye_slices_with_one_eroded_liver_each() -
         assert cv2.connectedComponents(b.liver.astype(np.uint8))[0] == 2  # background + one liver
         assert abs(float(np.median(b.image[b.liver])) - 165.0) < 1.0  # harmonised like the others
         assert float(b.image[:8, :8].max()) == 0.0  # the corner is air, clipped to 0 when exported
+
+
+def _fake_run(tmp_path: Path) -> Path:
+    """A run folder as `train` leaves it (state + best weights), from a tiny untrained artifact."""
+    import shutil
+
+    from ml_core.classifier import write_untrained_artifact
+
+    art = write_untrained_artifact(tmp_path / "tinyart", gate_threshold=0.0)
+    run = tmp_path / "ckpt" / "tiny"
+    run.mkdir(parents=True)
+    shutil.copyfile(art / "classifier.weights.h5", run / "best.weights.h5")
+    args = {"backbone": "b0", "input_size": 32, "head": "gap", "output_stride": 32}
+    state = {"args": args, "step": 1, "best_step": 1, "best_auc": 0.5, "invocations": []}
+    (run / "state.json").write_text(json.dumps(state))
+    return art
+
+
+def _stage(art: Path, models: Path, *, second: str | None) -> None:
+    """Stage the tiny artifact's localiser and gate; ``second``: the gate's second localiser
+    "staged" (card and folder), "missing" (card names one, no folder), "leftover" (folder only)."""
+    import shutil
+
+    from ml_core import gate as G
+    from ml_core.localiser import sha256_file
+
+    staging = models / "_staging"
+    for part in ("localiser", "gate"):
+        shutil.copytree(art / part, staging / part)
+    if second in ("staged", "leftover"):
+        shutil.copytree(art / "localiser", staging / G.SECOND_LOCALISER_DIR)
+    if second in ("staged", "missing"):
+        card = json.loads((staging / "gate" / G.CARD_NAME).read_text())
+        card["second_localiser_sha256"] = sha256_file(art / "localiser" / "localiser.weights.h5")
+        (staging / "gate" / G.CARD_NAME).write_text(json.dumps(card))
+
+
+@pytest.mark.parametrize("second", ["staged", "leftover"])
+def test_export_ships_the_gates_second_localiser_only_when_the_gate_counts_it(
+    tmp_path: Path, second: str
+) -> None:
+    from ml_core import gate as G
+    from ml_core.classifier import Classifier
+    from ml_core.training import export_artifact
+
+    art, models = _fake_run(tmp_path), tmp_path / "models"
+    _stage(art, models, second=second)
+    folder = export_artifact(tmp_path / "ckpt" / "tiny", "0.0.1", models_dir=models)
+    assert (models / "CURRENT").read_text().strip() == folder.name
+    shipped = (folder / G.SECOND_LOCALISER_DIR).is_dir()
+    assert shipped is (second == "staged")
+    gate = Classifier.load(folder, runtime="tf").gate()
+    assert (gate.second is not None) is (second == "staged")
+
+
+def test_export_refuses_current_for_a_model_whose_gate_does_not_load(tmp_path: Path) -> None:
+    from ml_core.errors import MLCoreError
+    from ml_core.training import export_artifact
+
+    art, models = _fake_run(tmp_path), tmp_path / "models"
+    _stage(art, models, second="missing")  # the gate needs a second localiser nobody staged
+    (models / "CURRENT").write_text("liverscan-b0-0.0.0\n")
+    with pytest.raises(MLCoreError):
+        export_artifact(tmp_path / "ckpt" / "tiny", "0.0.1", models_dir=models)
+    assert (models / "CURRENT").read_text().strip() == "liverscan-b0-0.0.0"
