@@ -1,0 +1,100 @@
+"""Assemble a model artifact from an existing one with another content gate (and its second localiser).
+
+The classifier, its ONNX export and the localiser are copied unchanged from ``--base``; the gate
+folder's card and weights come from ``--gate`` (a ``python -m ml_core.gate`` output); a gate that
+counts a second localiser (``second_localiser_sha256`` in its card) gets ``--second-localiser``
+copied as ``localiser_second/``, and its sha256 must match. The card is renamed to ``--version``,
+its file list and sha256 re-made, the gate's ONNX entries dropped (re-make them with
+``python -m ml_core export-onnx --model OUT --parts gate[,localiser_second]``), and the result is
+loaded as the worker loads it before this command succeeds. Nothing is evaluated: the classifier
+figures in the card are the base's.
+
+Usage: python -m ml_core.tools.assemble --base ml_core/models/liverscan-lite0-0.5.2
+       --gate /work/checkpoints/gate-v14/out --second-localiser ml_core/models/liverscan-lite0-0.5.0/localiser
+       --version 0.5.4 --out ml_core/models/liverscan-lite0-0.5.4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ml_core import gate as G
+from ml_core import localiser as L
+
+GATE_FILES = (G.CARD_NAME, G.WEIGHTS_NAME)
+
+
+def assemble(
+    base: Path, gate: Path, out: Path, version: str, second_localiser: Path | None = None
+) -> dict:
+    """Write ``out`` (see the module docstring) and return its sealed card."""
+    from ml_core.classifier import CARD, Classifier, seal_card
+    from ml_core.localiser import sha256_file
+
+    gate_card = json.loads((gate / G.CARD_NAME).read_text())
+    wants_second = bool(gate_card.get("second_localiser_sha256"))
+    if wants_second and second_localiser is None:
+        raise ValueError("the gate counts a second localiser: pass --second-localiser")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out")
+    shutil.copytree(base, out, ignore=shutil.ignore_patterns("*.log", "__pycache__"))
+    try:
+        shutil.rmtree(out / "gate")
+        (out / "gate").mkdir()
+        for name in GATE_FILES:
+            shutil.copy2(gate / name, out / "gate" / name)
+        second_dir = out / G.SECOND_LOCALISER_DIR
+        if second_dir.exists():
+            shutil.rmtree(second_dir)
+        card = json.loads((out / CARD).read_text())
+        runtimes = card.get("runtimes", {})
+        for key in ("onnx_gate", "onnx_localiser_second"):
+            runtimes.pop(key, None)
+        if wants_second and second_localiser is not None:
+            second_dir.mkdir()
+            for name in (L.CARD_NAME, L.WEIGHTS_NAME):
+                shutil.copy2(second_localiser / name, second_dir / name)
+        card["version"] = version
+        kept = [k for k in card["files"] if not k.startswith(("gate/", G.SECOND_LOCALISER_DIR))]
+        added = [f"gate/{name}" for name in GATE_FILES]
+        if wants_second:
+            added += [f"{G.SECOND_LOCALISER_DIR}/{name}" for name in (L.CARD_NAME, L.WEIGHTS_NAME)]
+        card["files"] = {rel: sha256_file(out / rel) for rel in sorted(kept + added)}
+        card.setdefault("commands", {})["assembled"] = " ".join(
+            [
+                f"python -m ml_core.tools.assemble --base {base} --gate {gate}",
+                f"--second-localiser {second_localiser}" if wants_second else "",
+                f"--version {version} --out {out}",
+            ]
+        ).replace("  ", " ")
+        if gate_card.get("training_command"):
+            card["commands"]["gate"] = gate_card["training_command"]
+        (out / CARD).write_text(json.dumps(seal_card(card), indent=2))
+        Classifier.load(out, runtime="tf").gate()  # as the worker loads it
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return card
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry; prints the new artifact's sha256."""
+    parser = argparse.ArgumentParser(prog="python -m ml_core.tools.assemble")
+    parser.add_argument("--base", type=Path, required=True, help="artifact to take the rest from")
+    parser.add_argument("--gate", type=Path, required=True, help="gate folder (card + weights)")
+    parser.add_argument("--second-localiser", type=Path, default=None)
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    card = assemble(args.base, args.gate, args.out, args.version, args.second_localiser)
+    print(f"{args.out}: {card['name']} {card['version']} sha256 {card['sha256']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
