@@ -92,12 +92,14 @@ def client_address() -> str:
 def init_proxy(app: Flask, settings: Settings) -> None:
     """Behind `trusted_proxy_hops` reverse proxies, take the client address from X-Forwarded-For
     (that many entries from the right: the ones the proxies appended, never a client's own) and
-    the scheme from X-Forwarded-Proto (a TLS-terminating proxy: links such as a job's status_url
-    must say https). Host and port stay the connection's (a forged Host must not reach links)."""
+    the scheme from the last value of X-Forwarded-Proto, the one the nearest proxy set (a
+    TLS-terminating proxy: links such as a job's status_url must say https). Proxies overwrite
+    X-Forwarded-Proto rather than append to it, so asking for one value per hop would leave links
+    on http behind two proxies. X-Forwarded-Host and -Port are ignored."""
     hops = settings.trusted_proxy_hops
     if hops:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
-            app.wsgi_app, x_for=hops, x_proto=hops, x_host=0, x_port=0, x_prefix=0
+            app.wsgi_app, x_for=hops, x_proto=1, x_host=0, x_port=0, x_prefix=0
         )
 
 

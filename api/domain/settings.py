@@ -112,8 +112,10 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)  # empty = CORS off
     # Reverse proxies in front of the API that append the client to X-Forwarded-For (werkzeug's
     # ProxyFix x_for): the client address the rate limits and the lockout see is the one that
-    # many hops from the right. 0 = the connection's peer, the header ignored (a client could
-    # write anything there). Set it only when every request reaches the API through the proxies.
+    # many hops from the right; links take the scheme in X-Forwarded-Proto (its last value, set by
+    # the nearest proxy). 0 = the connection's peer and scheme, both headers ignored (a client
+    # could write anything there). Set it only when every request reaches the API through the
+    # proxies.
     trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
     # Bearer token Prometheus must send for the API's /metrics (Authorization: Bearer <token>).
     # Empty = /metrics is public: restrict it at the ingress to the scraper's network instead.

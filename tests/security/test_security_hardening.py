@@ -87,15 +87,24 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_login_rate_limit(
     assert _login_from(client, email, proxy, "198.51.100.20") == 200
 
 
-@pytest.mark.parametrize(("hops", "scheme"), [(0, "http"), (1, "https")])
+@pytest.mark.parametrize(
+    ("hops", "forwarded_for", "scheme"),
+    [
+        (0, "198.51.100.10", "http"),
+        (1, "198.51.100.10", "https"),
+        (2, "198.51.100.10, 10.0.0.3", "https"),
+    ],
+)
 def test_links_take_the_scheme_the_trusted_proxy_reports(
-    make_security_app: AppFactory, hops: int, scheme: str
+    make_security_app: AppFactory, hops: int, forwarded_for: str, scheme: str
 ) -> None:
     """Behind a TLS-terminating proxy the job's status_url must say https (the proxy's
-    X-Forwarded-Proto); with no trusted proxy a client's own X-Forwarded-Proto is ignored."""
+    X-Forwarded-Proto); with no trusted proxy a client's own X-Forwarded-Proto is ignored. Behind
+    two proxies X-Forwarded-For has an entry per hop but X-Forwarded-Proto only the one value the
+    nearest proxy set (proxies overwrite it), and that value counts."""
     client = make_security_app(trusted_proxy_hops=hops).test_client()
     token = bearer(login(client, signup(client)["email"])["access_token"])
-    via_proxy = {"X-Forwarded-For": "198.51.100.10", "X-Forwarded-Proto": "https"}
+    via_proxy = {"X-Forwarded-For": forwarded_for, "X-Forwarded-Proto": "https"}
     r = submit(client, token, extra_headers=via_proxy)
     assert r.status_code == 202
     assert r.get_json()["status_url"].startswith(f"{scheme}://")
