@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     # could write anything there). Set it only when every request reaches the API through the
     # proxies.
     trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
+    # The names clients reach the API by, comma-separated (host or host:port; the port is not
+    # compared, a leading dot admits subdomains). Links are built on the request's Host, so a
+    # request naming another host is refused (400 bad_host). Empty = any Host (links take it).
+    public_hosts: str = ""
     # Bearer token Prometheus must send for the API's /metrics (Authorization: Bearer <token>).
     # Empty = /metrics is public: restrict it at the ingress to the scraper's network instead.
     metrics_token: str = ""
@@ -200,6 +204,11 @@ class Settings(BaseSettings):
     def secrets_keys_previous(self) -> tuple[str, ...]:
         """Older keys that still decrypt stored secrets (LIVERSCAN_SECRETS_KEY_PREVIOUS)."""
         return tuple(k.strip() for k in self.secrets_key_previous.split(",") if k.strip())
+
+    @property
+    def public_host_names(self) -> tuple[str, ...]:
+        """The names in LIVERSCAN_PUBLIC_HOSTS, lower-cased; empty = every Host is served."""
+        return tuple(h.strip().lower() for h in self.public_hosts.split(",") if h.strip())
 
     @property
     def worker_threads(self) -> int:

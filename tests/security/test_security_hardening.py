@@ -110,6 +110,45 @@ def test_links_take_the_scheme_the_trusted_proxy_reports(
     assert r.get_json()["status_url"].startswith(f"{scheme}://")
 
 
+PUBLIC = "api.clinic.example"
+FORGED_HOST = "evil.example"
+
+
+def test_without_public_hosts_links_take_any_host(make_security_app: AppFactory) -> None:
+    """LIVERSCAN_PUBLIC_HOSTS empty (the default): links are built on the request's own Host, as
+    ever (restrict the names at the proxy, or set the list)."""
+    client = make_security_app().test_client()
+    token = bearer(login(client, signup(client)["email"])["access_token"])
+    r = submit(client, token, extra_headers={"Host": FORGED_HOST})
+    assert r.status_code == 202
+    assert r.get_json()["status_url"].startswith(f"http://{FORGED_HOST}/")
+
+
+def test_with_public_hosts_no_link_is_built_on_another_host(
+    make_security_app: AppFactory,
+) -> None:
+    """LIVERSCAN_PUBLIC_HOSTS set: a request naming another Host is refused (400 bad_host) before
+    any view runs, so no status_url or upload URL points at the forger's name; the public name
+    gets links on it (any port); probes and scrapers reach /healthz, /readyz and /metrics by
+    whatever name they use (a pod's address)."""
+    open_client = make_security_app().test_client()  # the test client's own Host: localhost
+    token = bearer(login(open_client, signup(open_client)["email"])["access_token"])
+    client = make_security_app(public_hosts=f" {PUBLIC.upper()}:8443 , other.example").test_client()
+
+    r = submit(client, token, extra_headers={"Host": FORGED_HOST})
+    assert (r.status_code, r.get_json()["error"]["code"]) == (400, "bad_host")
+    r = client.post("/api/v1/uploads", headers={**token, "Host": FORGED_HOST}, json={})
+    assert (r.status_code, r.get_json()["error"]["code"]) == (400, "bad_host")
+
+    r = submit(client, token, extra_headers={"Host": PUBLIC})
+    assert r.status_code == 202
+    assert r.get_json()["status_url"].startswith(f"http://{PUBLIC}/")
+    r = submit(client, token, extra_headers={"Host": f"{PUBLIC}:8443"}, client_ref="2")
+    assert r.get_json()["status_url"].startswith(f"http://{PUBLIC}:8443/")
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(path, headers={"Host": "10.1.2.3:8000"}).status_code == 200, path
+
+
 def test_signup_is_rate_limited(make_security_app: AppFactory) -> None:
     client = make_security_app(
         rate_limit_enabled=True, rate_limit_storage_url="memory://", rate_limit_signup="2/minute"
