@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     login_max_failures: int = Field(default=5, ge=1)
     login_lockout_s: int = Field(default=900, ge=1)
     # An address stays familiar this many days after its last successful sign-in; then it is
-    # counted like any other (and the sweep forgets it).
+    # counted like any other once a lock of its own has ended (and the sweep forgets it).
     login_familiar_days: int = Field(default=90, ge=1, le=3650)
 
     # Days after a job finishes before the sweep deletes its upload and artifacts; 0 = keep.
