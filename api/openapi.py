@@ -428,7 +428,8 @@ SPEC: dict[str, Any] = {
 # Answers that the policies in api/security.py give before any view runs, so no view declares
 # them: a deleted job answers 410 to its own organization on every route that names it (except
 # DELETE, which stays idempotent); the rate-limited operations answer 429 with Retry-After; the
-# API login answers 423 with Retry-After while an email is locked out.
+# API login answers 423 with Retry-After while an email is locked out; with LIVERSCAN_PUBLIC_HOSTS
+# set, every operation but the probes' answers 400 bad_host to a request naming another host.
 RATE_LIMITED_OPERATIONS = frozenset(
     {
         ("/api/v1/auth/login", "post"),
@@ -438,10 +439,17 @@ RATE_LIMITED_OPERATIONS = frozenset(
     }
 )
 LOCKOUT_OPERATIONS = frozenset({("/api/v1/auth/login", "post")})
+ANY_HOST_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # api.security.init_hosts
 _RETRY_AFTER = {
     "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}
 }
 POLICY_RESPONSES: dict[str, Any] = {
+    "BadHost": {
+        **_json(
+            {"$ref": "#/components/schemas/Error"},
+            "The request names a host not in LIVERSCAN_PUBLIC_HOSTS (bad_host)",
+        ),
+    },
     "Gone": {
         **_json({"$ref": "#/components/schemas/Error"}, "The job's data was deleted (job_deleted)"),
     },
@@ -457,12 +465,15 @@ POLICY_RESPONSES: dict[str, Any] = {
 
 
 def document() -> dict[str, Any]:
-    """The document with the policy answers (410, 423, 429) added to the operations that give them."""
+    """The document with the policy answers (400, 410, 423, 429) added to the operations that give
+    them."""
     spec = copy.deepcopy(SPEC)
     spec["components"]["responses"].update(POLICY_RESPONSES)
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
+            if path not in ANY_HOST_PATHS:
+                responses.setdefault("400", {"$ref": "#/components/responses/BadHost"})
             if "{job_id}" in path and method != "delete":
                 responses.setdefault("410", {"$ref": "#/components/responses/Gone"})
             if (path, method) in LOCKOUT_OPERATIONS:

@@ -16,6 +16,7 @@ from flask_jwt_extended.exceptions import JWTExtendedException
 from flask_limiter import Limiter, RateLimitExceeded
 from jwt.exceptions import PyJWTError
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.wsgi import host_is_trusted
 
 from api.domain import retention
 from api.domain.errors import Forbidden, LiverscanError
@@ -49,6 +50,12 @@ RATE_LIMITED: dict[str, tuple[str, tuple[str, ...]]] = {
 # Blueprints whose every route touches scans or results: not for operators.
 IMAGE_BLUEPRINTS = frozenset({"jobs", "batches", "reports"})
 IMAGE_WEB_ENDPOINTS = frozenset({"web.upload", "web.jobs", "web.job", "web.job_scan"})
+
+
+class BadHost(LiverscanError):
+    """The request names a host that is not one of LIVERSCAN_PUBLIC_HOSTS."""
+
+    code, http_status, message = "bad_host", 400, "This host name is not served here."
 
 
 class JobDeleted(LiverscanError):
@@ -92,13 +99,34 @@ def client_address() -> str:
 def init_proxy(app: Flask, settings: Settings) -> None:
     """Behind `trusted_proxy_hops` reverse proxies, take the client address from X-Forwarded-For
     (that many entries from the right: the ones the proxies appended, never a client's own) and
-    the scheme from X-Forwarded-Proto (a TLS-terminating proxy: links such as a job's status_url
-    must say https). Host and port stay the connection's (a forged Host must not reach links)."""
+    the scheme from the last value of X-Forwarded-Proto, the one the nearest proxy set (a
+    TLS-terminating proxy: links such as a job's status_url must say https). Proxies overwrite
+    X-Forwarded-Proto rather than append to it, so asking for one value per hop would leave links
+    on http behind two proxies. X-Forwarded-Host and -Port are ignored: links take the request's
+    own Host header, which only LIVERSCAN_PUBLIC_HOSTS restricts (init_hosts)."""
     hops = settings.trusted_proxy_hops
     if hops:
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
-            app.wsgi_app, x_for=hops, x_proto=hops, x_host=0, x_port=0, x_prefix=0
+            app.wsgi_app, x_for=hops, x_proto=1, x_host=0, x_port=0, x_prefix=0
         )
+
+
+def init_hosts(app: Flask, settings: Settings) -> None:
+    """With LIVERSCAN_PUBLIC_HOSTS set, refuse (400 bad_host) a request whose Host header names
+    another host before any view builds a link on it (url_for(_external=True) takes the request's
+    Host: a status_url or upload URL on a forger's name). The same matching as Flask's
+    TRUSTED_HOSTS (port not compared, a leading dot admits subdomains), but the operations routes
+    (/healthz, /readyz, /metrics: no links) answer probes and scrapers that use a pod's address."""
+    names = settings.public_host_names
+    if not names:
+        return
+
+    @app.before_request
+    def _public_host_only() -> None:
+        if request.blueprint == "ops":
+            return
+        if not host_is_trusted(request.host.lower(), names):
+            raise BadHost(details={"host": request.host})
 
 
 def client_key() -> str:
@@ -230,6 +258,7 @@ def init_policies(app: Flask) -> None:
 def init_security(app: Flask, settings: Settings) -> None:
     """Everything above, in the order the app factory needs (after the blueprints)."""
     init_proxy(app, settings)
+    init_hosts(app, settings)
     init_headers(app, settings)
     init_rate_limits(app, settings)
     init_policies(app)

@@ -48,10 +48,13 @@ MODEL_BUSY = Counter(
     "liverscan_worker_model_busy_seconds_total",
     "Seconds spent inside batched model calls (rate() of it: the model's utilisation, 0..1).",
 )
+# Not the API's liverscan_store_deletions_pending (counted at every scrape, the one to alert on):
+# this process's count goes stale once another worker's sweep clears the backlog.
 DELETIONS_PENDING = Gauge(
-    "liverscan_store_deletions_pending",
-    "Store objects of deleted jobs whose deletion failed and that the sweep still retries (as "
-    "last counted by the sweep in this process; above 0 for long: the store refuses deletes).",
+    "liverscan_sweep_deletions_pending",
+    "Store objects of deleted jobs whose deletion failed and that the sweep still retries, as "
+    "this worker's sweep last counted them (stale once another worker's sweep ran; alert on the "
+    "API's liverscan_store_deletions_pending).",
 )
 
 

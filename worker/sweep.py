@@ -129,7 +129,8 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
     )
     if resealed:
         log.info("sweep sealed %d webhook secrets under the current key", resealed)
-    # Sign-in addresses unused for LOGIN_FAMILIAR_DAYS are no longer familiar: forget them.
+    # Sign-in addresses unused for LOGIN_FAMILIAR_DAYS are no longer familiar: forget them (a
+    # running lock of their own stays until it ends).
     _step(
         ctx,
         "forgetting stale sign-in addresses",

@@ -183,30 +183,32 @@ def familiar_since(settings: Settings) -> datetime:
     return utcnow() - timedelta(days=settings.login_familiar_days)
 
 
-def familiar_address(
-    session: Session, settings: Settings, email: str, address: str | None
-) -> LoginAddress | None:
-    """The account's remembered address if the account with this email signed in from it within
-    LOGIN_FAMILIAR_DAYS, else None (also for unknown emails: one query either way)."""
+def remembered_address(session: Session, email: str, address: str | None) -> LoginAddress | None:
+    """The account's remembered address (familiar or not any more), else None (also for unknown
+    emails: one query either way)."""
     return session.scalars(
         select(LoginAddress)
         .join(User, User.id == LoginAddress.user_id)
-        .where(
-            User.email == _email_key(email),
-            LoginAddress.address == address_key(address),
-            LoginAddress.last_login_at >= familiar_since(settings),
-        )
+        .where(User.email == _email_key(email), LoginAddress.address == address_key(address))
     ).one_or_none()
 
 
 def _counter(
     session: Session, settings: Settings, email: str, address: str | None
 ) -> LoginAddress | LoginThrottle | None:
-    """The failure count that governs a login from `address`: the address's own when it is
-    familiar, else the email's count shared by every unfamiliar address."""
-    return familiar_address(session, settings, email, address) or session.get(
-        LoginThrottle, _email_key(email)
-    )
+    """The failure count that governs a login from `address`: the address's own while it is
+    familiar, or while a lock it earned still runs (its familiarity lapsing mid-lock must not
+    move its guesses to the shared count, a fresh set of tries); else the email's count shared by
+    every unfamiliar address."""
+    row = remembered_address(session, email, address)
+    if row is not None and (row.last_login_at >= familiar_since(settings) or _locked(row)):
+        return row
+    return session.get(LoginThrottle, _email_key(email))
+
+
+def _locked(counter: LoginAddress | LoginThrottle) -> bool:
+    """Whether this count's lock still runs."""
+    return counter.locked_until is not None and counter.locked_until > utcnow()
 
 
 def check_not_locked(session: Session, settings: Settings, email: str, address: str | None) -> None:
@@ -325,9 +327,13 @@ def forget_stale_throttles(session: Session, settings: Settings) -> int:
 
 def forget_stale_addresses(session: Session, settings: Settings) -> int:
     """Delete remembered addresses not signed in from within LOGIN_FAMILIAR_DAYS (no longer
-    familiar anyway); returns how many."""
+    familiar anyway) once no lock of theirs runs (forgetting one would forget its lock); returns
+    how many."""
     result = session.execute(
-        delete(LoginAddress).where(LoginAddress.last_login_at < familiar_since(settings))
+        delete(LoginAddress).where(
+            LoginAddress.last_login_at < familiar_since(settings),
+            or_(LoginAddress.locked_until.is_(None), LoginAddress.locked_until <= utcnow()),
+        )
     )
     return int(getattr(result, "rowcount", 0) or 0)
 

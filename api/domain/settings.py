@@ -112,9 +112,15 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)  # empty = CORS off
     # Reverse proxies in front of the API that append the client to X-Forwarded-For (werkzeug's
     # ProxyFix x_for): the client address the rate limits and the lockout see is the one that
-    # many hops from the right. 0 = the connection's peer, the header ignored (a client could
-    # write anything there). Set it only when every request reaches the API through the proxies.
+    # many hops from the right; links take the scheme in X-Forwarded-Proto (its last value, set by
+    # the nearest proxy). 0 = the connection's peer and scheme, both headers ignored (a client
+    # could write anything there). Set it only when every request reaches the API through the
+    # proxies.
     trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
+    # The names clients reach the API by, comma-separated (host or host:port; the port is not
+    # compared, a leading dot admits subdomains). Links are built on the request's Host, so a
+    # request naming another host is refused (400 bad_host). Empty = any Host (links take it).
+    public_hosts: str = ""
     # Bearer token Prometheus must send for the API's /metrics (Authorization: Bearer <token>).
     # Empty = /metrics is public: restrict it at the ingress to the scraper's network instead.
     metrics_token: str = ""
@@ -132,7 +138,7 @@ class Settings(BaseSettings):
     login_max_failures: int = Field(default=5, ge=1)
     login_lockout_s: int = Field(default=900, ge=1)
     # An address stays familiar this many days after its last successful sign-in; then it is
-    # counted like any other (and the sweep forgets it).
+    # counted like any other once a lock of its own has ended (and the sweep forgets it).
     login_familiar_days: int = Field(default=90, ge=1, le=3650)
 
     # Days after a job finishes before the sweep deletes its upload and artifacts; 0 = keep.
@@ -198,6 +204,11 @@ class Settings(BaseSettings):
     def secrets_keys_previous(self) -> tuple[str, ...]:
         """Older keys that still decrypt stored secrets (LIVERSCAN_SECRETS_KEY_PREVIOUS)."""
         return tuple(k.strip() for k in self.secrets_key_previous.split(",") if k.strip())
+
+    @property
+    def public_host_names(self) -> tuple[str, ...]:
+        """The names in LIVERSCAN_PUBLIC_HOSTS, lower-cased; empty = every Host is served."""
+        return tuple(h.strip().lower() for h in self.public_hosts.split(",") if h.strip())
 
     @property
     def worker_threads(self) -> int:

@@ -204,6 +204,58 @@ def test_a_stale_address_signing_in_again_is_familiar_again(
     assert _login(client, email, PASSWORD, CLINIC)[0] == 200
 
 
+def _lock_familiar_address_then_age_it(
+    client: FlaskClient, session: Session, email: str, address: str
+) -> None:
+    """Sign in from `address`, lock it with 3 failures there, then let its familiarity lapse
+    (last sign-in 91 days ago) while the 600 s lock still runs."""
+    assert _login(client, email, PASSWORD, address)[0] == 200
+    for _ in range(3):
+        assert _login(client, email, WRONG, address)[0] == 401
+    assert _login(client, email, PASSWORD, address)[:2] == (423, "account_locked")
+    session.execute(update(LoginAddress).values(last_login_at=utcnow() - timedelta(days=91)))
+    session.commit()
+
+
+def test_a_lock_on_a_familiar_address_outlives_its_familiarity(
+    client: FlaskClient, session: Session
+) -> None:
+    """An address locked when it stops being familiar (LIVERSCAN_LOGIN_FAMILIAR_DAYS) stays locked
+    until its own lock ends: its guesses do not move to the email's shared count, which would
+    give whoever guesses there a fresh set of tries at once. After the lock it counts like any
+    other address."""
+    email = signup(client)["email"]
+    _lock_familiar_address_then_age_it(client, session, email, CLINIC)
+
+    status, code, retry_after = _login(client, email, WRONG, CLINIC)
+    assert (status, code) == (423, "account_locked") and 0 < int(retry_after) <= 600
+    assert _login(client, email, PASSWORD, CLINIC)[:2] == (423, "account_locked")
+    session.expire_all()
+    assert session.scalars(select(LoginThrottle).where(LoginThrottle.email == email)).all() == []
+
+    session.execute(update(LoginAddress).values(locked_until=utcnow() - timedelta(seconds=1)))
+    session.commit()
+    for _ in range(3):
+        assert _login(client, email, WRONG, CLINIC)[0] == 401
+    assert _login(client, email, PASSWORD, ATTACKER)[:2] == (423, "account_locked")  # shared
+
+
+def test_a_stale_address_is_forgotten_only_once_its_lock_ended(
+    client: FlaskClient, session: Session
+) -> None:
+    """accounts.forget_stale_addresses (the sweep) keeps a stale address while its lock runs:
+    forgetting it would forget the lock."""
+    email = signup(client)["email"]
+    _lock_familiar_address_then_age_it(client, session, email, CLINIC)
+    settings = client.application.extensions["liverscan"].settings
+
+    assert accounts.forget_stale_addresses(session, settings) == 0
+    session.commit()
+    assert _login(client, email, PASSWORD, CLINIC)[:2] == (423, "account_locked")
+    session.execute(update(LoginAddress).values(locked_until=utcnow() - timedelta(seconds=1)))
+    assert accounts.forget_stale_addresses(session, settings) == 1
+
+
 def test_stale_addresses_are_forgotten(client: FlaskClient, session: Session) -> None:
     """accounts.forget_stale_addresses (run by the sweep) deletes only addresses past the age."""
     email = signup(client)["email"]

@@ -45,8 +45,9 @@ def test_the_worker_pool_follows_the_settings(tmp_path) -> None:
 
 def test_every_dashboard_series_is_exported(settings: Settings, broker) -> None:
     """Each metric the Grafana dashboard charts or an alert rule watches is served by the API's or
-    a worker's /metrics, the k8s PrometheusRule holds the same alerts as infra/monitoring/alerts.yml,
-    and the API exports the depth of every queue (inference, webhooks, reports)."""
+    a worker's /metrics, no name is served by both, the k8s PrometheusRule holds the same alerts
+    as infra/monitoring/alerts.yml, and the API exports the depth of every queue (inference,
+    webhooks, reports)."""
     import json
     import re
     from pathlib import Path
@@ -60,7 +61,8 @@ def test_every_dashboard_series_is_exported(settings: Settings, broker) -> None:
 
     app = create_app(settings.model_copy(update={"jwt_secret_key": "scale-" + "m" * 40}))
     api_text = app.test_client().get("/metrics").get_data(as_text=True)
-    exported = api_text + generate_latest(REGISTRY).decode()
+    worker_text = generate_latest(REGISTRY).decode()
+    exported = api_text + worker_text
     dashboard = Path(__file__).resolve().parents[2] / "infra" / "grafana" / "liverscan.json"
     exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"]]
     alerts = yaml.safe_load((dashboard.parents[1] / "monitoring" / "alerts.yml").read_text())
@@ -74,6 +76,11 @@ def test_every_dashboard_series_is_exported(settings: Settings, broker) -> None:
     names = {n for e in exprs for n in re.findall(r"liverscan_[a-z_]+", e)}
     assert names
     families = {f.name for f in text_string_to_metric_families(exported)}
+    # One name, one meaning: a worker gauge named like an API series would mix into the same
+    # max()/sum() of every scraped target (a stale worker count keeping an alert firing).
+    api_names = {f.name for f in text_string_to_metric_families(api_text)}
+    worker_names = {f.name for f in text_string_to_metric_families(worker_text)}
+    assert {n for n in api_names & worker_names if n.startswith("liverscan_")} == set()
     for name in names:  # a histogram's _bucket/_sum/_count, a counter's _total, an info's _info
         base = re.sub(r"_(bucket|sum|count|total|info)$", "", name)
         assert name in families or base in families, name

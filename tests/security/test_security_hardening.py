@@ -87,18 +87,66 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_login_rate_limit(
     assert _login_from(client, email, proxy, "198.51.100.20") == 200
 
 
-@pytest.mark.parametrize(("hops", "scheme"), [(0, "http"), (1, "https")])
+@pytest.mark.parametrize(
+    ("hops", "forwarded_for", "scheme"),
+    [
+        (0, "198.51.100.10", "http"),
+        (1, "198.51.100.10", "https"),
+        (2, "198.51.100.10, 10.0.0.3", "https"),
+    ],
+)
 def test_links_take_the_scheme_the_trusted_proxy_reports(
-    make_security_app: AppFactory, hops: int, scheme: str
+    make_security_app: AppFactory, hops: int, forwarded_for: str, scheme: str
 ) -> None:
     """Behind a TLS-terminating proxy the job's status_url must say https (the proxy's
-    X-Forwarded-Proto); with no trusted proxy a client's own X-Forwarded-Proto is ignored."""
+    X-Forwarded-Proto); with no trusted proxy a client's own X-Forwarded-Proto is ignored. Behind
+    two proxies X-Forwarded-For has an entry per hop but X-Forwarded-Proto only the one value the
+    nearest proxy set (proxies overwrite it), and that value counts."""
     client = make_security_app(trusted_proxy_hops=hops).test_client()
     token = bearer(login(client, signup(client)["email"])["access_token"])
-    via_proxy = {"X-Forwarded-For": "198.51.100.10", "X-Forwarded-Proto": "https"}
+    via_proxy = {"X-Forwarded-For": forwarded_for, "X-Forwarded-Proto": "https"}
     r = submit(client, token, extra_headers=via_proxy)
     assert r.status_code == 202
     assert r.get_json()["status_url"].startswith(f"{scheme}://")
+
+
+PUBLIC = "api.clinic.example"
+FORGED_HOST = "evil.example"
+
+
+def test_without_public_hosts_links_take_any_host(make_security_app: AppFactory) -> None:
+    """LIVERSCAN_PUBLIC_HOSTS empty (the default): links are built on the request's own Host, as
+    ever (restrict the names at the proxy, or set the list)."""
+    client = make_security_app().test_client()
+    token = bearer(login(client, signup(client)["email"])["access_token"])
+    r = submit(client, token, extra_headers={"Host": FORGED_HOST})
+    assert r.status_code == 202
+    assert r.get_json()["status_url"].startswith(f"http://{FORGED_HOST}/")
+
+
+def test_with_public_hosts_no_link_is_built_on_another_host(
+    make_security_app: AppFactory,
+) -> None:
+    """LIVERSCAN_PUBLIC_HOSTS set: a request naming another Host is refused (400 bad_host) before
+    any view runs, so no status_url or upload URL points at the forger's name; the public name
+    gets links on it (any port); probes and scrapers reach /healthz, /readyz and /metrics by
+    whatever name they use (a pod's address)."""
+    open_client = make_security_app().test_client()  # the test client's own Host: localhost
+    token = bearer(login(open_client, signup(open_client)["email"])["access_token"])
+    client = make_security_app(public_hosts=f" {PUBLIC.upper()}:8443 , other.example").test_client()
+
+    r = submit(client, token, extra_headers={"Host": FORGED_HOST})
+    assert (r.status_code, r.get_json()["error"]["code"]) == (400, "bad_host")
+    r = client.post("/api/v1/uploads", headers={**token, "Host": FORGED_HOST}, json={})
+    assert (r.status_code, r.get_json()["error"]["code"]) == (400, "bad_host")
+
+    r = submit(client, token, extra_headers={"Host": PUBLIC})
+    assert r.status_code == 202
+    assert r.get_json()["status_url"].startswith(f"http://{PUBLIC}/")
+    r = submit(client, token, extra_headers={"Host": f"{PUBLIC}:8443"}, client_ref="2")
+    assert r.get_json()["status_url"].startswith(f"http://{PUBLIC}:8443/")
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(path, headers={"Host": "10.1.2.3:8000"}).status_code == 200, path
 
 
 def test_signup_is_rate_limited(make_security_app: AppFactory) -> None:

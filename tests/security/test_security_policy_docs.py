@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import uuid
 from typing import Any
 
 from flask import Flask
@@ -115,3 +116,27 @@ def test_metrics_401_without_the_scrape_token_is_documented(make_security_app: A
     answer = client.get("/metrics", headers={"Authorization": "Bearer wrong"})
     assert (answer.status_code, answer.get_json()["error"]["code"]) == (401, "unauthorized")
     _documented(app, client, "/metrics", "GET", answer)
+
+
+def test_bad_host_400_is_documented_on_every_operation_but_the_probes(
+    make_security_app: AppFactory,
+) -> None:
+    """With LIVERSCAN_PUBLIC_HOSTS set, every operation answers a request naming another host
+    400 bad_host before its view runs; /healthz, /readyz and /metrics answer any name."""
+    app = make_security_app(public_hosts="localhost")  # the test client's own name
+    client = app.test_client()
+    spec = client.get("/api/v1/openapi.json").get_json()
+    probes = {"/healthz", "/readyz", "/metrics"}
+    for template, operations in spec["paths"].items():
+        path = re.sub(r"\{\w+\}", str(uuid.uuid4()), template)
+        for method in operations:
+            answer = client.open(path, method=method.upper(), headers={"Host": "evil.example"})
+            if template in probes:
+                assert answer.status_code != 400, (method, path)
+                assert "400" not in operations[method]["responses"], (method, template)
+                continue
+            assert (answer.status_code, answer.get_json()["error"]["code"]) == (
+                400,
+                "bad_host",
+            ), (method, path)
+            _documented(app, client, path, method.upper(), answer)

@@ -249,7 +249,8 @@ def test_retention_is_off_by_default(tmp_path: Path) -> None:
 
 
 def _pending_metric() -> float | None:
-    return REGISTRY.get_sample_value("liverscan_store_deletions_pending")
+    """The owed deletions as the sweep of this (worker) process last counted them."""
+    return REGISTRY.get_sample_value("liverscan_sweep_deletions_pending")
 
 
 def test_a_job_deleted_while_the_store_is_down_loses_its_bytes_when_the_store_is_back(
