@@ -13,6 +13,7 @@ import uuid
 from datetime import datetime, timedelta
 
 from sqlalchemy import ForeignKey, Integer, String, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from api.domain import audit
@@ -105,14 +106,26 @@ def delete_or_defer(
 def _defer(
     session: Session, key: str, *, job_id: uuid.UUID | None, error: StorageUnavailable
 ) -> None:
-    """Record `key` as owed a deletion, or count one more failed attempt if it already is."""
+    """Record `key` as owed a deletion, or count one more failed attempt if it already is.
+
+    One upsert (INSERT ... ON CONFLICT DO UPDATE), not a read then a write: the sweep may delete
+    the row in between (`retry_deletions` succeeding), and an UPDATE of a vanished row would fail
+    the caller's transaction (a job's DELETE answered 500). The key is then owed afresh.
+    """
     reason = str(error.details.get("reason") or error.code)[:200]
-    row = session.get(PendingDeletion, key)
-    if row is None:
-        session.add(PendingDeletion(key=key, job_id=job_id, error=reason))
-        return
-    row.attempts += 1
-    row.last_attempt_at, row.error = utcnow(), reason
+    now = utcnow()
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(PendingDeletion).values(
+        key=key, job_id=job_id, attempts=1, last_attempt_at=now, error=reason, created_at=now
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[PendingDeletion.key],
+        set_={"attempts": PendingDeletion.attempts + 1, "last_attempt_at": now, "error": reason},
+    )
+    # RETURNING refreshes a copy of the row the session already holds (populate_existing).
+    session.scalars(
+        stmt.returning(PendingDeletion), execution_options={"populate_existing": True}
+    ).one()
 
 
 def pending_deletions(session: Session) -> int:
