@@ -256,12 +256,15 @@ class AuditEvent(Base):
 
 class UploadStatus(enum.StrEnum):
     """A direct-to-store upload: pending until a job is created from it, or expired by the sweep;
-    used, then closed by the sweep once its presigned URL has run out."""
+    used, then closed by the sweep once its presigned URL has run out. Expired or closed, then
+    swept once a grace has passed (its key deleted a last time, for a PUT that finished late);
+    a swept slot was used if it names a job."""
 
     PENDING = "pending"
     USED = "used"
     EXPIRED = "expired"
     CLOSED = "closed"
+    SWEPT = "swept"
 
 
 class PendingUpload(Base):

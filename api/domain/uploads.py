@@ -6,7 +6,8 @@ completed slot into the bytes `intake.submit` stores under the job's own key: it
 organization's, pending, unexpired, and its object must exist within the size limit — never a job
 without bytes. The presigned URL stays valid after that, so the job never reads the slot's key.
 `expire_stale` (the sweep) expires slots never used and deletes whatever bytes reached them, and
-deletes what a used slot's key received once its URL has run out.
+deletes what a used slot's key received once its URL has run out; LATE_UPLOAD_GRACE later it
+deletes the key once more (a PUT still running at the deadline), then leaves the slot swept.
 Services take the session first and flush; the caller commits.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 MIME_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]{0,62}/[A-Za-z0-9][\w.+-]{0,62}")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+LATE_UPLOAD_GRACE = timedelta(hours=1)
 
 
 def create(
@@ -113,7 +115,7 @@ def get_pending(
     row = _get(session, upload_id, org_id=org_id, lock=lock)
     if row is None:
         raise UploadNotFound(details={"upload_id": str(upload_id)})
-    if row.status in (UploadStatus.USED, UploadStatus.CLOSED):
+    if row.status in (UploadStatus.USED, UploadStatus.CLOSED) or row.job_id is not None:
         raise UploadAlreadyUsed(details={"upload_id": str(upload_id), "job_id": str(row.job_id)})
     if row.status is UploadStatus.EXPIRED or row.expires_at <= utcnow():
         raise UploadExpired(details={"upload_id": str(upload_id)})
@@ -155,24 +157,46 @@ def claim(
     return row, data
 
 
-def expire_stale(session: Session, storage: Storage, *, limit: int = 500) -> int:
-    """Expire pending uploads past their deadline and delete any bytes they received; close used
-    ones past it (their URL has run out) and delete what reached their key late; how many."""
+def _stale(
+    session: Session, statuses: list[UploadStatus], before: datetime, limit: int
+) -> list[tuple[PendingUpload, str | None]]:
+    """Slots in `statuses` whose deadline passed before `before`, oldest first, row-locked (a
+    second sweep skips them), with the input key of the job made from each."""
     rows = session.execute(
         select(PendingUpload, Job.input_key)
         .outerjoin(Job, Job.id == PendingUpload.job_id)
-        .where(
-            PendingUpload.status.in_([UploadStatus.PENDING, UploadStatus.USED]),
-            PendingUpload.expires_at < utcnow(),
-        )
+        .where(PendingUpload.status.in_(statuses), PendingUpload.expires_at < before)
         .order_by(PendingUpload.expires_at)
         .limit(limit)
         .with_for_update(of=PendingUpload, skip_locked=True)
     ).all()
-    for row, input_key in rows:
-        if input_key != row.key:  # jobs made before inputs were copied still read the upload's key
-            storage.delete(row.key)  # absent keys are fine
+    return [(row, input_key) for row, input_key in rows]
+
+
+def _delete_slot_key(storage: Storage, row: PendingUpload, input_key: str | None) -> None:
+    """Delete what reached a slot's key, unless its job reads that key."""
+    if input_key != row.key:  # jobs made before inputs were copied still read the upload's key
+        storage.delete(row.key)  # absent keys are fine
+
+
+def expire_stale(session: Session, storage: Storage, *, limit: int = 500) -> int:
+    """Expire pending uploads past their deadline and delete any bytes they received; close used
+    ones past it (their URL has run out) and delete what reached their key late; once
+    LATE_UPLOAD_GRACE has passed too, delete the key of an expired or closed slot once more (a PUT
+    that started before the deadline may finish after it) and never look at it again. How many
+    slots had their key deleted."""
+    now = utcnow()
+    # Graced first: a slot expired here is not deleted twice in one run, whatever its age.
+    graced = _stale(
+        session, [UploadStatus.EXPIRED, UploadStatus.CLOSED], now - LATE_UPLOAD_GRACE, limit
+    )
+    for row, input_key in graced:
+        _delete_slot_key(storage, row, input_key)
+        row.status = UploadStatus.SWEPT
+    stale = _stale(session, [UploadStatus.PENDING, UploadStatus.USED], now, limit)
+    for row, input_key in stale:
+        _delete_slot_key(storage, row, input_key)
         used = row.status is UploadStatus.USED
         row.status = UploadStatus.CLOSED if used else UploadStatus.EXPIRED
     session.flush()
-    return len(rows)
+    return len(graced) + len(stale)

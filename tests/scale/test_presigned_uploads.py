@@ -19,6 +19,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import update
 
 from api.app import create_app
+from api.domain import uploads
 from api.domain.models import Job, PendingUpload, UploadStatus, utcnow
 from api.domain.queue import INFERENCE_QUEUE
 from api.domain.settings import Settings
@@ -333,6 +334,45 @@ def test_bytes_put_after_the_job_was_created_do_not_change_its_input(api: Api) -
     assert api.download_input(headers, job_id) == PNG
     again = api.create_job(headers, slot["id"])
     assert again.status_code == 409 and again.get_json()["error"]["code"] == "upload_already_used"
+
+
+def _expired_ago(api: Api, upload_id: str, ago: timedelta) -> None:
+    """Move a slot's deadline `ago` into the past (as the clock would)."""
+    with api.ctx.sessions.begin() as session:
+        session.execute(
+            update(PendingUpload)
+            .where(PendingUpload.id == uuid.UUID(upload_id))
+            .values(expires_at=utcnow() - ago)
+        )
+
+
+@pytest.mark.parametrize("used", [False, True])
+def test_bytes_that_land_after_the_sweep_closed_the_slot_are_deleted_after_the_grace(
+    api: Api, used: bool
+) -> None:
+    """A presigned PUT that started before its URL ran out can finish after the sweep closed or
+    expired the slot (or S3's clock runs behind the API's): the sweep deletes the slot's key once
+    more when the grace has passed, and the slot still answers as it did."""
+    headers = api.account()
+    slot = api.open_upload(headers)
+    assert api.put(slot, PNG, headers) in (200, 204)
+    if used:
+        assert api.create_job(headers, slot["id"]).status_code == 202
+    key = api.upload_key(slot["id"])
+    _expired_ago(api, slot["id"], timedelta(seconds=1))
+    sweep.run(context=api.ctx)
+    assert api.storage.size(key) is None
+
+    api.storage.put(key, PNG, "image/png")  # the late PUT completes
+    sweep.run(context=api.ctx)
+    assert api.storage.size(key) == len(PNG)  # within the grace: a PUT may still be running
+
+    _expired_ago(api, slot["id"], uploads.LATE_UPLOAD_GRACE + timedelta(seconds=1))
+    sweep.run(context=api.ctx)
+    assert api.storage.size(key) is None
+    r = api.create_job(headers, slot["id"])
+    expected = (409, "upload_already_used") if used else (410, "upload_expired")
+    assert (r.status_code, r.get_json()["error"]["code"]) == expected
 
 
 def test_the_sweep_keeps_an_upload_key_that_a_job_reads(api: Api) -> None:
