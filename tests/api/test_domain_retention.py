@@ -63,7 +63,8 @@ def test_a_deletion_failing_while_the_sweep_deletes_its_owed_row_keeps_the_key_o
     with sessions.begin() as session:
         session.add(PendingDeletion(key=key, job_id=None, error="earlier outage"))
     with sessions() as request:
-        assert request.get(PendingDeletion, key) is not None  # read before the sweep commits
+        read = request.get(PendingDeletion, key)  # read (and held) before the sweep commits
+        assert read is not None
         with sessions.begin() as sweep:
             sweep.execute(delete(PendingDeletion).where(PendingDeletion.key == key))
         assert retention.delete_or_defer(request, failing_store, [key], job_id=None) == (0, 1)
