@@ -1535,8 +1535,8 @@ def run(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if second is not None and second_path is not None:  # beside the gate, as an artifact holds it
-        _copy_localiser(Path(second_path), out.parent / SECOND_LOCALISER_DIR)
+    if second_path is not None:  # beside the gate, as an artifact holds it
+        copy_localiser(Path(second_path), out.parent / SECOND_LOCALISER_DIR)
     weights = out / WEIGHTS_NAME
     cnn.save_weights(str(weights))
     from ml_core import datasets as D
@@ -1595,16 +1595,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_localiser(src: Path, dst: Path) -> None:
-    """Copy a localiser folder's card and weights (no ONNX export: it is re-made per artifact)."""
+def copy_localiser(src: Path, dst: Path) -> list[str]:
+    """Copy a localiser folder's card and weights into ``dst`` (replaced; no ONNX export: it is
+    re-made per artifact); the names of the files copied."""
     import shutil
 
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     card = json.loads((src / L.CARD_NAME).read_text())
-    for name in (L.CARD_NAME, str(card.get("weights", L.WEIGHTS_NAME))):
+    names = [L.CARD_NAME, str(card.get("weights", L.WEIGHTS_NAME))]
+    for name in names:
         shutil.copy2(src / name, dst / name)
+    return names
+
+
+def counts_second_localiser(gate_dir: Path) -> bool:
+    """Whether the gate in ``gate_dir`` was calibrated with a second localiser (its card names
+    one), i.e. whether an artifact holding it must ship ``SECOND_LOCALISER_DIR``."""
+    card = gate_dir / CARD_NAME
+    return card.is_file() and bool(json.loads(card.read_text()).get("second_localiser_sha256"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -482,12 +482,11 @@ def export(
 def _serves(folder: Path, part: str) -> bool:
     """Whether the artifact ``folder`` serves ``part`` (its folder exists; the second localiser
     only when the gate's card names one)."""
+    from ml_core import gate as G
+
     if not (folder / part).is_dir():
         return False
-    if part != "localiser_second":
-        return True
-    card = folder / "gate" / "gate.json"
-    return card.is_file() and bool(json.loads(card.read_text()).get("second_localiser_sha256"))
+    return part != "localiser_second" or G.counts_second_localiser(folder / "gate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -814,8 +814,7 @@ def _staged_parts(staging: Path) -> list[str]:
     from ml_core import gate as G
 
     parts = ["localiser", "gate"]
-    card = staging / "gate" / G.CARD_NAME
-    if card.is_file() and json.loads(card.read_text()).get("second_localiser_sha256"):
+    if G.counts_second_localiser(staging / "gate"):
         parts.append(G.SECOND_LOCALISER_DIR)
     return parts
 

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ml_core import gate as G
-from ml_core import localiser as L
 
 GATE_FILES = (G.CARD_NAME, G.WEIGHTS_NAME)
 
@@ -37,7 +36,7 @@ def assemble(
     from ml_core.localiser import sha256_file
 
     gate_card = json.loads((gate / G.CARD_NAME).read_text())
-    wants_second = bool(gate_card.get("second_localiser_sha256"))
+    wants_second = G.counts_second_localiser(gate)
     if wants_second and second_localiser is None:
         raise ValueError("the gate counts a second localiser: pass --second-localiser")
     if out.exists():
@@ -55,15 +54,12 @@ def assemble(
         runtimes = card.get("runtimes", {})
         for key in ("onnx_gate", "onnx_localiser_second"):
             runtimes.pop(key, None)
-        if wants_second and second_localiser is not None:
-            second_dir.mkdir()
-            for name in (L.CARD_NAME, L.WEIGHTS_NAME):
-                shutil.copy2(second_localiser / name, second_dir / name)
         card["version"] = version
         kept = [k for k in card["files"] if not k.startswith(("gate/", G.SECOND_LOCALISER_DIR))]
         added = [f"gate/{name}" for name in GATE_FILES]
-        if wants_second:
-            added += [f"{G.SECOND_LOCALISER_DIR}/{name}" for name in (L.CARD_NAME, L.WEIGHTS_NAME)]
+        if wants_second and second_localiser is not None:
+            copied = G.copy_localiser(second_localiser, second_dir)
+            added += [f"{G.SECOND_LOCALISER_DIR}/{name}" for name in copied]
         card["files"] = {rel: sha256_file(out / rel) for rel in sorted(kept + added)}
         card.setdefault("commands", {})["assembled"] = " ".join(
             [
