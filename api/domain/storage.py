@@ -101,6 +101,11 @@ def _stored(key: str, data: bytes, content_type: str) -> StoredObject:
     )
 
 
+def _unreachable(exc: Exception) -> StorageUnavailable:
+    """The outage a failing S3 call means (botocore's error, or an answer other than not-found)."""
+    return StorageUnavailable(details={"reason": str(exc)[:200]})
+
+
 def _disk_fault(exc: OSError) -> StorageUnavailable:
     """The outage a failing disk call means (a folder not writable, a file where the store needs a
     folder, a full or read-only volume): the error S3 raises when it cannot be reached. The reason
@@ -252,7 +257,7 @@ class S3Storage:
         try:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
         except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+            raise _unreachable(exc) from exc
         return _stored(key, data, content_type)
 
     def get(self, key: str, max_bytes: int | None = None) -> bytes:
@@ -264,9 +269,9 @@ class S3Storage:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
                 raise ObjectNotFound(details={"key": key}) from exc
-            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+            raise _unreachable(exc) from exc
         except BotoCoreError as exc:
-            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+            raise _unreachable(exc) from exc
         stream = response["Body"]
         try:
             body: bytes = stream.read() if max_bytes is None else stream.read(max_bytes + 1)
@@ -276,16 +281,7 @@ class S3Storage:
 
     def exists(self, key: str) -> bool:
         """Whether an object is stored under `key`."""
-        check_key(key)
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
-                return False
-            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
-        except BotoCoreError as exc:
-            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
-        return True
+        return self.size(key) is not None
 
     def delete(self, key: str) -> None:
         """Remove the object under `key`; absent keys are fine."""
@@ -293,7 +289,7 @@ class S3Storage:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
         except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+            raise _unreachable(exc) from exc
 
     def url_for(self, key: str, expires_s: int = 900) -> str | None:
         """A presigned GET URL valid for `expires_s` seconds."""
@@ -321,9 +317,9 @@ class S3Storage:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
                 return None
-            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+            raise _unreachable(exc) from exc
         except BotoCoreError as exc:
-            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+            raise _unreachable(exc) from exc
         return int(head["ContentLength"])
 
     def ping(self) -> None:
@@ -331,7 +327,7 @@ class S3Storage:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:
-            raise StorageUnavailable(details={"reason": str(exc)[:200]}) from exc
+            raise _unreachable(exc) from exc
 
 
 def make_storage(settings: Settings) -> Storage:
