@@ -386,9 +386,24 @@ VAL_SET_NAMES = NAMES
 DEFAULT_VAL_SET = "realistic"
 CALIBRATION_RULE = (
     "probability = sigmoid((logit - offset) / T); T and offset: min NLL on the {val_set} "
-    "validation slices (offset 0 for the gap head: temperature scaling); threshold: max Youden J "
-    "on the same, slice level"
+    "validation slices ({family}); threshold: max Youden J on the same, slice level"
 )
+#: Calibration families ``evaluate --calibration`` can fit: "auto" is Platt for the max head and
+#: temperature alone for the gap head (the rule up to 0.5.5); "temperature" fixes the offset at 0.
+CALIBRATION_FAMILIES = ("auto", "platt", "temperature")
+_FAMILY_TEXT = {
+    "platt": "Platt scaling: T and offset",
+    "temperature": "temperature scaling: offset 0",
+}
+
+
+def resolve_family(family: str, head: str) -> str:
+    """The family ``family`` stands for with this head: "platt" or "temperature"."""
+    if family not in CALIBRATION_FAMILIES:
+        raise ValueError(f"unknown calibration family {family!r} (one of {CALIBRATION_FAMILIES})")
+    if family == "auto":
+        return "platt" if head == "max" else "temperature"
+    return family
 
 
 def load_validation_set(name: str, clf: Classifier) -> ValidationSet:
@@ -410,8 +425,11 @@ def load_validation_set(name: str, clf: Classifier) -> ValidationSet:
     raise ValueError(f"unknown validation set {name!r} (one of {', '.join(VAL_SET_NAMES)})")
 
 
-def fit_on(clf: Classifier, vset: ValidationSet, *, fit: bool = True) -> dict[str, Any]:
-    """Fit calibration (Platt for the max head, temperature for gap) and the Youden threshold on one set.
+def fit_on(
+    clf: Classifier, vset: ValidationSet, *, fit: bool = True, family: str = "auto"
+) -> dict[str, Any]:
+    """Fit calibration (``family``; "auto": Platt for the max head, temperature for gap) and the
+    Youden threshold on one set.
 
     Returns temperature, logit_offset, threshold and a "validation" report (AUC, both calibration
     families with their ECE and NLL, the logit cut, and per stratum / per patient figures);
@@ -423,7 +441,7 @@ def fit_on(clf: Classifier, vset: ValidationSet, *, fit: bool = True) -> dict[st
     platt = fit_platt(z, y)
     if not fit:
         temperature, offset = clf.temperature, clf.logit_offset
-    elif clf.head == "max":
+    elif resolve_family(family, clf.head) == "platt":
         temperature, offset = platt
     else:
         temperature, offset = t_only, 0.0
@@ -507,12 +525,13 @@ def evaluate(
     fit: bool = True,
     val_set: str = DEFAULT_VAL_SET,
     validation_only: bool = False,
+    family: str = "auto",
 ) -> dict[str, Any]:
     """Run the full evaluation of one artifact; write metrics.json and SVG plots to ``out_dir``.
 
     Calibration and threshold are fitted on ``val_set`` ("realistic" or "synthetic"; both are
-    always reported). ``validation_only`` stops before the test patient and writes
-    validation.json instead.
+    always reported) with the calibration ``family`` (CALIBRATION_FAMILIES). ``validation_only``
+    stops before the test patient and writes validation.json instead.
     """
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -521,7 +540,11 @@ def evaluate(
         "model": {"name": clf.info.name, "version": clf.info.version, "sha256": clf.info.sha256}
     }
 
-    fits = {name: fit_on(clf, load_validation_set(name, clf), fit=fit) for name in VAL_SET_NAMES}
+    resolved = resolve_family(family, clf.head)
+    fits = {
+        name: fit_on(clf, load_validation_set(name, clf), fit=fit, family=family)
+        for name in VAL_SET_NAMES
+    }
     for name, f in fits.items():
         log.info(
             "validation %s: AUC %.3f, T %.3f, offset %.3f, threshold %.3f, sens %.3f, spec %.3f",
@@ -565,7 +588,8 @@ def evaluate(
         "logit_offset": offset,
         "threshold": threshold,
         "validation_set": val_set,
-        "rule": CALIBRATION_RULE.format(val_set=val_set),
+        "family": resolved if fit else "card",
+        "rule": CALIBRATION_RULE.format(val_set=val_set, family=_FAMILY_TEXT[resolved]),
         "validation": chosen["validation"],
         "validation_sets": {
             name: {k: v for k, v in f.items() if not k.startswith("_")} for name, f in fits.items()
@@ -793,6 +817,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "training-like lesions",
     )
     parser.add_argument(
+        "--calibration",
+        choices=list(CALIBRATION_FAMILIES),
+        default="auto",
+        help="calibration family fitted on the validation set: auto = Platt (T and offset) for "
+        "the max head, temperature alone for the gap head; temperature = offset 0",
+    )
+    parser.add_argument(
         "--validation-only",
         action="store_true",
         help="fit and report on the validation sets only; do not score the test patient",
@@ -817,6 +848,7 @@ def run(args: argparse.Namespace) -> int:
         fit=not args.no_fit,
         val_set=args.val_set,
         validation_only=args.validation_only,
+        family=args.calibration,
     )
     if args.validation_only:
         return 0
@@ -824,7 +856,9 @@ def run(args: argparse.Namespace) -> int:
         update_card(
             model_dir,
             res,
-            f"python -m ml_core evaluate --model {model_dir.as_posix()} --val-set {args.val_set} --update-card",
+            f"python -m ml_core evaluate --model {model_dir.as_posix()} --val-set {args.val_set}"
+            + ("" if args.calibration == "auto" else f" --calibration {args.calibration}")
+            + " --update-card",
         )
     r = res["real_test_3Dircadb1.1"]
     log.info(

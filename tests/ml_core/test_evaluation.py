@@ -161,3 +161,33 @@ def test_validation_pointing_counts_heatmap_maxima_inside_the_lesion_masks() -> 
     assert res["pointing_game_detected"] == pytest.approx(0.5) and res["detected"] == 2
     no_masks = ValidationSet("s", vset.slices, vset.labels, vset.weights, meta)
     assert validation_pointing([clean, on, near, far, flat], no_masks) is None
+
+
+def test_the_calibration_family_changes_the_shown_probability_never_a_label(monkeypatch) -> None:
+    """`evaluate --calibration temperature` fixes the offset at 0 where the max head's rule fits
+    Platt; the Youden cut lands on the same validation logit, so every slice keeps its label."""
+    from types import SimpleNamespace
+
+    from ml_core import evaluation
+    from ml_core.calibration_sets import ValidationSet
+
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(40), np.ones(40)].astype(np.float32)
+    logits = 3 * rng.normal(0, 1.5, 80) + 4 * labels + 2.0  # shifted: a max over cells
+    monkeypatch.setattr(evaluation, "_logits", lambda clf, slices: (logits, [None] * len(slices)))
+    meta = [{"kind": "lesion" if y else "clean", "source": "s", "patient": "p"} for y in labels]
+    vset = ValidationSet(
+        "t", [np.zeros((8, 8), np.uint8)] * 80, labels, np.ones(80, np.int64), meta
+    )
+    clf = SimpleNamespace(head="max", temperature=1.0, logit_offset=0.0, threshold=0.5)
+    platt = evaluation.fit_on(clf, vset)
+    temp = evaluation.fit_on(clf, vset, family="temperature")
+    assert platt["logit_offset"] > 0.5
+    assert temp["logit_offset"] == 0.0
+    assert temp["temperature"] == pytest.approx(fit_temperature(logits.astype(np.float64), labels))
+    assert temp["validation"]["logit_cut"] == pytest.approx(platt["validation"]["logit_cut"])
+    for key in ("sensitivity", "specificity"):
+        assert temp["validation"][key] == platt["validation"][key]
+    assert temp["validation"]["ece"] != platt["validation"]["ece"]
+    with pytest.raises(ValueError, match="unknown calibration family"):
+        evaluation.fit_on(clf, vset, family="isotonic")
