@@ -7,7 +7,8 @@ from typing import Any
 
 import kombu.transport.sqlalchemy
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.concurrency import ALIASES
+from celery.signals import celeryd_after_setup, worker_process_init, worker_ready
 from kombu import Exchange, Queue
 
 from api.domain.queue import (
@@ -76,6 +77,30 @@ def make_celery(settings: Settings) -> Celery:
 
 
 celery_app = make_celery(get_settings())
+
+
+@celeryd_after_setup.connect
+def _warn_recycling_not_applied(instance: Any = None, **_: object) -> None:
+    """Warn at start for each of --max-tasks-per-child / --max-memory-per-child that this pool
+    ignores: Celery hands them to the prefork pool only, so threads or solo recycle nothing."""
+    pool = f"{instance.pool_cls.__module__}:{instance.pool_cls.__qualname__}"
+    if pool == ALIASES["prefork"]:
+        return
+    name = next((alias for alias, path in ALIASES.items() if path == pool), pool)
+    for option, value in (
+        ("max-tasks-per-child", instance.max_tasks_per_child),
+        ("max-memory-per-child", instance.max_memory_per_child),
+    ):
+        if value:
+            log.warning(
+                "--%s=%s is not applied: the %s pool runs jobs in this one process and Celery "
+                "replaces processes only in the prefork pool, so nothing restarts this worker "
+                "after a number of jobs or above a memory size; its memory is bounded by its "
+                "container's memory limit (docs/operations.md, 'Worker memory')",
+                option,
+                value,
+                name,
+            )
 
 
 @worker_process_init.connect

@@ -38,7 +38,8 @@ class LoginThrottle(Base):
     email: Mapped[str] = mapped_column(String(320), primary_key=True)
     failures: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Indexed: the sweep deletes stale rows by it (forget_stale_throttles).
+    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
 
 
 class LoginAddress(Base):

@@ -62,6 +62,21 @@ def test_downgrade_base_removes_everything(empty_engine: Engine) -> None:
     assert set(Base.metadata.tables) <= set(inspect(empty_engine).get_table_names())
 
 
+def test_stale_login_throttles_are_found_by_an_index(empty_engine: Engine) -> None:
+    """The sweep deletes login_throttles by last_failure_at (one row per email ever tried): head
+    indexes that column, and downgrading to 0007 drops only that index."""
+
+    def indexed() -> list[list[str | None]]:
+        return [ix["column_names"] for ix in inspect(empty_engine).get_indexes("login_throttles")]
+
+    migrate(empty_engine)
+    assert ["last_failure_at"] in indexed()
+    with empty_engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0007_pending_deletions")
+    assert ["last_failure_at"] not in indexed()
+    assert "login_throttles" in inspect(empty_engine).get_table_names()
+
+
 def test_alembic_command_line_reads_the_liverscan_settings(tmp_path: Path) -> None:
     import subprocess
     import sys
