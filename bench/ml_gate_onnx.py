@@ -2,9 +2,11 @@
 
 Loads the artifact twice (``Classifier.load(runtime="tf")`` and ``runtime="onnx"``) and, on the
 gate's held-out groups of ``bench/ml_gate.py`` (test split + 3Dircadb1.1) in batches of 32,
-with both localisers' caches emptied, compares per slice: P_cnn, the localiser's letterboxed
+with every localiser cache emptied, compares per slice: P_cnn, the localiser's letterboxed
 probability map (96 px), the gate score and its accept/reject decision, and the liver mask
-of ``Localiser.segment`` at the slice's full resolution. Then the files of
+of ``Localiser.segment`` at the slice's full resolution; for a gate that counts a second
+localiser (``localiser_second/``, e.g. 0.5.4) its map and full-resolution mask are compared
+the same way (``.../second`` lines). Then the files of
 ``bench/ml_gate.validator_files`` (held-out liver slices as CT DICOM, real DICOM, the negative
 files) go through the whole ``validate`` with each gate: decisions and reason codes.
 
@@ -45,8 +47,7 @@ class Tally:
     def __init__(self) -> None:
         self.d_cnn = self.d_loc = self.d_score_same_mask = self.d_score_other_mask = 0.0
         self.slices = self.decisions_differ = self.small_masks_differ = 0
-        self.pixels = self.pixels_differ = 0
-        self.flip_max_dist = 0.0  # largest |p_tf - threshold| over the differing full-res pixels
+        self.masks = {"first": _MaskTally(), "second": _MaskTally()}
 
     def add(self, tf_gate: Any, ort_gate: Any, slices: list[np.ndarray]) -> None:
         """Compare one batch of uint8 (H, W) slices."""
@@ -54,8 +55,8 @@ class Tally:
         from ml_core import localiser as L
 
         tl, ol = tf_gate.localiser, ort_gate.localiser
-        tl.clear_cache()
-        ol.clear_cache()
+        tf_gate.clear_caches()
+        ort_gate.clear_caches()
         p_t, a_t = tf_gate.score_parts(slices)
         p_o, a_o = ort_gate.score_parts(slices)
         keys = [L.slice_key(s) for s in slices]
@@ -75,17 +76,9 @@ class Tally:
             else:
                 self.small_masks_differ += 1
                 self.d_score_other_mask = max(self.d_score_other_mask, d)
-        for s, pt, po in zip(
-            slices, tl.probabilities(slices), ol.probabilities(slices), strict=True
-        ):
-            mt = L.keep_main_components(pt >= lthr)
-            mo = L.keep_main_components(po >= lthr)
-            diff = mt != mo
-            self.pixels += mt.size
-            self.pixels_differ += int(diff.sum())
-            if diff.any():
-                self.flip_max_dist = max(self.flip_max_dist, float(np.abs(pt[diff] - lthr).max()))
-            assert mt.shape == np.shape(s)[:2]
+        self.masks["first"].add(tl, ol, slices)
+        if tf_gate.second is not None:
+            self.masks["second"].add(tf_gate.second, ort_gate.second, slices)
 
     def emit(self, cfg: dict[str, Any]) -> None:
         """Print the tallies as JSON lines."""
@@ -96,13 +89,58 @@ class Tally:
         emit("onnx_max_abs_diff_gate_score/same_mask", self.d_score_same_mask, "probability", c)
         emit("onnx_small_masks_differ", self.small_masks_differ, "slices", c)
         emit("onnx_max_abs_diff_gate_score/other_mask", self.d_score_other_mask, "probability", c)
+        for which, m in self.masks.items():
+            if m.slices:
+                m.emit("" if which == "first" else "/second", c)
+
+
+class _MaskTally:
+    """One localiser's differences between the runtimes: its 96 px map and full-res mask."""
+
+    def __init__(self) -> None:
+        self.slices = self.pixels = self.pixels_differ = 0
+        self.d_map = 0.0
+        self.flip_max_dist = 0.0  # largest |p_tf - threshold| over the differing full-res pixels
+
+    def add(self, tl: Any, ol: Any, slices: list[np.ndarray]) -> None:
+        """Compare ``tl`` (TensorFlow) and ``ol`` (ONNX Runtime) on one batch."""
+        from ml_core import localiser as L
+
+        lthr = tl.threshold
+        keys = [L.slice_key(s) for s in slices]
+        for a, b in zip(
+            tl.small_probabilities(slices, keys), ol.small_probabilities(slices, keys), strict=True
+        ):
+            self.d_map = max(self.d_map, float(np.abs(a - b).max()))
+        for s, pt, po in zip(
+            slices, tl.probabilities(slices), ol.probabilities(slices), strict=True
+        ):
+            mt = L.keep_main_components(pt >= lthr)
+            mo = L.keep_main_components(po >= lthr)
+            diff = mt != mo
+            self.slices += 1
+            self.pixels += mt.size
+            self.pixels_differ += int(diff.sum())
+            if diff.any():
+                self.flip_max_dist = max(self.flip_max_dist, float(np.abs(pt[diff] - lthr).max()))
+            assert mt.shape == np.shape(s)[:2]
+
+    def emit(self, suffix: str, c: dict[str, Any]) -> None:
+        """Print this localiser's lines (``suffix`` "" for the first, "/second" for the second)."""
+        if suffix:
+            emit(f"onnx_max_abs_diff_localiser_probability{suffix}", self.d_map, "probability", c)
         emit(
-            "onnx_full_mask_pixels_differ",
+            f"onnx_full_mask_pixels_differ{suffix}",
             self.pixels_differ / max(self.pixels, 1),
             "fraction",
             {**c, "pixels": self.pixels, "differ": self.pixels_differ},
         )
-        emit("onnx_full_mask_flip_max_distance_to_threshold", self.flip_max_dist, "probability", c)
+        emit(
+            f"onnx_full_mask_flip_max_distance_to_threshold{suffix}",
+            self.flip_max_dist,
+            "probability",
+            c,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     assert (tf_gate.runtime, tf_gate.localiser.runtime) == ("tensorflow", "tensorflow")
     assert (ort_gate.runtime, ort_gate.localiser.runtime) == ("onnxruntime", "onnxruntime")
+    if tf_gate.second is not None:
+        assert (tf_gate.second.runtime, ort_gate.second.runtime) == ("tensorflow", "onnxruntime")
     cfg = {"models": str(folder), "threshold": round(tf_gate.threshold, 4)}
 
     groups = heldout_groups(tf_gate.localiser)
@@ -139,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         differ = []
         d_score = 0.0
         for name, data in files:
-            tf_gate.localiser.clear_cache()
-            ort_gate.localiser.clear_cache()
+            tf_gate.clear_caches()
+            ort_gate.clear_caches()
             a, b = validate(data, gate=tf_gate), validate(data, gate=ort_gate)
             if (a.passed, a.reason_code) != (b.passed, b.reason_code):
                 differ.append(name)
