@@ -93,8 +93,8 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
             lambda s: retention.apply_retention(s, ctx.storage, ctx.settings.retention_days),
             None,
         )
-    # Objects of deleted jobs that the store failed to delete (an outage during a DELETE or the
-    # retention step above): retried until they are gone, and counted where operators look.
+    # Objects the store failed to delete (an outage during a DELETE, the retention step above, or
+    # a submit's cleanup): retried until they are gone, and counted where operators look.
     pending = _step(
         ctx,
         "retrying store deletions",
@@ -104,7 +104,7 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
     if pending is not None:
         metrics.DELETIONS_PENDING.set(pending)
     if pending:
-        log.warning("sweep: %d store objects still to delete (their jobs were deleted)", pending)
+        log.warning("sweep: %d store objects still to delete (the store failed to)", pending)
     # Direct-to-store uploads never turned into a job: expire them, delete their bytes.
     expired_uploads = _step(
         ctx, "expiring uploads", lambda s: uploads.expire_stale(s, ctx.storage), 0
