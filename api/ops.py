@@ -91,7 +91,8 @@ class LiverscanCollector(Collector):
         up = GaugeMetricFamily("liverscan_database_up", "Whether the database answered the scrape.")
         pending = GaugeMetricFamily(
             "liverscan_store_deletions_pending",
-            "Store objects of deleted jobs whose deletion failed and that the sweep still retries "
+            "Store objects (of deleted jobs, failed submits, used upload slots) whose deletion "
+            "failed and that the sweep still retries "
             "(counted at scrape time; above 0 for long: the store refuses deletes).",
         )
         try:

@@ -52,7 +52,8 @@ MODEL_BUSY = Counter(
 # this process's count goes stale once another worker's sweep clears the backlog.
 DELETIONS_PENDING = Gauge(
     "liverscan_sweep_deletions_pending",
-    "Store objects of deleted jobs whose deletion failed and that the sweep still retries, as "
+    "Store objects (of deleted jobs, failed submits, used upload slots) whose deletion failed "
+    "and that the sweep still retries, as "
     "this worker's sweep last counted them (stale once another worker's sweep ran; alert on the "
     "API's liverscan_store_deletions_pending).",
 )

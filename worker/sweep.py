@@ -39,9 +39,10 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
     """Re-enqueue jobs processing past SWEEP_DEADLINE_S, jobs queued past it whose message is not
     waiting in the inference queue (lost), and overdue webhook attempts; delete the bytes of jobs
     past RETENTION_DAYS and retry the deletions the store failed; expire direct-to-store uploads
-    never used; seal batches whose request died; seal webhook secrets stored in plaintext or
-    under a previous key; forget stale sign-in addresses and failed-login counts and the
-    revocations of expired tokens."""
+    never used, and delete the rows of swept ones UPLOAD_SLOT_RETENTION_DAYS past their deadline;
+    seal batches whose request died; seal webhook secrets stored in plaintext or under a previous
+    key; forget stale sign-in addresses and failed-login counts and the revocations of expired
+    tokens."""
     ctx = context or get_context()
     deadline = timedelta(seconds=ctx.settings.sweep_deadline_s)
     now = utcnow()
@@ -93,8 +94,8 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
             lambda s: retention.apply_retention(s, ctx.storage, ctx.settings.retention_days),
             None,
         )
-    # Objects of deleted jobs that the store failed to delete (an outage during a DELETE or the
-    # retention step above): retried until they are gone, and counted where operators look.
+    # Objects the store failed to delete (an outage during a DELETE, the retention step above, or
+    # a submit's cleanup): retried until they are gone, and counted where operators look.
     pending = _step(
         ctx,
         "retrying store deletions",
@@ -104,11 +105,21 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
     if pending is not None:
         metrics.DELETIONS_PENDING.set(pending)
     if pending:
-        log.warning("sweep: %d store objects still to delete (their jobs were deleted)", pending)
+        log.warning("sweep: %d store objects still to delete (the store failed to)", pending)
     # Direct-to-store uploads never turned into a job: expire them, delete their bytes.
     expired_uploads = _step(
         ctx, "expiring uploads", lambda s: uploads.expire_stale(s, ctx.storage), 0
     )
+    # Their rows once swept and UPLOAD_SLOT_RETENTION_DAYS past their deadline: until then a retry
+    # of the request that made a job from one replays it.
+    days = ctx.settings.upload_slot_retention_days
+    pruned_uploads = _step(ctx, "deleting swept uploads", lambda s: uploads.prune_swept(s, days), 0)
+    if pruned_uploads:
+        log.info(
+            "sweep deleted %d upload slots (swept, over %d days past their deadline)",
+            pruned_uploads,
+            days,
+        )
     # A batch whose submitting request died is never sealed by it: seal it here, so it can
     # complete and its batch.completed webhook fires.
     sealed: list[uuid.UUID] = _step(
@@ -159,6 +170,7 @@ def run(*, context: WorkerContext | None = None) -> dict[str, int]:
         "jobs": len(job_ids),
         "webhooks": len(delivery_ids),
         "uploads": expired_uploads,
+        "uploads_pruned": pruned_uploads,
         "secrets": resealed,
         "deletions_pending": pending or 0,
     }

@@ -4,7 +4,8 @@
 2. put the bytes in the store under the job's own key (a direct-to-store upload's bytes are read
    from its slot and copied there, since its presigned URL can still overwrite the slot);
 3. insert the job row and COMMIT (on failure: delete the bytes, answer database_unavailable),
-   then delete the slot's copy;
+   then delete the slot's copy. Bytes the store fails to delete are recorded in pending_deletions
+   in a transaction of their own, and the sweep deletes them once it answers (`_delete_or_owe`);
 4. enqueue the id. If this last publish fails the row stays `queued` and the periodic sweep
    re-drives it, so the request still answers 202: nothing is lost, and the client holds an id.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from api.domain import audit, jobs, uploads
+from api.domain import audit, jobs, retention, uploads
 from api.domain.errors import (
     BrokerUnavailable,
     DatabaseUnavailable,
@@ -159,7 +160,7 @@ def submit(
     except IntegrityError:
         # Another request with the same Idempotency-Key committed first.
         session.rollback()
-        storage.delete(key)
+        _delete_or_owe(session, storage, key, job_id=None)
         if idempotency_key is None:
             raise
         existing = _check_idempotent(session, org_id, idempotency_key, sha256)
@@ -168,14 +169,14 @@ def submit(
         return Submission(job=existing, created=False, enqueued=False)
     except OperationalError as exc:
         session.rollback()
-        _delete_quietly(storage, key)
+        _delete_or_owe(session, storage, key, job_id=None)
         raise DatabaseUnavailable() from exc
     except BaseException:
         session.rollback()
-        _delete_quietly(storage, key)
+        _delete_or_owe(session, storage, key, job_id=None)
         raise
-    if slot_key is not None:  # the job holds its own copy now; the sweep retries a failed delete
-        _delete_quietly(storage, slot_key)
+    if slot_key is not None:  # the job holds its own copy now
+        _delete_or_owe(session, storage, slot_key, job_id=job.id)
 
     try:
         queue.enqueue(PROCESS_JOB, str(job.id), queue=INFERENCE_QUEUE)
@@ -186,8 +187,18 @@ def submit(
     return Submission(job=job, created=True, enqueued=enqueued)
 
 
-def _delete_quietly(storage: Storage, key: str) -> None:
+def _delete_or_owe(
+    session: Session, storage: Storage, key: str, *, job_id: uuid.UUID | None
+) -> None:
+    """Delete `key`; if the store fails, record it for the sweep (pending_deletions) and commit.
+
+    The session's transaction is a fresh one: the job's rolled back, or committed. Only when
+    nothing can be recorded (the database is down too) are the bytes left unrecorded; then the key
+    is logged as an error so that an operator can delete it. Never raises.
+    """
     try:
-        storage.delete(key)
-    except Exception:  # the bytes are orphaned; log loudly so an operator can clean up
-        log.exception("could not delete %s", key)
+        retention.delete_or_defer(session, storage, [key], job_id=job_id)
+        session.commit()
+    except Exception:
+        session.rollback()
+        log.exception("could not delete %s nor record it for the sweep: delete it by hand", key)

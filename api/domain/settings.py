@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     # A direct-to-store upload (POST /api/v1/uploads) must become a job within this; the sweep
     # then expires it and deletes whatever bytes arrived.
     upload_expires_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    # Days past its deadline that a finished upload's row (swept: its key deleted a last time) is
+    # kept, so a retry of the request that made a job from it still replays that job; then the
+    # sweep deletes the row. 0 = keep forever.
+    upload_slot_retention_days: int = Field(default=30, ge=0)
 
     jwt_secret_key: str = "dev-insecure-jwt-secret-change-me"
     # Encrypts secrets stored in the database (webhook signing secrets; api/domain/secrets.py).

@@ -8,6 +8,7 @@ without bytes. The presigned URL stays valid after that, so the job never reads 
 `expire_stale` (the sweep) expires slots never used and deletes whatever bytes reached them, and
 deletes what a used slot's key received once its URL has run out; LATE_UPLOAD_GRACE later it
 deletes the key once more (a PUT still running at the deadline), then leaves the slot swept.
+`prune_swept` (the sweep) deletes a swept slot's row UPLOAD_SLOT_RETENTION_DAYS past its deadline.
 Services take the session first and flush; the caller commits.
 """
 
@@ -18,7 +19,7 @@ import re
 import uuid
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from api.domain import jobs
@@ -200,3 +201,23 @@ def expire_stale(session: Session, storage: Storage, *, limit: int = 500) -> int
         row.status = UploadStatus.CLOSED if used else UploadStatus.EXPIRED
     session.flush()
     return len(graced) + len(stale)
+
+
+def prune_swept(session: Session, days: int) -> int:
+    """Delete the rows of swept slots whose deadline passed more than `days` days ago (0 = keep
+    them forever); how many.
+
+    A swept slot's key was deleted a last time, so only a retry of the request that made a job from
+    it still reads its row (`replayed_job`): within `days` it replays that job; after, the slot is
+    unknown (upload_not_found), never a second job. Slots not yet swept stay whatever their age:
+    their object may still arrive, or still have to be deleted.
+    """
+    if days <= 0:
+        return 0
+    result = session.execute(
+        delete(PendingUpload).where(
+            PendingUpload.status == UploadStatus.SWEPT,
+            PendingUpload.expires_at < utcnow() - timedelta(days=days),
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)  # 0 where the driver does not say

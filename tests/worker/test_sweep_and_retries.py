@@ -35,6 +35,7 @@ def test_sweep_re_enqueues_a_queued_job_whose_message_was_lost(ctx: WorkerContex
         "jobs": 1,
         "webhooks": 0,
         "uploads": 0,
+        "uploads_pruned": 0,
         "secrets": 0,
         "deletions_pending": 0,
     }
@@ -43,6 +44,7 @@ def test_sweep_re_enqueues_a_queued_job_whose_message_was_lost(ctx: WorkerContex
         "jobs": 0,
         "webhooks": 0,
         "uploads": 0,
+        "uploads_pruned": 0,
         "secrets": 0,
         "deletions_pending": 0,
     }  # not again before another deadline
@@ -74,6 +76,7 @@ def test_sweep_re_drives_an_overdue_webhook_attempt(ctx: WorkerContext, broker) 
         "jobs": 0,
         "webhooks": 1,
         "uploads": 0,
+        "uploads_pruned": 0,
         "secrets": 0,
         "deletions_pending": 0,
     }
