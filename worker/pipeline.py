@@ -7,7 +7,8 @@ of N jobs costs one gate call and one classifier call; everything else stays per
 Safe to run twice: a terminal job is left alone, so a redelivered message changes nothing and
 schedules no second webhook. ml_core errors become the job's `error.code`; anything unexpected
 (store or database hiccup, a bug) is retried a bounded number of times, then the job fails with
-`internal_error` and a message without a stack trace.
+`internal_error` and a message without a stack trace. A store outage that outlasts those retries
+is waited out instead: the job stays queued and the sweep re-drives it (OUTAGE_PATIENCE at most).
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from api.domain import batches, jobs, retention
 from api.domain.db import session_scope
-from api.domain.models import Job, JobStatus
+from api.domain.errors import StorageUnavailable
+from api.domain.models import Job, JobStatus, utcnow
 from api.domain.queue import INFERENCE_QUEUE, PROCESS_JOB
 from api.domain.storage import HEATMAP_NAME, OVERLAY_NAME, job_key
 from ml_core.errors import MLCoreError
@@ -36,6 +39,9 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # deliveries of one job that may end in an unexpected error (or a killed worker)
 RETRY_BASE_S = 5.0
+# A job whose store is still unreachable on its last delivery waits for the sweep instead of
+# failing (its upload is safe, only out of reach), until it is this old.
+OUTAGE_PATIENCE = timedelta(days=1)
 DELETED = "job_deleted"  # error.code of a job deleted before it finished (GET answers 410 anyway)
 
 
@@ -88,13 +94,15 @@ def _run(ctx: WorkerContext, jid: uuid.UUID) -> JobStatus | None:
                 s, jid, error_code=code, error_message=message, locked=locked
             ),
         )
-    except Exception:
+    except Exception as exc:
         if _deleted(ctx, jid):  # e.g. its upload is gone because an admin deleted the job
             log.info("job %s was deleted while queued or processing; not retried", jid)
             return _finish(ctx, jid, _mark_deleted)
         log.exception("job %s: unexpected error on attempt %d", jid, attempts)
         if attempts < MAX_ATTEMPTS:
             return _retry_later(ctx, jid, attempts)
+        if isinstance(exc, StorageUnavailable) and _wait_out_outage(ctx, jid):
+            return JobStatus.QUEUED
         return _finish(
             ctx,
             jid,
@@ -265,6 +273,20 @@ def _mark_deleted(session: Session, locked: Job | None) -> Job:
         error_message="The job was deleted before it finished; nothing was kept.",
         locked=locked,
     )
+
+
+def _wait_out_outage(ctx: WorkerContext, jid: uuid.UUID) -> bool:
+    """Leave a job whose store was unreachable on its last delivery queued, that delivery's
+    attempt given back and no message sent: the sweep re-drives it once SWEEP_DEADLINE_S has
+    passed, for as long as the outage lasts, unless the job is older than OUTAGE_PATIENCE.
+    Whether it was left queued."""
+    with session_scope(ctx.sessions) as session:
+        job = jobs.lock(session, jid)
+        if job is None or job.created_at < utcnow() - OUTAGE_PATIENCE:
+            return False
+        jobs.requeue(session, jid, attempts=MAX_ATTEMPTS - 1)
+    log.warning("job %s: the store is still unreachable; the sweep will re-drive it", jid)
+    return True
 
 
 def _retry_later(ctx: WorkerContext, jid: uuid.UUID, attempts: int) -> JobStatus:

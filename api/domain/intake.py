@@ -3,9 +3,11 @@
 1. check everything that can be checked cheaply (size, callback URL, idempotency key, broker up);
 2. put the bytes in the store under the job's own key (a direct-to-store upload's bytes are read
    from its slot and copied there, since its presigned URL can still overwrite the slot);
-3. insert the job row and COMMIT (on failure: delete the bytes, answer database_unavailable),
-   then delete the slot's copy. Bytes the store fails to delete are recorded in pending_deletions
-   in a transaction of their own, and the sweep deletes them once it answers (`_delete_or_owe`);
+3. insert the job row and COMMIT (on failure: delete the bytes, answer database_unavailable;
+   but a COMMIT that raised after the server committed, its answer lost with the connection,
+   stands: the job is accepted with its bytes), then delete the slot's copy. Bytes the store
+   fails to delete are recorded in pending_deletions in a transaction of their own, and the
+   sweep deletes them once it answers (`_delete_or_owe`);
 4. enqueue the id. If this last publish fails the row stays `queued` and the periodic sweep
    re-drives it, so the request still answers 202: nothing is lost, and the client holds an id.
 """
@@ -17,6 +19,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -142,6 +145,7 @@ def submit(
 
     key = job_key(org_id, job_id, "input")
     stored = storage.put(key, upload.data, upload.content_type or "application/octet-stream")
+    committing = False
     try:
         job = jobs.create_job(
             session,
@@ -156,6 +160,8 @@ def submit(
             batch_id=batch_id,
         )
         audit.record(session, "job.submit", org_id=org_id, user_id=user_id, job_id=job.id)
+        session.flush()  # everything but the COMMIT: an error up to here surely left no row
+        committing = True
         session.commit()
     except IntegrityError:
         # Another request with the same Idempotency-Key committed first.
@@ -167,14 +173,19 @@ def submit(
         if existing is None:
             raise
         return Submission(job=existing, created=False, enqueued=False)
-    except OperationalError as exc:
-        session.rollback()
-        _delete_or_owe(session, storage, key, job_id=None)
-        raise DatabaseUnavailable() from exc
-    except BaseException:
-        session.rollback()
-        _delete_or_owe(session, storage, key, job_id=None)
-        raise
+    except BaseException as exc:
+        committed = _roll_back(session, job_id, committing=committing)
+        if committed is False:
+            _delete_or_owe(session, storage, key, job_id=None)
+        elif committed is None:
+            log.error("job %s: its COMMIT failed, maybe after committing; %s is kept", job_id, key)
+        if not committed or not isinstance(exc, Exception):
+            if isinstance(exc, OperationalError):
+                raise DatabaseUnavailable() from exc
+            raise
+        # The connection dropped after the server committed: the job stands, with its upload.
+        log.warning("job %s: its COMMIT raised %s but went through", job_id, type(exc).__name__)
+        job = jobs.get_or_raise(session, job_id)
     if slot_key is not None:  # the job holds its own copy now
         _delete_or_owe(session, storage, slot_key, job_id=job.id)
 
@@ -185,6 +196,24 @@ def submit(
         log.warning("job %s committed but not enqueued; the sweep will re-drive it", job.id)
         enqueued = False
     return Submission(job=job, created=True, enqueued=enqueued)
+
+
+def _roll_back(session: Session, job_id: uuid.UUID, *, committing: bool) -> bool | None:
+    """Roll back after creating the job's row failed; whether the row was committed all the same.
+
+    An error before the COMMIT was sent surely left no row (False). A COMMIT that raised may have
+    gone through, its answer lost with the connection: the row is looked for (True or False),
+    and None means the database cannot tell now; then the upload must be kept, since a committed
+    job without its bytes could only fail.
+    """
+    try:
+        session.rollback()
+        if not committing:
+            return False
+        return session.scalar(select(Job.id).where(Job.id == job_id)) is not None
+    except Exception:
+        log.warning("job %s: cannot tell whether its row was committed", job_id, exc_info=True)
+        return None if committing else False
 
 
 def _delete_or_owe(

@@ -170,12 +170,17 @@ def mark_processing(session: Session, job_id: uuid.UUID, *, locked: Job | None =
     return job
 
 
-def requeue(session: Session, job_id: uuid.UUID) -> Job:
-    """Put a processing job back to queued (redelivery, sweep); terminal jobs are unchanged."""
+def requeue(session: Session, job_id: uuid.UUID, *, attempts: int | None = None) -> Job:
+    """Put a processing job back to queued (redelivery, sweep); terminal jobs are unchanged.
+
+    `attempts`: set the delivery count too (a delivery that an outage stopped gives it back).
+    """
     job = _load_for_update(session, job_id)
     if job.status in TERMINAL_STATUSES:
         return job
     job.status = JobStatus.QUEUED
+    if attempts is not None:
+        job.attempts = attempts
     job.updated_at = utcnow()
     session.flush()
     return job

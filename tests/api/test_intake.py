@@ -234,6 +234,97 @@ def test_enqueue_failure_after_commit_keeps_the_queued_row_for_the_sweep(
     assert storage.get(row.input_key) == png_bytes()
 
 
+def _lose_the_answer_of_the_first_commit(
+    monkeypatch: pytest.MonkeyPatch, session: Session, *, committed: bool, then_down: bool = False
+) -> None:
+    """The first COMMIT fails the way a connection dropped mid-COMMIT does (OperationalError),
+    having committed (only its answer was lost) or not; later commits behave. `then_down`: the
+    database answers no query afterwards."""
+    real_commit = session.commit
+    calls = []
+
+    def lost() -> OperationalError:
+        return OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    def commit() -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            return real_commit()
+        if committed:
+            real_commit()
+        else:
+            session.rollback()
+        if then_down:
+            monkeypatch.setattr(session, "scalar", lambda *a, **k: (_ for _ in ()).throw(lost()))
+        raise lost()
+
+    monkeypatch.setattr(session, "commit", commit)
+
+
+def _org(session: Session) -> Organization:
+    org = Organization(name="Clinic", webhook_secret="whsec_x")
+    session.add(org)
+    session.commit()
+    return org
+
+
+def test_a_commit_whose_answer_was_lost_keeps_the_job_and_its_upload(
+    session: Session, settings: Settings, tmp_path: Path, broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The row is committed although COMMIT raised: the job is accepted (202, enqueued) and its
+    bytes stay; deleting them would leave a queued job that can only fail."""
+    org = _org(session)
+    storage = LocalStorage(tmp_path / "store")
+    _lose_the_answer_of_the_first_commit(monkeypatch, session, committed=True)
+    result = intake.submit(
+        session, settings=settings, storage=storage, queue=CeleryQueue(BROKER_URL),
+        org_id=org.id, user_id=None, upload=intake.Upload(png_bytes(), "a.png", "image/png"),
+    )  # fmt: skip
+    assert result.created and result.enqueued
+    row = session.scalars(select(Job).where(Job.org_id == org.id)).one()
+    assert row.id == result.job.id
+    assert storage.get(row.input_key) == png_bytes()
+    assert broker.llen("inference") == 1
+
+
+def test_a_commit_that_failed_deletes_the_bytes(
+    session: Session, settings: Settings, tmp_path: Path, broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """COMMIT raised and nothing was committed: 503 database_unavailable, no row, no bytes."""
+    org = _org(session)
+    storage = LocalStorage(tmp_path / "store")
+    _lose_the_answer_of_the_first_commit(monkeypatch, session, committed=False)
+    with pytest.raises(DatabaseUnavailable) as info:
+        intake.submit(
+            session, settings=settings, storage=storage, queue=CeleryQueue(BROKER_URL),
+            org_id=org.id, user_id=None, upload=intake.Upload(png_bytes(), "a.png", "image/png"),
+        )  # fmt: skip
+    assert info.value.code == "database_unavailable"
+    assert session.scalars(select(Job).where(Job.org_id == org.id)).all() == []
+    assert _files(tmp_path / "store") == []
+    assert broker.llen("inference") == 0
+
+
+def test_a_commit_nobody_can_check_keeps_the_bytes(
+    session: Session, settings: Settings, tmp_path: Path, broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """COMMIT raised and the database is gone before anyone can tell whether it committed: 503,
+    but the bytes stay (a committed job would be re-driven by the sweep and need them)."""
+    org = _org(session)
+    storage = LocalStorage(tmp_path / "store")
+    _lose_the_answer_of_the_first_commit(monkeypatch, session, committed=False, then_down=True)
+    with pytest.raises(DatabaseUnavailable):
+        intake.submit(
+            session, settings=settings, storage=storage, queue=CeleryQueue(BROKER_URL),
+            org_id=org.id, user_id=None, upload=intake.Upload(png_bytes(), "a.png", "image/png"),
+        )  # fmt: skip
+    assert [p.read_bytes() for p in _files(tmp_path / "store")] == [png_bytes()]
+    assert broker.llen("inference") == 0
+
+
 def test_concurrent_submits_with_one_idempotency_key_make_one_job(
     pg_url: str, tmp_path: Path, broker: redis.Redis
 ) -> None:

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.domain import jobs
-from api.domain.models import AuditEvent, Job, JobStatus
+from api.domain.models import AuditEvent, Job, JobStatus, PendingUpload
 from api.domain.settings import Settings
 from api.domain.storage import S3Storage, Storage
 from tests.api.conftest import bearer, login, make_app, png_bytes, signup, submit
@@ -226,6 +226,64 @@ def test_another_organizations_job_is_404_everywhere(
     b = submit(client, bob, png_bytes(seed=2), extra_headers={"Idempotency-Key": "k"})
     assert b.status_code == 202
     assert b.get_json()["id"] != a
+
+
+def _completed_upload(client: FlaskClient, headers: dict[str, str], data: bytes) -> str:
+    """A direct upload (local store: the API's PUT route) holding `data`; its id."""
+    slot = client.post("/api/v1/uploads", headers=headers, json={"content_type": "image/png"})
+    assert slot.status_code == 201
+    upload_id = str(slot.get_json()["id"])
+    put = client.put(f"/api/v1/uploads/{upload_id}", headers=headers, data=data)
+    assert put.status_code == 204
+    return upload_id
+
+
+def test_another_organizations_upload_cannot_be_replayed_with_its_idempotency_key(
+    client: FlaskClient, session: Session
+) -> None:
+    """Clinic B sending clinic A's upload_id with A's Idempotency-Key gets upload_not_found, not
+    A's job; the same key on B's own upload makes B's own job."""
+    alice = bearer(login(client, signup(client, organization="Clinic A")["email"])["access_token"])
+    bob = bearer(login(client, signup(client, organization="Clinic B")["email"])["access_token"])
+    key = {"Idempotency-Key": "scan-0001"}
+    upload_a = _completed_upload(client, alice, png_bytes(seed=11))
+    made = client.post("/api/v1/jobs", headers={**alice, **key}, json={"upload_id": upload_a})
+    assert made.status_code == 202
+
+    stolen = client.post("/api/v1/jobs", headers={**bob, **key}, json={"upload_id": upload_a})
+    assert stolen.status_code == 404
+    assert stolen.get_json()["error"] == {
+        "code": "upload_not_found",
+        "message": "No such upload.",
+        "details": {"upload_id": upload_a},
+    }
+    upload_b = _completed_upload(client, bob, png_bytes(seed=11))
+    own = client.post("/api/v1/jobs", headers={**bob, **key}, json={"upload_id": upload_b})
+    assert own.status_code == 202 and own.get_json()["id"] != made.get_json()["id"]
+    listed = client.get("/api/v1/jobs", headers=bob).get_json()["items"]
+    assert [item["id"] for item in listed] == [own.get_json()["id"]]
+    job_a = _job_row(session, made.get_json()["id"])
+    assert session.get(PendingUpload, uuid.UUID(upload_a)).job_id == job_a.id  # A's, untouched
+
+
+def test_another_organizations_list_cursor_shows_only_the_callers_jobs(
+    client: FlaskClient,
+) -> None:
+    """A next_cursor of clinic A's list, used by clinic B (with and without a status filter),
+    pages through B's jobs only."""
+    alice = bearer(login(client, signup(client, organization="Clinic A")["email"])["access_token"])
+    bob = bearer(login(client, signup(client, organization="Clinic B")["email"])["access_token"])
+    bob_job = submit(client, bob, png_bytes(seed=20)).get_json()["id"]
+    for seed in (21, 22, 23):
+        submit(client, alice, png_bytes(seed=seed))
+    first = client.get("/api/v1/jobs?limit=1", headers=alice).get_json()
+    assert first["next_cursor"] is not None
+    for query in ("", "&status=queued"):
+        page = client.get(
+            f"/api/v1/jobs?limit=50&cursor={first['next_cursor']}{query}", headers=bob
+        )
+        assert page.status_code == 200
+        assert [item["id"] for item in page.get_json()["items"]] == [bob_job]
 
 
 def test_unknown_job_id_is_404(client: FlaskClient, user_headers: dict[str, str]) -> None:

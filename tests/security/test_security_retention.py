@@ -190,6 +190,40 @@ def test_sweep_purges_jobs_past_the_retention_period_only(
     assert client.get(f"/api/v1/jobs/{recent.id}", headers=headers).status_code == 200
 
 
+def test_retention_never_takes_the_upload_of_a_job_that_has_not_finished(
+    make_security_app: AppFactory,
+    store: Storage,
+    session: Session,
+    session_factory: sessionmaker[Session],
+    security_engine: Engine,
+) -> None:
+    """Jobs submitted 40 days ago and still queued or processing (stuck, or in a long backlog)
+    are past any retention period by age, but they have a result to come: the sweep re-drives
+    them and keeps their uploads."""
+    from worker import sweep
+
+    app = make_security_app(storage=store, retention_days=30)
+    client = app.test_client()
+    headers = bearer(login(client, signup(client)["email"])["access_token"])
+    long_ago = utcnow() - timedelta(days=40)
+    unfinished = []
+    for status in (JobStatus.QUEUED, JobStatus.PROCESSING):
+        job = session.get(Job, uuid.UUID(submit(client, headers).get_json()["id"]))
+        assert job is not None
+        job.status, job.created_at, job.updated_at = status, long_ago, long_ago
+        job.started_at = long_ago if status is JobStatus.PROCESSING else None
+        unfinished.append(job)
+    session.commit()
+
+    sweep.run(context=_sweep_context(app, store, session_factory, security_engine))
+
+    for job in unfinished:
+        assert store.exists(job.input_key)
+        assert session.get(JobDeletion, job.id) is None
+        r = client.get(f"/api/v1/jobs/{job.id}", headers=headers)
+        assert r.status_code == 200 and r.get_json()["status"] == "queued"  # re-driven
+
+
 def test_the_job_list_leaves_deleted_jobs_out(
     make_security_app: AppFactory, session: Session
 ) -> None:

@@ -11,7 +11,9 @@ from sqlalchemy import delete, update
 from worker_support import load_job, make_job, queued_tasks
 
 from api.domain import jobs
+from api.domain.errors import StorageUnavailable
 from api.domain.models import Batch, Job, JobStatus, WebhookDelivery, utcnow
+from api.domain.storage import LocalStorage
 from worker import pipeline, sweep, webhooks
 from worker.context import WorkerContext
 
@@ -119,6 +121,55 @@ def test_unexpected_errors_are_retried_then_fail_without_a_stack_trace(
         job.error_message or ""
     )
     assert [t for t, _ in queued_tasks(broker, "webhooks")] == ["liverscan.deliver_webhook"]
+
+
+class FlakyStore(LocalStorage):
+    """The local store, unreachable (storage_unavailable, as S3 during an outage) while `down`."""
+
+    down = True
+
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The bytes under `key`, or storage_unavailable while the store is down."""
+        if self.down:
+            raise StorageUnavailable(details={"reason": "ConnectionRefusedError"})
+        return super().get(key, max_bytes)
+
+
+def test_a_store_outage_outlasting_the_retries_is_waited_out_not_failed(
+    ctx: WorkerContext, broker
+) -> None:
+    """The store down through all three deliveries: the job is not failed (its upload is safe,
+    only unreachable) but left queued for the sweep, with no webhook; once the store is back the
+    sweep re-drives it and it is processed from its bytes."""
+    job_id = make_job(ctx, b"not an image", callback_url="http://127.0.0.1:9/hook")
+    store = FlakyStore(ctx.storage.root)  # type: ignore[attr-defined]
+    ctx.storage = store
+    statuses = [pipeline.run(job_id, context=ctx) for _ in range(pipeline.MAX_ATTEMPTS)]
+
+    assert statuses == [JobStatus.QUEUED] * pipeline.MAX_ATTEMPTS
+    job = load_job(ctx, job_id)
+    assert (job.status, job.error_code, job.finished_at) == (JobStatus.QUEUED, None, None)
+    assert queued_tasks(broker, "webhooks") == []
+    broker.delete("inference")  # the quick retries' messages; the last delivery enqueued none
+
+    store.down = False
+    _age(ctx, Job, job_id, "updated_at", ctx.settings.sweep_deadline_s + 5)
+    assert sweep.run(context=ctx)["jobs"] == 1
+    assert queued_tasks(broker, "inference") == [("liverscan.process_job", [str(job_id)])]
+    assert pipeline.run(job_id, context=ctx) is JobStatus.REJECTED
+    assert load_job(ctx, job_id).reason_code is not None
+
+
+def test_a_store_outage_is_waited_out_for_a_day_at_most(ctx: WorkerContext, broker) -> None:
+    """A job submitted more than OUTAGE_PATIENCE ago whose store is still down on its last
+    delivery fails with internal_error, as any job out of retries."""
+    job_id = make_job(ctx, b"not an image")
+    _age(ctx, Job, job_id, "created_at", pipeline.OUTAGE_PATIENCE.total_seconds() + 60)
+    ctx.storage = FlakyStore(ctx.storage.root)  # type: ignore[attr-defined]
+    statuses = [pipeline.run(job_id, context=ctx) for _ in range(pipeline.MAX_ATTEMPTS)]
+
+    assert statuses[-1] is JobStatus.FAILED
+    assert load_job(ctx, job_id).error_code == "internal_error"
 
 
 def test_a_job_that_keeps_killing_workers_is_failed(ctx: WorkerContext) -> None:
