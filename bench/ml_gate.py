@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     from ml_core.classifier import default_model_path
 
     folder = args.models or default_model_path()
-    gate = G.LiverGate.load(folder / "gate", runtime=args.runtime)
+    gate = G.load_gate(folder, runtime=args.runtime)  # an EitherGate when gate_either/ is there
     loc = L.Localiser.load(folder / "localiser", runtime=args.runtime)
     cfg = {
         "models": str(folder),

@@ -441,15 +441,16 @@ class Classifier:
         return preds
 
     def gate(self) -> Any:
-        """The learned content gate (LiverGate) shipped in the same artifact folder."""
+        """The learned content gate shipped in the same artifact folder (a LiverGate, or an
+        EitherGate when the artifact holds ``gate_either/``)."""
         if self._gate is None:
             if self._folder is None:
                 raise ModelLoadError("this classifier has no artifact folder, hence no gate")
             try:
-                from ml_core.gate import LiverGate
+                from ml_core.gate import load_gate
 
-                self._gate = LiverGate.load(
-                    self._folder / "gate",
+                self._gate = load_gate(
+                    self._folder,
                     localiser=self._localiser,
                     runtime=self._runtime_choice,
                     artifact=self._card,

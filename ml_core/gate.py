@@ -54,6 +54,9 @@ CARD_NAME = "gate.json"
 STAGING_DIR = Path(__file__).with_name("models") / "_staging" / "gate"
 #: Folder (beside ``gate/`` in an artifact) of the optional second localiser (``LiverGate.second``).
 SECOND_LOCALISER_DIR = "localiser_second"
+#: Folder (beside ``gate/``) of an optional second gate: the slice passes when either accepts
+#: (``EitherGate``; docs/model_gate.md, "Gate v15").
+EITHER_GATE_DIR = "gate_either"
 CHECKPOINT_DIR = Path("/work/checkpoints/gate")
 #: CT slices farther than this from the liver's z-extent are negatives ("below/above the liver").
 FAR_MM = 25.0
@@ -171,6 +174,7 @@ class LiverGate:
         *,
         runtime: str = "auto",
         artifact: dict[str, Any] | None = None,
+        part: str = "gate",
     ) -> LiverGate:
         """Load ``gate.json`` + weights (sha256 verified) and the localiser beside it (``../localiser``).
 
@@ -179,7 +183,8 @@ class LiverGate:
 
         ``runtime`` ("auto" | "tf" | "onnx", see ``onnx_runtime.forward_for``) picks what runs
         the CNN (and the localiser loaded here); the ONNX exports are listed in the card of the
-        artifact holding this folder (``artifact``, default <path>/../model_card.json).
+        artifact holding this folder (``artifact``, default <path>/../model_card.json), the CNN's
+        under ``part`` ("gate", or "gate_either" for an EitherGate's second gate).
         """
         from ml_core import onnx_runtime
 
@@ -213,7 +218,7 @@ class LiverGate:
         except Exception as exc:  # keras raises many types for a bad file
             raise ModelLoadError("gate weights do not load", detail=type(exc).__name__) from exc
         onnx_forward = onnx_runtime.forward_for(
-            folder.parent, artifact, "gate", runtime, weights_sha256=card.get("sha256")
+            folder.parent, artifact, part, runtime, weights_sha256=card.get("sha256")
         )
         return cls(
             cnn,
@@ -323,6 +328,117 @@ class LiverGate:
     def accepts(self, slices_u8: list[np.ndarray]) -> list[bool]:
         """True where the slice's score reaches the threshold."""
         return [s >= self.threshold for s in self.score(slices_u8)]
+
+
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    q = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    return np.log(q / (1 - q))
+
+
+class EitherGate:
+    """Two content gates; a slice passes when either accepts it at its own threshold.
+
+    Each gate's margin is logit(score) - logit(threshold); the union's score is
+    sigmoid(max margin), so it reaches ``threshold`` = 0.5 exactly when one gate accepts. Nothing
+    is fitted: both gates keep their own networks, localisers and thresholds (docs/model_gate.md,
+    "Gate v15"). ``first`` is the artifact's ``gate/`` (its localiser gives the classifier its
+    crop), ``other`` the one in ``gate_either/``.
+    """
+
+    threshold = 0.5
+
+    def __init__(self, first: LiverGate, other: LiverGate) -> None:
+        self.first, self.other = first, other
+        self.card = {"either": [first.card, other.card]}
+
+    @property
+    def localiser(self) -> Localiser | None:
+        """The first gate's localiser (the one shared with the classifier's crop)."""
+        return self.first.localiser
+
+    @property
+    def second(self) -> Localiser | None:
+        """The first gate's second localiser, if any."""
+        return self.first.second
+
+    @property
+    def runtime(self) -> str:
+        """What runs the CNNs: one runtime, or "tensorflow+onnxruntime" when they differ."""
+        both = {self.first.runtime, self.other.runtime}
+        return both.pop() if len(both) == 1 else "+".join(sorted(both))
+
+    def margins(self, slices_u8: Sequence[np.ndarray]) -> np.ndarray:
+        """float64 (N, 2): each gate's logit(score) - logit(its threshold); >= 0 where it accepts."""
+        if len(slices_u8) == 0:
+            return np.zeros((0, 2), np.float64)
+        cols = [
+            _logit(np.asarray(g.score(slices_u8), np.float64)) - _logit(g.threshold)
+            for g in (self.first, self.other)
+        ]
+        return np.stack(cols, axis=1)
+
+    def score(self, slices_u8: Sequence[np.ndarray]) -> list[float]:
+        """The union's score in [0, 1] per slice: sigmoid of the larger margin."""
+        m = self.margins(slices_u8)
+        return [float(v) for v in 1.0 / (1.0 + np.exp(-m.max(axis=1)))] if len(m) else []
+
+    def describe(self, margins: np.ndarray) -> str:
+        """Both gates' scores and thresholds from one slice's margins (the content check's detail)."""
+        parts = []
+        for name, g, m in zip(
+            ("gate", "second gate"), (self.first, self.other), margins, strict=True
+        ):
+            s = float(1.0 / (1.0 + np.exp(-(float(m) + float(_logit(g.threshold))))))
+            parts.append(f"{name} {s:.3f} (threshold {g.threshold:.3f})")
+        return "; ".join(parts)
+
+    def clear_caches(self) -> None:
+        """Forget every cached localiser output of both gates."""
+        self.first.clear_caches()
+        self.other.clear_caches()
+
+    def accepts(self, slices_u8: list[np.ndarray]) -> list[bool]:
+        """True where either gate accepts."""
+        return [s >= self.threshold for s in self.score(slices_u8)]
+
+
+def load_gate(
+    folder: str | Path,
+    localiser: Localiser | None = None,
+    *,
+    runtime: str = "auto",
+    artifact: dict[str, Any] | None = None,
+) -> LiverGate | EitherGate:
+    """The content gate of an artifact (or staging) ``folder``: ``gate/``, and with a
+    ``gate_either/`` beside it an EitherGate of the two.
+
+    The second gate's localiser must be one the first gate already holds (its localiser or its
+    second localiser, matched by sha256), so no U-Net is loaded or run twice.
+    """
+    folder = Path(folder)
+    first = LiverGate.load(folder / "gate", localiser, runtime=runtime, artifact=artifact)
+    either = folder / EITHER_GATE_DIR
+    if not (either / CARD_NAME).is_file():
+        return first
+    card = read_card(either, CARD_NAME, WEIGHTS_NAME)
+    want = card.get("localiser_sha256")
+    shared = [
+        loc
+        for loc in (first.localiser, first.second)
+        if loc is not None and loc.card.get("sha256") == want
+    ]
+    if want and not shared:
+        raise ModelLoadError(
+            "the second gate was calibrated with a localiser the first gate does not hold"
+        )
+    other = LiverGate.load(
+        either,
+        shared[0] if shared else None,
+        runtime=runtime,
+        artifact=artifact,
+        part="gate_either",
+    )
+    return EitherGate(first, other)
 
 
 # --------------------------------------------------------------------------- generated negatives

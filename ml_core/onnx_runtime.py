@@ -63,6 +63,7 @@ PARTS = {
     "localiser": Part("onnx_localiser", "localiser/localiser.onnx", 1),
     "gate": Part("onnx_gate", "gate/gate.onnx", 1),
     "localiser_second": Part("onnx_localiser_second", "localiser_second/localiser.onnx", 1),
+    "gate_either": Part("onnx_gate_either", "gate_either/gate.onnx", 1),
 }
 
 
@@ -292,6 +293,18 @@ def _second_localiser(clf: Any) -> Any:
     return second
 
 
+def _either_gate(clf: Any) -> Any:
+    gate = clf.gate()
+    if not hasattr(gate, "other"):
+        raise ModelLoadError("the artifact has no gate_either/: nothing to export")
+    return gate.other
+
+
+def _first_gate(clf: Any) -> Any:
+    gate = clf.gate()
+    return getattr(gate, "first", gate)
+
+
 def _jobs(clf: Any, card: dict[str, Any], parts: list[str], volume: Path | None) -> list[_Job]:
     from ml_core.classifier import WEIGHTS
 
@@ -318,8 +331,9 @@ def _jobs(clf: Any, card: dict[str, Any], parts: list[str], volume: Path | None)
             continue
         model = {
             "localiser": lambda: clf._localiser,
-            "gate": clf.gate,
+            "gate": lambda: _first_gate(clf),
             "localiser_second": lambda: _second_localiser(clf),
+            "gate_either": lambda: _either_gate(clf),
         }[part]()
         size = int(model.input_size)
         x = slice_inputs(size, volume)

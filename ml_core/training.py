@@ -809,13 +809,16 @@ def export_artifact(
 
 
 def _staged_parts(staging: Path) -> list[str]:
-    """The staged folders an export copies: the localiser and the gate, and the gate's second
-    localiser (``gate.SECOND_LOCALISER_DIR``) only when the staged gate was calibrated with one."""
+    """The staged folders an export copies: the localiser and the gate, the gate's second
+    localiser (``gate.SECOND_LOCALISER_DIR``) only when the staged gate was calibrated with one,
+    and a staged second gate (``gate.EITHER_GATE_DIR``)."""
     from ml_core import gate as G
 
     parts = ["localiser", "gate"]
     if G.counts_second_localiser(staging / "gate"):
         parts.append(G.SECOND_LOCALISER_DIR)
+    if (staging / G.EITHER_GATE_DIR / G.CARD_NAME).is_file():
+        parts.append(G.EITHER_GATE_DIR)
     return parts
 
 

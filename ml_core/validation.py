@@ -427,9 +427,15 @@ def _content_check(
         run.ok("content", _NOT_RUN)
         return None, None, True
     threshold = float(gate.threshold)
-    score = float(gate.score([slice_u8])[0])
+    margins = getattr(gate, "margins", None)
+    if margins is not None:  # an EitherGate: one call gives the score and both gates' parts
+        m = np.asarray(margins([slice_u8])[0], np.float64)
+        score = float(1.0 / (1.0 + np.exp(-float(m.max()))))
+        either = f"; passes when either gate accepts: {gate.describe(m)}"  # type: ignore[attr-defined]
+    else:
+        score, either = float(gate.score([slice_u8])[0]), ""
     passed = bool(np.isfinite(score)) and score >= threshold
-    detail = f"liver-slice score {score:.3f} (threshold {threshold:.3f})"
+    detail = f"liver-slice score {score:.3f} (threshold {threshold:.3f}{either})"
     if passed:
         run.ok("content", detail)
     else:

@@ -204,10 +204,11 @@ def test_corrupted_gate_weights_fail_the_sha256_check_with_model_load_error(tmp_
 
 
 @pytest.fixture(scope="module")
-def gate() -> G.LiverGate:
+def gate() -> G.LiverGate | G.EitherGate:
+    """The staged content gate as an artifact serves it (with gate_either/ when staged)."""
     if not (SHIPPED / G.CARD_NAME).is_file():
         pytest.skip("no trained gate in ml_core/models/_staging/gate")
-    return G.LiverGate.load(SHIPPED)
+    return G.load_gate(SHIPPED.parent)
 
 
 @pytest.fixture(scope="module")
@@ -396,3 +397,85 @@ def test_a_gate_refuses_a_second_localiser_it_was_not_calibrated_with(tmp_path: 
     clf = Classifier.load(_with_second_localiser(tmp_path, sha="0" * 64), runtime="tf")
     with pytest.raises(MLCoreError, match="second localiser"):
         clf.gate()
+
+
+def _with_either_gate(
+    tmp_path: Path, *, threshold: float = 0.5, localiser_sha: str | None = None
+) -> Path:
+    """A tiny artifact with a second, differently initialised gate in gate_either/."""
+    import keras
+
+    from ml_core.classifier import CARD, seal_card, write_untrained_artifact
+    from ml_core.localiser import sha256_file
+
+    folder = write_untrained_artifact(tmp_path / "art", gate_threshold=0.5)
+    either = folder / G.EITHER_GATE_DIR
+    either.mkdir()
+    keras.utils.set_random_seed(23)
+    G.build_gate_cnn(32).save_weights(str(either / G.WEIGHTS_NAME))
+    gcard = json.loads((folder / "gate" / G.CARD_NAME).read_text())
+    gcard.update(threshold=threshold, sha256=sha256_file(either / G.WEIGHTS_NAME))
+    if localiser_sha is not None:
+        gcard["localiser_sha256"] = localiser_sha
+    (either / G.CARD_NAME).write_text(json.dumps(gcard))
+    card = json.loads((folder / CARD).read_text())
+    card["files"] = {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CARD
+    }
+    (folder / CARD).write_text(json.dumps(seal_card(card)))
+    return folder
+
+
+def test_either_gate_passes_a_slice_exactly_when_one_of_its_gates_accepts_it(
+    tmp_path: Path,
+) -> None:
+    """Thresholds set between each gate's scores: every slice one gate accepts passes, the rest
+    do not, and the union's score crosses 0.5 at the same place."""
+    from ml_core.classifier import Classifier
+
+    gate = Classifier.load(_with_either_gate(tmp_path), runtime="tf").gate()
+    assert isinstance(gate, G.EitherGate) and gate.threshold == 0.5
+    assert gate.other.localiser is gate.first.localiser  # the U-Net runs once for both
+    rng = np.random.default_rng(8)
+    slices = [rng.integers(0, 256, (64, 48), dtype=np.uint8) for _ in range(12)]
+    a = np.asarray(gate.first.score(slices))
+    b = np.asarray(gate.other.score(slices))
+    assert not np.allclose(a, b)
+    gate.first.threshold = float(np.median(a))
+    gate.other.threshold = float(np.median(b))
+    want = (a >= gate.first.threshold) | (b >= gate.other.threshold)
+    assert 0 < want.sum() < len(slices)
+    assert gate.accepts(slices) == list(want)
+    union = np.asarray(gate.score(slices))
+    assert list(union >= 0.5) == list(want)
+    m = gate.margins(slices)
+    np.testing.assert_allclose(union, 1 / (1 + np.exp(-m.max(axis=1))))
+
+
+def test_validation_reports_both_gates_of_an_either_gate(tmp_path: Path) -> None:
+    """The content check's detail names each gate's score and threshold; the report's score and
+    threshold are the union's."""
+    from ml_core.classifier import Classifier
+    from ml_core.validation import validate
+
+    gate = Classifier.load(_with_either_gate(tmp_path, threshold=0.0), runtime="tf").gate()
+    report = validate(
+        _png(np.random.default_rng(2).integers(0, 256, (200, 200), np.uint8)), gate=gate
+    )
+    content = next(c for c in report.checks if c.name == "content")
+    assert report.passed and content.passed  # the second gate admits everything (threshold 0)
+    assert report.gate_threshold == 0.5 and report.gate_score >= 0.5
+    assert "passes when either gate accepts: gate " in content.detail
+    assert "second gate" in content.detail and "(threshold 0.000)" in content.detail
+
+
+def test_an_either_gate_with_a_localiser_the_first_gate_lacks_is_refused(tmp_path: Path) -> None:
+    from ml_core.classifier import Classifier
+
+    clf = Classifier.load(_with_either_gate(tmp_path, localiser_sha="0" * 64), runtime="tf")
+    with pytest.raises(MLCoreError) as err:
+        clf.gate()
+    assert err.value.code == "model_load_error"
+    assert "second gate" in str(err.value)

@@ -356,3 +356,35 @@ def test_a_leftover_second_localiser_folder_is_not_exported(exported: Path, tmp_
     with pytest.raises(ModelLoadError, match="no second localiser"):
         onnx_runtime.export(folder, parts=("localiser_second",))
     assert not (folder / G.SECOND_LOCALISER_DIR / "localiser.onnx").exists()
+
+
+def test_an_either_gate_exports_and_serves_its_second_gate_through_onnx(
+    exported: Path, tmp_path: Path
+) -> None:
+    """gate_either/ is its own ONNX part: exported beside its weights, served under `onnx`, and
+    the union's scores equal TensorFlow's; an artifact without it has nothing to export."""
+    from ml_core import gate as G
+    from ml_core.localiser import sha256_file
+
+    folder = _copy(exported, tmp_path)
+    with pytest.raises(ModelLoadError, match="no gate_either"):
+        onnx_runtime.export(folder, parts=("gate_either",))
+    either = folder / G.EITHER_GATE_DIR
+    either.mkdir()
+    for name in (G.CARD_NAME, G.WEIGHTS_NAME):
+        shutil.copy2(folder / "gate" / name, either / name)
+    gcard = json.loads((either / G.CARD_NAME).read_text())
+    (either / G.CARD_NAME).write_text(json.dumps({**gcard, "threshold": 0.9}))
+    card = json.loads((folder / CARD).read_text())
+    card["files"].update(
+        {f"{G.EITHER_GATE_DIR}/{n}": sha256_file(either / n) for n in (G.CARD_NAME, G.WEIGHTS_NAME)}
+    )
+    (folder / CARD).write_text(json.dumps(seal_card(card)))
+    assert onnx_runtime._serves(folder, "gate_either")
+    entries = onnx_runtime.export(folder, parts=("gate_either",))
+    assert set(entries) == {"gate_either"} and (either / "gate.onnx").is_file()
+    tg = Classifier.load(folder, runtime="tf").gate()
+    og = Classifier.load(folder, runtime="onnx").gate()
+    assert isinstance(og, G.EitherGate) and og.other.runtime == "onnxruntime"
+    assert og.runtime == "onnxruntime"
+    np.testing.assert_allclose(og.score(_slices()), tg.score(_slices()), atol=TOL)

@@ -261,6 +261,26 @@ def test_export_ships_the_gates_second_localiser_only_when_the_gate_counts_it(
     assert (gate.second is not None) is (second == "staged")
 
 
+def test_export_ships_a_staged_second_gate_and_serves_either_gate(tmp_path: Path) -> None:
+    """A gate staged in gate_either/ goes into the exported artifact, which loads an EitherGate."""
+    import shutil
+
+    from ml_core import gate as G
+    from ml_core.classifier import Classifier
+    from ml_core.training import export_artifact
+
+    art, models = _fake_run(tmp_path), tmp_path / "models"
+    _stage(art, models, second=None)
+    shutil.copytree(art / "gate", models / "_staging" / G.EITHER_GATE_DIR)
+    folder = export_artifact(tmp_path / "ckpt" / "tiny", "0.0.1", models_dir=models)
+    assert (folder / G.EITHER_GATE_DIR / G.WEIGHTS_NAME).is_file()
+    assert (
+        f"{G.EITHER_GATE_DIR}/{G.WEIGHTS_NAME}"
+        in json.loads((folder / "model_card.json").read_text())["files"]
+    )
+    assert isinstance(Classifier.load(folder, runtime="tf").gate(), G.EitherGate)
+
+
 def test_export_refuses_current_for_a_model_whose_gate_does_not_load(tmp_path: Path) -> None:
     from ml_core.errors import MLCoreError
     from ml_core.training import export_artifact
