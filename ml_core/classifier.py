@@ -513,11 +513,13 @@ def write_untrained_artifact(
     seed: int = 0,
     threshold: float = 0.5,
     gate_threshold: float | None = None,
+    either_gate_threshold: float | None = None,
 ) -> Path:
     """Write a tiny random-weight artifact (B0 at ``input_size`` px + tiny localiser) for fast tests; returns the folder.
 
     ``gate_threshold``: add a tiny content gate (32 px CNN) with that threshold, calibrated with
-    that localiser (0 admits every decodable slice).
+    that localiser (0 admits every decodable slice). ``either_gate_threshold`` (with a gate): a
+    second, differently initialised gate in ``gate_either/`` (the artifact serves an EitherGate).
     Real files, real sha256s, real loading path; predictions are meaningless.
     """
     import keras
@@ -539,19 +541,24 @@ def write_untrained_artifact(
         "sha256": sha256_file(out / "localiser" / loc.WEIGHTS_NAME),
     }
     (out / "localiser" / loc.CARD_NAME).write_text(json.dumps(lcard))
-    if gate_threshold is not None:
+    gates = {"gate": gate_threshold}
+    if gate_threshold is not None and either_gate_threshold is not None:
+        gates["gate_either"] = either_gate_threshold
+    for sub, gate_thr in gates.items():
+        if gate_thr is None:
+            continue
         from ml_core import gate as G
 
-        (out / "gate").mkdir(exist_ok=True)
-        G.build_gate_cnn(32).save_weights(str(out / "gate" / G.WEIGHTS_NAME))
+        (out / sub).mkdir(exist_ok=True)
+        G.build_gate_cnn(32).save_weights(str(out / sub / G.WEIGHTS_NAME))
         gcard = {
             "input_size": 32,
-            "threshold": float(gate_threshold),
+            "threshold": float(gate_thr),
             "weights": G.WEIGHTS_NAME,
-            "sha256": sha256_file(out / "gate" / G.WEIGHTS_NAME),
+            "sha256": sha256_file(out / sub / G.WEIGHTS_NAME),
             "localiser_sha256": lcard["sha256"],
         }
-        (out / "gate" / G.CARD_NAME).write_text(json.dumps(gcard))
+        (out / sub / G.CARD_NAME).write_text(json.dumps(gcard))
     files = {
         str(p.relative_to(out)): sha256_file(p)
         for p in sorted(out.rglob("*"))

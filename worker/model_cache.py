@@ -73,20 +73,37 @@ def set_classifier(classifier: Classifier | None) -> None:
 
 
 class BatchedGate:
-    """The content gate seen by one job: its `score` joins the process's batched gate call."""
+    """The content gate seen by one job: its `score` joins the process's batched gate call.
 
-    def __init__(self, runner: ModelRunner, reservation: Reservation[Any, float]) -> None:
+    With an EitherGate the batched call returns each slice's two margins, and this object offers
+    `margins` and `describe` as the EitherGate does, so the job's content check names both gates.
+    """
+
+    def __init__(self, runner: ModelRunner, reservation: Reservation[Any, Any]) -> None:
         self.threshold = runner.gate_threshold
         self._reservation = reservation
         self.seconds = 0.0  # time this job spent in (and waiting for) the gate
+        gate = runner.gate()
+        if hasattr(gate, "margins"):
+            self.margins = self._margins
+            self.describe = gate.describe
 
-    def score(self, slices_u8: list[np.ndarray]) -> list[float]:
-        """P(liver slice) per slice (ml_core ContentGate), scored in a shared batch."""
+    def _submit(self, slices_u8: list[np.ndarray]) -> list[Any]:
         start = time.perf_counter()
         try:
             return [self._reservation.submit(s) for s in slices_u8]
         finally:
             self.seconds += time.perf_counter() - start
+
+    def _margins(self, slices_u8: list[np.ndarray]) -> np.ndarray:
+        return np.asarray(self._submit(slices_u8), np.float64).reshape(len(slices_u8), -1)
+
+    def score(self, slices_u8: list[np.ndarray]) -> list[float]:
+        """P(liver slice) per slice (ml_core ContentGate), scored in a shared batch."""
+        values = self._submit(slices_u8)
+        if not hasattr(self, "margins"):
+            return [float(v) for v in values]
+        return [float(1.0 / (1.0 + np.exp(-float(np.max(v))))) for v in values]
 
 
 class ModelRunner:
@@ -99,7 +116,7 @@ class ModelRunner:
         self._gate: Any = None
         self._gate_lock = threading.Lock()
         size, wait = settings.worker_batch_size, settings.worker_batch_wait_ms / 1000.0
-        self.gate_batcher: MicroBatcher[np.ndarray, float] = MicroBatcher(
+        self.gate_batcher: MicroBatcher[np.ndarray, Any] = MicroBatcher(
             self._score, max_size=size, max_wait_s=wait, name="gate", on_batch=metrics.observe_batch
         )
         self.predict_batcher: MicroBatcher[np.ndarray, Prediction] = MicroBatcher(
@@ -123,8 +140,12 @@ class ModelRunner:
         """The gate's acceptance threshold."""
         return float(self.gate().threshold)
 
-    def _score(self, slices_u8: list[np.ndarray]) -> list[float]:
-        return list(self.gate().score(slices_u8))
+    def _score(self, slices_u8: list[np.ndarray]) -> list[Any]:
+        """One batched gate call: scores, or each slice's margins for an EitherGate."""
+        gate = self.gate()
+        if hasattr(gate, "margins"):
+            return list(gate.margins(slices_u8))
+        return list(gate.score(slices_u8))
 
 
 _runner: ModelRunner | None = None

@@ -403,28 +403,20 @@ def _with_either_gate(
     tmp_path: Path, *, threshold: float = 0.5, localiser_sha: str | None = None
 ) -> Path:
     """A tiny artifact with a second, differently initialised gate in gate_either/."""
-    import keras
-
     from ml_core.classifier import CARD, seal_card, write_untrained_artifact
     from ml_core.localiser import sha256_file
 
-    folder = write_untrained_artifact(tmp_path / "art", gate_threshold=0.5)
-    either = folder / G.EITHER_GATE_DIR
-    either.mkdir()
-    keras.utils.set_random_seed(23)
-    G.build_gate_cnn(32).save_weights(str(either / G.WEIGHTS_NAME))
-    gcard = json.loads((folder / "gate" / G.CARD_NAME).read_text())
-    gcard.update(threshold=threshold, sha256=sha256_file(either / G.WEIGHTS_NAME))
+    folder = write_untrained_artifact(
+        tmp_path / "art", gate_threshold=0.5, either_gate_threshold=threshold
+    )
     if localiser_sha is not None:
-        gcard["localiser_sha256"] = localiser_sha
-    (either / G.CARD_NAME).write_text(json.dumps(gcard))
-    card = json.loads((folder / CARD).read_text())
-    card["files"] = {
-        str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != CARD
-    }
-    (folder / CARD).write_text(json.dumps(seal_card(card)))
+        either = folder / G.EITHER_GATE_DIR / G.CARD_NAME
+        either.write_text(
+            json.dumps({**json.loads(either.read_text()), "localiser_sha256": localiser_sha})
+        )
+        card = json.loads((folder / CARD).read_text())
+        card["files"][f"{G.EITHER_GATE_DIR}/{G.CARD_NAME}"] = sha256_file(either)
+        (folder / CARD).write_text(json.dumps(seal_card(card)))
     return folder
 
 

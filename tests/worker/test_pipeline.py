@@ -375,3 +375,28 @@ def _decode(png: bytes) -> np.ndarray:
     from ml_core.preprocessing import to_slice_u8
 
     return to_slice_u8(decode(png))
+
+
+def test_a_worker_serving_an_either_gate_names_both_gates_in_the_content_check(
+    ctx: WorkerContext, slice_png: bytes, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Through the micro-batched gate the job's content check carries the union's score (threshold
+    0.5) and each gate's own score and threshold; the second gate admitting everything passes it."""
+    from ml_core.classifier import write_untrained_artifact
+
+    folder = write_untrained_artifact(
+        tmp_path_factory.mktemp("either") / "art", gate_threshold=1.0, either_gate_threshold=0.0
+    )
+    model_cache.set_classifier(Classifier.load(folder, runtime="tf"))
+    try:
+        job_id = make_job(ctx, slice_png)
+        assert pipeline.run(job_id, context=ctx) is JobStatus.SUCCEEDED
+    finally:
+        model_cache.set_classifier(None)
+    job = load_job(ctx, job_id)
+    assert job.validation is not None
+    content = next(c for c in job.validation["checks"] if c["name"] == "content")
+    assert content["passed"] is True
+    assert "(threshold 0.500; passes when either gate accepts: gate " in content["detail"]
+    assert "(threshold 1.000); second gate " in content["detail"]
+    assert content["detail"].endswith("(threshold 0.000))")
