@@ -6,7 +6,8 @@ with every localiser cache emptied, compares per slice: P_cnn, the localiser's l
 probability map (96 px), the gate score and its accept/reject decision, and the liver mask
 of ``Localiser.segment`` at the slice's full resolution; for a gate that counts a second
 localiser (``localiser_second/``, e.g. 0.5.4) its map and full-resolution mask are compared
-the same way (``.../second`` lines). Then the files of
+the same way (``.../second`` lines). For an artifact with ``gate_either/`` (an EitherGate) those
+lines are its first gate's, and the union's scores and decisions are compared too (``.../either``). Then the files of
 ``bench/ml_gate.validator_files`` (held-out liver slices as CT DICOM, real DICOM, the negative
 files) go through the whole ``validate`` with each gate: decisions and reason codes.
 
@@ -156,12 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     from ml_core.validation import validate
 
     folder = args.models or default_model_path()
-    tf_gate = Classifier.load(folder, runtime="tf").gate()
+    tf_union = Classifier.load(folder, runtime="tf").gate()
     try:
-        ort_gate = Classifier.load(folder, runtime="onnx").gate()
+        ort_union = Classifier.load(folder, runtime="onnx").gate()
     except ModelLoadError as exc:  # `make bench` runs every bench/ml_*.py: skip, do not fail
         log.warning("bench/ml_gate_onnx.py skipped: %s", exc)
         return 0
+    # An EitherGate: the per-part tallies are its first gate's; the union's scores and
+    # decisions (its second gate included) are compared below and by the whole validate.
+    tf_gate, ort_gate = getattr(tf_union, "first", tf_union), getattr(ort_union, "first", ort_union)
     assert (tf_gate.runtime, tf_gate.localiser.runtime) == ("tensorflow", "tensorflow")
     assert (ort_gate.runtime, ort_gate.localiser.runtime) == ("onnxruntime", "onnxruntime")
     if tf_gate.second is not None:
@@ -174,14 +178,28 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(0, len(imgs), args.batch):
             tally.add(tf_gate, ort_gate, list(imgs[i : i + args.batch]))
     tally.emit({**cfg, "data": "gate held-out groups (test split + 3Dircadb1.1)"})
+    if tf_union is not tf_gate:
+        d_union, differ, n = 0.0, 0, 0
+        for imgs in groups.values():
+            for i in range(0, len(imgs), args.batch):
+                batch = list(imgs[i : i + args.batch])
+                tf_union.clear_caches()
+                ort_union.clear_caches()
+                s_t, s_o = np.asarray(tf_union.score(batch)), np.asarray(ort_union.score(batch))
+                d_union = max(d_union, float(np.abs(s_t - s_o).max()))
+                differ += int(((s_t >= 0.5) != (s_o >= 0.5)).sum())
+                n += len(batch)
+        c = {**cfg, "slices": n, "gate": "either (union)"}
+        emit("onnx_max_abs_diff_gate_score/either", d_union, "probability", c)
+        emit("onnx_gate_decisions_differ/either", differ, "slices", c)
 
     for kind, files in validator_files().items():
         differ = []
         d_score = 0.0
         for name, data in files:
-            tf_gate.clear_caches()
-            ort_gate.clear_caches()
-            a, b = validate(data, gate=tf_gate), validate(data, gate=ort_gate)
+            tf_union.clear_caches()
+            ort_union.clear_caches()
+            a, b = validate(data, gate=tf_union), validate(data, gate=ort_union)
             if (a.passed, a.reason_code) != (b.passed, b.reason_code):
                 differ.append(name)
             if a.gate_score is not None and b.gate_score is not None:
