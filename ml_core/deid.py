@@ -195,6 +195,35 @@ REMOVED = (
     "VisitComments",
 )
 
+#: Defined terms of Modality (PS3.3 C.7.3.1.1.1, retired ones included) and of Photometric
+#: Interpretation (C.7.6.3.1.2): the only values of these headers a report may repeat. Any other
+#: value is free text in a code-shaped field (16 characters fit a name) and is not repeated.
+MODALITY_TERMS = frozenset(
+    """AR ASMT AU BDUS BI BMD CD CF CFM CP CR CS CT CTPROTOCOL DD DF DG DM DMS DOC DS DX EC ECG
+    EEG EMG EOG EPS ES FA FID FS GM HC HD IO IOL IVOCT IVUS KER KO LEN LP LS M3D MA MG MR MS NM
+    OAM OCT OP OPM OPR OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG RESP RF RG RTDOSE
+    RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF ST STAIN
+    TEXTUREMAP TG US VA VF XA XAPROTOCOL XC""".split()
+)
+PHOTOMETRIC_TERMS = frozenset(
+    {
+        "MONOCHROME1",
+        "MONOCHROME2",
+        "PALETTE COLOR",
+        "RGB",
+        "HSV",
+        "ARGB",
+        "CMYK",
+        "YBR_FULL",
+        "YBR_FULL_422",
+        "YBR_PARTIAL_422",
+        "YBR_PARTIAL_420",
+        "YBR_ICT",
+        "YBR_RCT",
+        "XYB",
+    }
+)
+
 _SAFE_CS = re.compile(r"^[A-Z0-9_ ]{1,16}$")
 
 

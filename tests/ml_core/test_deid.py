@@ -124,3 +124,60 @@ def test_malformed_values_are_not_echoed_into_warnings_or_logs(
     assert _leaks(" ".join(str(w.message) for w in caught)) == []
     assert _leaks(caplog.text) == []
     assert _leaks(json.dumps(report.image.dicom if report.image else None)) == []
+
+
+# --- audit: the whole basic profile, and nothing of a header's free text in a check's detail ---
+
+QX = "Quixlebottom^Marguerite"
+
+
+def _real_ct(read) -> pydicom.Dataset:  # type: ignore[no-untyped-def]
+    return pydicom.dcmread(io.BytesIO(read("pydicom_abdomen/ct_upper_abdomen__explicit_VR-UN.dcm")))
+
+
+def _item(**values: object) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def make_bytes(ds: pydicom.Dataset) -> bytes:
+    """A dataset as a Part 10 file."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason_code", "check", "detail"),
+    [
+        ("Modality", "QUIXLEBOTTOM", "unsupported_modality", "dicom_modality",
+         "Modality is not a DICOM modality code; allowed CT, MR"),
+        ("Modality", "US", "unsupported_modality", "dicom_modality", "Modality US; allowed CT, MR"),
+        ("Modality", QX, "unsupported_modality", "dicom_modality",
+         "Modality is not a DICOM modality code; allowed CT, MR"),
+        ("BurnedInAnnotation", "QUIXLEBOTTOM MG", None, "dicom_burned_in_annotation",
+         "BurnedInAnnotation is neither YES nor NO"),
+        ("PhotometricInterpretation", "QUIXLEBOTTOM MG", "not_grayscale", "dicom_photometric",
+         "PhotometricInterpretation is not a DICOM defined term"),
+        ("PhotometricInterpretation", "RGB", "not_grayscale", "dicom_photometric",
+         "PhotometricInterpretation RGB"),
+    ],
+)  # fmt: skip
+def test_a_check_detail_never_repeats_a_header_value_that_is_not_a_dicom_term(
+    read,  # type: ignore[no-untyped-def]
+    keyword: str,
+    value: str,
+    reason_code: str | None,
+    check: str,
+    detail: str,
+) -> None:
+    """Code-like header values (CS, 16 characters) can hold a name: details repeat defined terms only."""
+    ds = _real_ct(read)
+    setattr(ds, keyword, value)
+    report = validate(make_bytes(ds), gate=None)
+    assert report.reason_code == reason_code
+    (found,) = [c for c in report.to_dict()["checks"] if c["name"] == check]
+    assert found["detail"] == detail
+    assert "QUIXLE" not in json.dumps(report.to_dict()).upper()
