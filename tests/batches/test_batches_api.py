@@ -446,3 +446,86 @@ def test_folder_entries_written_with_backslashes_are_folders(
     body = r.get_json()
     assert [j["filename"] for j in body["jobs"]] == ["series/a.png"]
     assert body["rejected"] == [] and body["skipped"] == []
+
+
+def _with_flag_bits(archive: bytes, bits: int) -> bytes:
+    """The archive with general-purpose flag bits set on its first entry (local and central)."""
+    data = bytearray(archive)
+    data[6] |= bits
+    data[data.find(b"PK\x01\x02") + 8] |= bits
+    return bytes(data)
+
+
+def _with_a_flipped_data_byte(archive: bytes) -> bytes:
+    data = bytearray(archive)
+    data[30 + len("a.png") + 40] ^= 0xFF  # inside the stored entry's bytes
+    return bytes(data)
+
+
+def _declaring_size(archive: bytes, size: int) -> bytes:
+    """The archive whose headers declare `size` uncompressed bytes for its first entry."""
+    data = bytearray(archive)
+    struct.pack_into("<L", data, 22, size)
+    struct.pack_into("<L", data, data.find(b"PK\x01\x02") + 24, size)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("archive", "status", "code"),
+    [
+        pytest.param(lambda: make_zip({"C:\\scans\\a.png": png_bytes()}), 422, "zip_unsafe_path",
+                     id="drive-letter"),
+        pytest.param(lambda: make_zip({"\\\\server\\share\\a.png": png_bytes()}), 422,
+                     "zip_unsafe_path", id="unc-path"),
+        pytest.param(lambda: _with_flag_bits(make_zip({"a.png": png_bytes()}), 0x1), 422,
+                     "invalid_zip", id="encrypted"),
+        pytest.param(lambda: _with_a_flipped_data_byte(
+            make_zip({"a.png": png_bytes()}, zipfile.ZIP_STORED)), 422, "invalid_zip", id="bad-crc"),
+        pytest.param(lambda: make_zip({"a.png": _random_payload()})[:-300], 422, "invalid_zip",
+                     id="truncated"),
+        pytest.param(lambda: _declaring_size(make_zip({"a.png": _random_payload()}), 100), 422,
+                     "invalid_zip", id="declares-less-than-it-inflates-to"),
+    ],
+)  # fmt: skip
+def test_documented_zip_refusals_refuse_the_whole_batch(
+    client: FlaskClient,
+    user_headers: dict[str, str],
+    session: Session,
+    archive: Any,
+    status: int,
+    code: str,
+) -> None:
+    r = post_batch(client, user_headers, [(archive(), "scans.zip"), (png_bytes(seed=1), "b.png")])
+    assert (r.status_code, error_code(r)) == (status, code)
+    assert batch_count(session) == 0
+
+
+def test_odd_but_harmless_entries_each_become_a_job(
+    client: FlaskClient, user_headers: dict[str, str], session: Session
+) -> None:
+    """Duplicate names, a zip in the zip, a symlink entry and a very long name: one job each
+    (the validator rejects what is not a scan), nothing dropped; ZIP64 reads like any zip."""
+    buf = io.BytesIO()
+    long_name = "n" * 300 + ".png"
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("a.png", "w", force_zip64=True) as fh:
+            fh.write(png_bytes(seed=1))
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            zf.writestr("a.png", png_bytes(seed=2))
+        zf.writestr("inner.zip", make_zip({"c.png": png_bytes(seed=3)}))
+        link = zipfile.ZipInfo("link.png")
+        link.external_attr = 0o120777 << 16  # a symlink: its content is the target's path
+        zf.writestr(link, "/etc/passwd")
+        zf.writestr(long_name, png_bytes(seed=4))
+    r = post_batch(client, user_headers, [(buf.getvalue(), "odd.zip")])
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    assert [j["filename"] for j in body["jobs"]] == [
+        "a.png",
+        "a.png",
+        "inner.zip",
+        "link.png",
+        long_name[-255:],
+    ]
+    assert body["rejected"] == [] and body["skipped"] == []
+    assert len(set(body["job_ids"])) == 5
