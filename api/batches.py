@@ -98,6 +98,7 @@ def submit_batch() -> tuple[Response, int]:
                 for j in result.jobs
             ],
             "rejected": result.rejected,
+            "skipped": result.skipped,
         }
     )
     response.headers["Location"] = url
@@ -212,7 +213,7 @@ openapi.register_path(
             },
             "responses": {
                 "202": {
-                    "description": "Accepted: {id, status_url, results_url, job_ids, rejected}"
+                    "description": "Accepted: {id, status_url, results_url, job_ids, jobs, rejected, skipped}"
                 },
                 "401": _ERR,
                 "413": _ERR,

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,25 +199,29 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def iter_inputs(paths: Sequence[str]) -> Iterator[Path]:
-    """The given files and every file under the given folders (sorted, hidden ones skipped)."""
+def iter_inputs(paths: Sequence[str]) -> Iterator[tuple[Path, str]]:
+    """The given files and every file under the given folders (sorted, hidden ones skipped), each
+    with the name to send: a file's own name, or its path inside the folder given (a DICOM
+    study repeats file names in every series folder, and results must tell them apart)."""
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             for child in sorted(path.rglob("*")):
                 rel = child.relative_to(path).parts
                 if child.is_file() and not any(p.startswith(".") for p in rel):
-                    yield child
+                    yield child, "/".join(rel)
         elif path.is_file():
-            yield path
+            yield path, path.name
         else:
             raise CliError(f"No such file or folder: {raw}", code="not_found", exit_status=2)
 
 
-def nifti_slices(path: Path) -> list[tuple[str, bytes]]:
+def nifti_slices(path: Path, name: str | None = None) -> list[tuple[str, bytes]]:
     """A NIfTI volume as windowed 8-bit PNG slices, named `<volume>#z<k>.png` (needs ml_core)."""
+    name = name or path.name
     try:
         from ml_core.decoding import decode_volume
+        from ml_core.errors import MLCoreError
         from ml_core.overlay import encode_png
         from ml_core.preprocessing import to_slice_u8
     except ImportError as exc:
@@ -226,20 +231,32 @@ def nifti_slices(path: Path) -> list[tuple[str, bytes]]:
             code="nifti_needs_ml_core",
             exit_status=2,
         ) from exc
-    return [
-        (f"{path.name}#z{k:04d}.png", encode_png(to_slice_u8(image)))
-        for k, image in enumerate(decode_volume(path))
-    ]
+    try:
+        return [
+            (f"{name}#z{k:04d}.png", encode_png(to_slice_u8(image)))
+            for k, image in enumerate(decode_volume(path))
+        ]
+    except MLCoreError as exc:  # corrupt, truncated or 4-D volumes: bad local input
+        raise CliError(f"{name}: {exc.message}", code=exc.code, exit_status=2) from exc
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CliError(
+            f"Cannot read {path}: {exc.strerror or exc}", code="unreadable", exit_status=2
+        ) from exc
 
 
 def collect(paths: Sequence[str]) -> list[tuple[str, bytes]]:
     """Every file to send as (name, bytes); folders recurse, NIfTI volumes become slices."""
     files: list[tuple[str, bytes]] = []
-    for path in iter_inputs(paths):
+    for path, name in iter_inputs(paths):
         if _is_nifti(path):
-            files.extend(nifti_slices(path))
+            files.extend(nifti_slices(path, name))
         else:
-            files.append((path.name, path.read_bytes()))
+            files.append((name, _read(path)))
     if not files:
         raise CliError("Nothing to submit.", code="empty_batch", exit_status=2)
     return files
@@ -301,20 +318,37 @@ def cmd_submit(args: argparse.Namespace) -> int:
         console.print(f"Batch {body['id']}: {len(body['job_ids'])} jobs queued.")
         for refused in body.get("rejected", []):
             console.print(f"  refused {refused['filename']}: {refused['code']}")
+        skipped = body.get("skipped") or []
+        if skipped:
+            reasons = Counter(str(entry["reason"]) for entry in skipped)
+            console.print(
+                f"  skipped {len(skipped)} zip entries that are not scans ("
+                + ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
+                + ")"
+            )
         say(body["id"])
     else:
         job_ids: list[str] = []
+        state = {"kind": "jobs", "ids": job_ids, "out": args.out, "server": client.server}
         with _progress() as progress:
             task = progress.add_task("uploading", total=len(files), detail="")
             for name, data in files:
-                response = client.request(
-                    "POST", "/api/v1/jobs", files={"file": (name, data)}, data=form
-                )
+                try:
+                    response = client.request(
+                        "POST", "/api/v1/jobs", files={"file": (name, data)}, data=form
+                    )
+                except CliError as exc:
+                    # The jobs made so far exist: keep them followable, and say where it stopped.
+                    _write_private(state_path(), state)
+                    raise CliError(
+                        f"{name}: {exc.message} ({len(job_ids)} of {len(files)} files were "
+                        "submitted before it; `liverscan wait` follows them)",
+                        code=exc.code,
+                        exit_status=exc.exit_status,
+                    ) from exc
                 job_ids.append(response.json()["id"])
+                say(job_ids[-1])
                 progress.advance(task)
-        state = {"kind": "jobs", "ids": job_ids, "out": args.out}
-        for job_id in job_ids:
-            say(job_id)
     state["server"] = client.server
     _write_private(state_path(), state)
     if args.wait:

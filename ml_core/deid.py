@@ -1,14 +1,15 @@
 """DICOM de-identification after the PS3.15 Annex E basic application level confidentiality profile.
 
 What happens to a dataset (recursively, sequences included):
-- every attribute of the basic profile table that identifies a person, a place or a visit is
-  removed, or emptied where the attribute is type 2 (patient name and id, accession number,
+- every attribute of the basic profile table (PS3.15 2024b, E.1-1) is removed, or emptied where
+  the attribute is type 2 (patient name and id, accession number,
   referring physician, study date and time, birth date, sex);
 - every person name (VR PN) and every date, time and datetime (VR DA, TM, DT) is removed;
 - every UID that is not a standard DICOM class or transfer syntax UID is replaced by a
   deterministic hash-based ``2.25.<int>`` UID, so the same study or series UID always maps to
   the same new UID and references between instances stay consistent;
-- private tags, overlays (60xx), curves (50xx) and the file meta's source AE title are removed;
+- private tags, overlays (60xx), curves (50xx) and the file meta's AE titles, presentation
+  addresses and private information are removed;
 - ``PatientIdentityRemoved`` is set to YES and ``DeidentificationMethod`` says how.
 ``BurnedInAnnotation`` is kept: the validator rejects YES (pixels may show PHI) because overlays
 derived from such pixels would carry it.
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     import pydicom
 
 DEFAULT_UID_SALT = "liverscan-deid-v1"
-METHOD = "PS3.15 basic profile, liverscan ml_core.deid v1"  # LO: at most 64 chars
+METHOD = "PS3.15 basic profile, liverscan ml_core.deid v2"  # LO: at most 64 chars
 
 #: Type 2 attributes that stay present but empty (action Z of the basic profile).
 EMPTIED = (
@@ -40,34 +41,130 @@ EMPTIED = (
     "StudyTime",
 )
 
-#: Attributes removed (actions X, and D/Z where this service needs no dummy value).
+#: Attributes removed: every attribute of PS3.15 (2024b) table E.1-1 whose action is X, or D, Z
+#: or a combination where this service needs no dummy value, except those handled by their VR
+#: below (person names, dates and times removed, UIDs replaced) and the UID-only reference
+#: sequences kept with their UIDs replaced (ReferencedImageSequence, SourceImageSequence: U*).
 REMOVED = (
-    "AcquisitionDeviceProcessingDescription",
     "AcquisitionComments",
+    "AcquisitionContextSequence",
+    "AcquisitionDeviceProcessingDescription",
+    "AcquisitionFieldOfViewLabel",
+    "AcquisitionProtocolDescription",
+    "ActualHumanPerformersSequence",
     "AdditionalPatientHistory",
+    "AddressTrial",
     "AdmissionID",
+    "AdmittingDiagnosesCodeSequence",
     "AdmittingDiagnosesDescription",
     "Allergies",
+    "AnnotationGroupDescription",
+    "AnnotationGroupLabel",
+    "Arbitrary",
     "AuthorObserverSequence",
+    "BarcodeValue",
+    "BeamDescription",
+    "BolusDescription",
     "BranchOfService",
+    "CameraOwnerName",
     "CassetteID",
+    "CertificateOfSigner",
+    "ClinicalTrialCoordinatingCenterName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName",
+    "ClinicalTrialSeriesDescription",
+    "ClinicalTrialSeriesID",
+    "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName",
+    "ClinicalTrialSponsorName",
+    "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID",
+    "ClinicalTrialTimePointDescription",
+    "ClinicalTrialTimePointID",
+    "CommentsOnRadiationDose",
+    "CommentsOnThePerformedProcedureStep",
+    "CompensatorDescription",
+    "ConceptualVolumeCombinationDescription",
+    "ConceptualVolumeDescription",
+    "ConfidentialityConstraintOnPatientDataDescription",
+    "ConsultingPhysicianIdentificationSequence",
     "ConsultingPhysicianName",
+    "ContainerComponentID",
+    "ContainerDescription",
+    "ContainerIdentifier",
+    "ContentCreatorIdentificationCodeSequence",
     "ContentCreatorName",
+    "ContentSequence",
+    "ContrastBolusAgent",
+    "ContributionDescription",
     "CountryOfResidence",
     "CurrentPatientLocation",
     "CustodialOrganizationSequence",
     "DataSetTrailingPadding",
+    "DecompositionDescription",
     "DerivationDescription",
+    "DestinationAE",
     "DetectorID",
+    "DeviceAlternateIdentifier",
+    "DeviceDescription",
+    "DeviceLabel",
     "DeviceSerialNumber",
+    "DeviceSettingDescription",
     "DigitalSignaturesSequence",
     "DischargeDiagnosisDescription",
+    "DisplacementReferenceLabel",
     "DistributionAddress",
     "DistributionName",
+    "DoseReferenceDescription",
+    "EncapsulatedDocument",
+    "EntityDescription",
+    "EntityLabel",
+    "EntityLongLabel",
+    "EntityName",
+    "EquipmentFrameOfReferenceDescription",
     "EthnicGroup",
+    "FillerOrderNumberImagingServiceRequest",
+    "FilterLookupTableDescription",
+    "FixationDeviceDescription",
+    "FlowIdentifier",
+    "FlowIdentifierSequence",
+    "FractionGroupDescription",
+    "FractionationNotes",
     "FrameComments",
+    "GPSAltitude",
+    "GPSAltitudeRef",
+    "GPSAreaInformation",
+    "GPSDOP",
+    "GPSDestBearing",
+    "GPSDestBearingRef",
+    "GPSDestDistance",
+    "GPSDestDistanceRef",
+    "GPSDestLatitude",
+    "GPSDestLatitudeRef",
+    "GPSDestLongitude",
+    "GPSDestLongitudeRef",
+    "GPSDifferential",
+    "GPSImgDirection",
+    "GPSImgDirectionRef",
+    "GPSLatitude",
+    "GPSLatitudeRef",
+    "GPSLongitude",
+    "GPSLongitudeRef",
+    "GPSMapDatum",
+    "GPSMeasureMode",
+    "GPSProcessingMethod",
+    "GPSSatellites",
+    "GPSSpeed",
+    "GPSSpeedRef",
+    "GPSStatus",
+    "GPSTrack",
+    "GPSTrackRef",
+    "GPSVersionID",
     "GantryID",
     "GeneratorID",
+    "GraphicAnnotationSequence",
     "HumanPerformerName",
     "HumanPerformerOrganization",
     "IconImageSequence",
@@ -76,77 +173,165 @@ REMOVED = (
     "ImagePresentationComments",
     "ImagingServiceRequestComments",
     "Impressions",
+    "InstanceOriginStatus",
     "InstitutionAddress",
     "InstitutionCodeSequence",
     "InstitutionName",
     "InstitutionalDepartmentName",
+    "InstitutionalDepartmentTypeCodeSequence",
     "InsurancePlanIdentification",
     "IntendedRecipientsOfResultsIdentificationSequence",
+    "InterlockDescription",
+    "InterlockOriginDescription",
     "InterpretationApproverSequence",
     "InterpretationAuthor",
     "InterpretationDiagnosisDescription",
+    "InterpretationID",
     "InterpretationIDIssuer",
     "InterpretationRecorder",
     "InterpretationText",
     "InterpretationTranscriber",
     "IssuerOfAdmissionID",
+    "IssuerOfAdmissionIDSequence",
+    "IssuerOfClinicalTrialProtocolID",
+    "IssuerOfClinicalTrialSeriesID",
+    "IssuerOfClinicalTrialSiteID",
+    "IssuerOfClinicalTrialSubjectID",
+    "IssuerOfClinicalTrialSubjectReadingID",
+    "IssuerOfClinicalTrialTimePointID",
     "IssuerOfPatientID",
+    "IssuerOfServiceEpisodeID",
+    "IssuerOfServiceEpisodeIDSequence",
+    "IssuerOfTheContainerIdentifierSequence",
+    "IssuerOfTheSpecimenIdentifierSequence",
+    "LabelText",
+    "LensMake",
+    "LensModel",
+    "LensSerialNumber",
+    "LensSpecification",
+    "LongDeviceDescription",
+    "MAC",
+    "MakerNote",
+    "ManufacturerDeviceIdentifier",
     "MedicalAlerts",
     "MedicalRecordLocator",
     "MilitaryRank",
     "ModifiedAttributesSequence",
     "ModifiedImageDescription",
     "ModifyingDeviceID",
+    "ModifyingSystem",
+    "MultienergyAcquisitionDescription",
     "NameOfPhysiciansReadingStudy",
     "NamesOfIntendedRecipientsOfResults",
+    "NetworkID",
+    "NonconformingDataElementValue",
+    "NonconformingModifiedAttributesSequence",
     "Occupation",
-    "OperatorsName",
     "OperatorIdentificationSequence",
-    "OriginalAttributesSequence",
+    "OperatorsName",
     "OrderCallbackPhoneNumber",
+    "OrderCallbackTelecomInformation",
     "OrderEnteredBy",
     "OrderEntererLocation",
+    "OriginalAttributesSequence",
+    "Originator",
+    "OtherClinicalTrialProtocolIDsSequence",
     "OtherPatientIDs",
     "OtherPatientIDsSequence",
     "OtherPatientNames",
     "ParticipantSequence",
     "PatientAddress",
     "PatientAge",
+    "PatientAlternativeCalendar",
+    "PatientBirthDateInAlternativeCalendar",
     "PatientBirthName",
     "PatientBirthTime",
     "PatientComments",
+    "PatientDeathDateInAlternativeCalendar",
+    "PatientInstitutionResidence",
     "PatientInsurancePlanCodeSequence",
     "PatientMotherBirthName",
     "PatientPrimaryLanguageCodeSequence",
+    "PatientPrimaryLanguageModifierCodeSequence",
     "PatientReligiousPreference",
+    "PatientSetupPhotoDescription",
     "PatientSexNeutered",
     "PatientSize",
     "PatientState",
+    "PatientTelecomInformation",
     "PatientTelephoneNumbers",
     "PatientTransportArrangements",
+    "PatientTreatmentPreparationMethodDescription",
+    "PatientTreatmentPreparationProcedureParameterDescription",
     "PatientWeight",
     "PerformedLocation",
     "PerformedProcedureStepDescription",
     "PerformedProcedureStepID",
     "PerformedStationAETitle",
+    "PerformedStationGeographicLocationCodeSequence",
     "PerformedStationName",
+    "PerformedStationNameCodeSequence",
     "PerformingPhysicianIdentificationSequence",
     "PerformingPhysicianName",
     "PersonAddress",
+    "PersonIdentificationCodeSequence",
     "PersonName",
+    "PersonTelecomInformation",
     "PersonTelephoneNumbers",
     "PhysicianApprovingInterpretation",
     "PhysiciansOfRecord",
     "PhysiciansOfRecordIdentificationSequence",
     "PhysiciansReadingStudyIdentificationSequence",
+    "PlacerOrderNumberImagingServiceRequest",
     "PlateID",
+    "PositionAcquisitionTemplateDescription",
+    "PositionAcquisitionTemplateName",
     "PreMedication",
     "PregnancyStatus",
+    "PrescriptionDescription",
+    "PrescriptionNotes",
+    "PrescriptionNotesSequence",
+    "PriorTreatmentDoseDescription",
     "ProtocolName",
-    "ReasonForTheImagingServiceRequest",
+    "PyramidDescription",
+    "PyramidLabel",
+    "ROICreatorSequence",
+    "ROIDescription",
+    "ROIGenerationDescription",
+    "ROIInterpreterSequence",
+    "ROIName",
+    "ROIObservationDescription",
+    "ROIObservationLabel",
+    "RTAccessoryDeviceSlotID",
+    "RTAccessoryHolderSlotID",
+    "RTPhysicianIntentNarrative",
+    "RTPlanDescription",
+    "RTPlanLabel",
+    "RTPlanName",
+    "RTPrescriptionLabel",
+    "RTToleranceSetLabel",
+    "RTTreatmentApproachLabel",
+    "RadiationDoseIdentificationLabel",
+    "RadiationDoseInVivoMeasurementLabel",
+    "RadiationGenerationModeDescription",
+    "RadiationGenerationModeLabel",
+    "ReasonForOmissionDescription",
+    "ReasonForRequestedProcedureCodeSequence",
     "ReasonForStudy",
+    "ReasonForSuperseding",
+    "ReasonForTheAttributeModification",
+    "ReasonForTheImagingServiceRequest",
+    "ReasonForTheRequestedProcedure",
+    "ReasonForVisit",
+    "ReasonForVisitCodeSequence",
+    "ReceivingAE",
+    "ReferencedDigitalSignatureSequence",
     "ReferencedPatientAliasSequence",
+    "ReferencedPatientPhotoSequence",
     "ReferencedPatientSequence",
+    "ReferencedPerformedProcedureStepSequence",
+    "ReferencedSOPInstanceMACSequence",
+    "ReferencedStudySequence",
     "ReferringPhysicianAddress",
     "ReferringPhysicianIdentificationSequence",
     "ReferringPhysicianTelephoneNumbers",
@@ -157,30 +342,68 @@ REMOVED = (
     "RequestedProcedureDescription",
     "RequestedProcedureID",
     "RequestedProcedureLocation",
+    "RequestedSeriesDescription",
+    "RequestingAE",
     "RequestingPhysician",
     "RequestingService",
+    "RespiratoryMotionCompensationTechniqueDescription",
     "ResponsibleOrganization",
     "ResponsiblePerson",
     "ResultsComments",
     "ResultsDistributionListSequence",
+    "ResultsID",
     "ResultsIDIssuer",
+    "RetrieveAETitle",
     "ReviewerName",
     "ScheduledHumanPerformersSequence",
     "ScheduledPatientInstitutionResidence",
     "ScheduledPerformingPhysicianIdentificationSequence",
     "ScheduledPerformingPhysicianName",
+    "ScheduledProcedureStepDescription",
+    "ScheduledProcedureStepID",
     "ScheduledProcedureStepLocation",
     "ScheduledStationAETitle",
+    "ScheduledStationGeographicLocationCodeSequence",
     "ScheduledStationName",
+    "ScheduledStationNameCodeSequence",
+    "ScheduledStudyLocation",
+    "ScheduledStudyLocationAETitle",
+    "SelectorAEValue",
+    "SelectorASValue",
+    "SelectorLOValue",
+    "SelectorLTValue",
+    "SelectorOBValue",
+    "SelectorSHValue",
+    "SelectorSTValue",
+    "SelectorUNValue",
+    "SelectorURValue",
+    "SelectorUTValue",
     "SeriesDescription",
     "ServiceEpisodeDescription",
     "ServiceEpisodeID",
+    "SetupTechniqueDescription",
+    "ShieldingDeviceDescription",
+    "SlideIdentifier",
     "SmokingStatus",
+    "SourceIdentifier",
+    "SourceManufacturer",
+    "SourceOfPreviousValues",
+    "SourceSerialNumber",
     "SpecialNeeds",
+    "SpecimenAccessionNumber",
+    "SpecimenDetailedDescription",
+    "SpecimenIdentifier",
+    "SpecimenPreparationSequence",
+    "SpecimenShortDescription",
+    "StationAETitle",
     "StationName",
+    "StructureSetDescription",
+    "StructureSetLabel",
+    "StructureSetName",
     "StudyComments",
     "StudyDescription",
     "StudyIDIssuer",
+    "TelephoneNumberTrial",
     "TextComments",
     "TextString",
     "TimezoneOffsetFromUTC",
@@ -188,11 +411,70 @@ REMOVED = (
     "TopicKeywords",
     "TopicSubject",
     "TopicTitle",
+    "TransducerIdentificationSequence",
+    "TreatmentMachineName",
+    "TreatmentPositionGroupLabel",
+    "TreatmentSite",
+    "TreatmentSites",
+    "TreatmentTechniqueNotes",
+    "TreatmentToleranceViolationDescription",
+    "UDISequence",
+    "UniqueDeviceIdentifier",
+    "UserContentLabel",
+    "UserContentLongLabel",
+    "VerbalSourceIdentifierCodeSequenceTrial",
     "VerifyingObserverIdentificationCodeSequence",
     "VerifyingObserverName",
     "VerifyingObserverSequence",
     "VerifyingOrganization",
     "VisitComments",
+    "WaveformFilterDescription",
+    "XRayDetectorID",
+    "XRayDetectorLabel",
+    "XRaySourceID",
+)
+
+#: File meta elements kept (group 0002): what a reader needs. The others name the sending and
+#: receiving systems (AE titles, presentation addresses) or carry private information.
+FILE_META_KEPT = frozenset(
+    {
+        "FileMetaInformationGroupLength",
+        "FileMetaInformationVersion",
+        "MediaStorageSOPClassUID",
+        "MediaStorageSOPInstanceUID",
+        "TransferSyntaxUID",
+        "ImplementationClassUID",
+        "ImplementationVersionName",
+    }
+)
+
+#: Defined terms of Modality (PS3.3 C.7.3.1.1.1, retired ones included) and of Photometric
+#: Interpretation (C.7.6.3.1.2): the only values of these headers a report may repeat. Any other
+#: value is free text in a code-shaped field (16 characters fit a name) and is not repeated.
+MODALITY_TERMS = frozenset(
+    """AR ASMT AU BDUS BI BMD CD CF CFM CP CR CS CT CTPROTOCOL DD DF DG DM DMS DOC DS DX EC ECG
+    EEG EMG EOG EPS ES FA FID FS GM HC HD IO IOL IVOCT IVUS KER KO LEN LP LS M3D MA MG MR MS NM
+    OAM OCT OP OPM OPR OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG RESP RF RG RTDOSE
+    RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF ST STAIN
+    TEXTUREMAP TG US VA VF XA XAPROTOCOL XC""".split()
+)
+PHOTOMETRIC_TERMS = frozenset(
+    {
+        "MONOCHROME1",
+        "MONOCHROME2",
+        "PALETTE COLOR",
+        "RGB",
+        "HSV",
+        "ARGB",
+        "CMYK",
+        "YBR_FULL",
+        "YBR_FULL_422",
+        "YBR_PARTIAL_422",
+        "YBR_PARTIAL_420",
+        "YBR_ICT",
+        "YBR_RCT",
+        "XYB",
+    }
 )
 
 _SAFE_CS = re.compile(r"^[A-Z0-9_ ]{1,16}$")
@@ -219,11 +501,26 @@ def _remap_value(value: Any, salt: str) -> Any:
     return remap_uid(text, salt=salt)
 
 
+def _drop_unreadable(dataset: pydicom.Dataset) -> None:
+    """Delete, at any depth, the elements pydicom cannot parse (a corrupt VR or length): what
+    cannot be read cannot be checked, so it is not kept, and it would stop the walk."""
+    for tag in list(dataset.keys()):
+        try:
+            elem = dataset[tag]
+            items = list(elem.value) if elem.VR == "SQ" else []
+        except Exception:  # pydicom raises many types on corrupt elements
+            del dataset[tag]
+            continue
+        for item in items:
+            _drop_unreadable(item)
+
+
 def deidentify(ds: pydicom.Dataset, *, uid_salt: str = DEFAULT_UID_SALT) -> pydicom.Dataset:
     """Return a de-identified copy of ``ds`` (PS3.15 basic profile); the input is left unchanged."""
     from pydicom.datadict import tag_for_keyword
 
     out = copy.deepcopy(ds)
+    _drop_unreadable(out)
     out.remove_private_tags()
     removed = {tag_for_keyword(k) for k in REMOVED} - {None}
     emptied = {tag_for_keyword(k) for k in EMPTIED} - {None}
@@ -249,12 +546,13 @@ def deidentify(ds: pydicom.Dataset, *, uid_salt: str = DEFAULT_UID_SALT) -> pydi
     out.DeidentificationMethod = METHOD
     meta = getattr(out, "file_meta", None)
     if meta is not None:
+        for elem in list(meta):  # AE titles, presentation addresses, private information
+            if elem.keyword not in FILE_META_KEPT:
+                del meta[elem.tag]
         if "MediaStorageSOPInstanceUID" in meta:
             meta.MediaStorageSOPInstanceUID = _remap_value(
                 meta.MediaStorageSOPInstanceUID, uid_salt
             )
-        if "SourceApplicationEntityTitle" in meta:
-            del meta.SourceApplicationEntityTitle
     return out
 
 

@@ -302,15 +302,20 @@ def body_part_verdict(ds: Any) -> tuple[bool, str]:
 
 def _dicom_header_checks(run: _Run, ds: Any, limits: ValidationLimits) -> None:
     from ml_core.decoding import axial_normal_z, check_transfer_syntax
-    from ml_core.deid import code_string, header_value
+    from ml_core.deid import MODALITY_TERMS, PHOTOMETRIC_TERMS, code_string, header_value
 
-    modality = code_string(header_value(ds, "Modality"))
+    raw_modality = header_value(ds, "Modality")
+    modality = code_string(raw_modality)
+    if modality in MODALITY_TERMS:
+        shown = f"Modality {modality}"
+    else:  # never repeat free text found in the field (it may be a name)
+        shown = "Modality is not a DICOM modality code" if raw_modality else "Modality missing"
     _require(
         run,
         "dicom_modality",
         modality in limits.allowed_modalities,
         "unsupported_modality",
-        f"Modality {modality or 'missing'}; allowed {', '.join(limits.allowed_modalities)}",
+        f"{shown}; allowed {', '.join(limits.allowed_modalities)}",
     )
     passed, detail = body_part_verdict(ds)
     _require(run, "dicom_body_part", passed, "wrong_body_part", detail)
@@ -333,15 +338,16 @@ def _dicom_header_checks(run: _Run, ds: Any, limits: ValidationLimits) -> None:
         if nz is None
         else f"slice normal |z| = {nz:.2f} (axial needs >= {limits.min_axial_normal_z})",
     )
-    burned = code_string(header_value(ds, "BurnedInAnnotation"))
+    raw_burned = header_value(ds, "BurnedInAnnotation")
+    burned = code_string(raw_burned)
+    if burned == "YES":
+        burned_detail = "BurnedInAnnotation YES: pixels may show patient data"
+    elif burned == "NO" or not raw_burned:
+        burned_detail = f"BurnedInAnnotation {burned or 'absent'}"
+    else:
+        burned_detail = "BurnedInAnnotation is neither YES nor NO"
     _require(
-        run,
-        "dicom_burned_in_annotation",
-        burned != "YES",
-        "burned_in_annotation",
-        "BurnedInAnnotation YES: pixels may show patient data"
-        if burned == "YES"
-        else f"BurnedInAnnotation {burned or 'absent'}",
+        run, "dicom_burned_in_annotation", burned != "YES", "burned_in_annotation", burned_detail
     )
     has_pixels = "PixelData" in ds
     _require(
@@ -361,7 +367,13 @@ def _dicom_header_checks(run: _Run, ds: Any, limits: ValidationLimits) -> None:
     photometric = code_string(header_value(ds, "PhotometricInterpretation")) or "MONOCHROME2"
     grey = photometric in ("MONOCHROME1", "MONOCHROME2")
     _require(
-        run, "dicom_photometric", grey, "not_grayscale", f"PhotometricInterpretation {photometric}"
+        run,
+        "dicom_photometric",
+        grey,
+        "not_grayscale",
+        f"PhotometricInterpretation {photometric}"
+        if photometric in PHOTOMETRIC_TERMS
+        else "PhotometricInterpretation is not a DICOM defined term",
     )
     _attempt(
         run,

@@ -87,11 +87,21 @@ class BatchFile:
 
 @dataclass
 class BatchSubmission:
-    """The sealed batch, its jobs in submission order, and the files refused at intake."""
+    """The sealed batch, its jobs in submission order, the files refused at intake, and the zip
+    entries skipped as junk (not files of the batch)."""
 
     batch: Batch
     jobs: list[Job] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class ZipContents:
+    """The files read from zips, and the entries skipped as junk ({filename, reason})."""
+
+    files: list[BatchFile]
+    skipped: list[dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -132,25 +142,44 @@ def _safe_name(name: str) -> str:
     return posixpath.normpath(unified)
 
 
-def _skipped(name: str) -> bool:
+def _skip_reason(name: str) -> str | None:
+    """Why a zip entry is not a file of the batch (`macos_metadata`, `hidden_file`), else None."""
     base = posixpath.basename(name)
-    return name.startswith("__MACOSX/") or base.startswith(".") or not base
+    if name.startswith("__MACOSX/") or base == ".DS_Store" or base.startswith("._"):
+        return "macos_metadata"
+    if base.startswith(".") or not base:
+        return "hidden_file"
+    return None
 
 
-def read_zip(data: bytes, limits: ZipLimits, *, inflated: int = 0) -> list[BatchFile]:
-    """The files of a zip, checked entry by entry (paths, count, sizes, ratio) while inflating.
+def _is_folder(info: zipfile.ZipInfo) -> bool:
+    return info.is_dir() or info.filename.endswith("\\")  # some Windows tools write "dir\\"
+
+
+def read_zip(data: bytes, limits: ZipLimits, *, inflated: int = 0) -> ZipContents:
+    """The files of a zip, checked entry by entry (paths, count, sizes, ratio) while inflating,
+    and the entries skipped as junk (macOS metadata, hidden files), each with its reason.
 
     `inflated`: bytes the batch's earlier zips already inflated (the total limit is per batch).
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # zipfile raises many types on hostile archives
         raise InvalidZip(details={"reason": str(exc)[:200]}) from exc
-    entries = [info for info in infos if not info.is_dir()]
+    entries = [info for info in infos if not _is_folder(info)]
     for info in entries:  # every name is checked before anything is inflated
         _safe_name(info.filename)
-    entries = [info for info in entries if not _skipped(_safe_name(info.filename))]
+    skipped: list[dict[str, str]] = []
+    kept: list[zipfile.ZipInfo] = []
+    for info in entries:
+        name = _safe_name(info.filename)
+        reason = _skip_reason(name)
+        if reason is None:
+            kept.append(info)
+        else:
+            skipped.append({"filename": name[-255:], "reason": reason})
+    entries = kept
     if len(entries) > limits.max_entries:
         raise TooManyFiles(details={"max_files": limits.max_entries, "entries": len(entries)})
     declared = sum(info.file_size for info in entries)
@@ -175,27 +204,31 @@ def read_zip(data: bytes, limits: ZipLimits, *, inflated: int = 0) -> list[Batch
                         raise ZipBomb(details={"reason": "entry_size", "entry": name})
                     if info.compress_size and len(out) / info.compress_size > limits.max_ratio:
                         raise ZipBomb(details={"reason": "ratio", "entry": name})
-        except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError) as exc:
+        except LiverscanError:
+            raise
+        except Exception as exc:  # zlib, lzma, bz2 and zipfile raise many types on bad streams
             raise InvalidZip(details={"entry": name, "reason": str(exc)[:200]}) from exc
         total += len(out)
         files.append(
             BatchFile(intake.Upload(data=bytes(out), filename=name[-255:], content_type=None))
         )
-    return files
+    return ZipContents(files=files, skipped=skipped)
 
 
-def expand(files: Iterable[BatchFile], limits: ZipLimits) -> list[BatchFile]:
-    """Replace every zip among `files` by its entries (one level; a zip inside a zip stays a file)."""
-    out: list[BatchFile] = []
+def expand(files: Iterable[BatchFile], limits: ZipLimits) -> ZipContents:
+    """Replace every zip among `files` by its entries (one level; a zip inside a zip stays a file);
+    the junk entries skipped on the way are listed."""
+    out = ZipContents(files=[], skipped=[])
     inflated = 0
     for item in files:
         if is_zip(item.upload.data):
-            entries = read_zip(item.upload.data, limits, inflated=inflated)
-            inflated += sum(len(entry.upload.data) for entry in entries)
-            out.extend(entries)
+            contents = read_zip(item.upload.data, limits, inflated=inflated)
+            inflated += sum(len(entry.upload.data) for entry in contents.files)
+            out.files.extend(contents.files)
+            out.skipped.extend(contents.skipped)
         else:
-            out.append(item)
-        if len(out) > limits.max_entries:
+            out.files.append(item)
+        if len(out.files) > limits.max_entries:
             raise TooManyFiles(details={"max_files": limits.max_entries})
     return out
 
@@ -234,9 +267,10 @@ def submit(
 ) -> BatchSubmission:
     """Create a batch, submit every file as a job (bad files refused one by one), seal it."""
     limits = ZipLimits.from_settings(settings)
-    files = expand(files, limits)
+    contents = expand(files, limits)
+    files, skipped = contents.files, contents.skipped
     if not files:
-        raise EmptyBatch()
+        raise EmptyBatch(details={"skipped": skipped[:50]} if skipped else None)
     if len(files) > settings.batch_max_files:
         raise TooManyFiles(details={"max_files": settings.batch_max_files, "files": len(files)})
     if callback_url:
@@ -250,7 +284,10 @@ def submit(
         else:
             rejected.append(_refusal(item, error))
     if not good:
-        raise EmptyBatch(details={"rejected": rejected[:50]})
+        details: dict[str, Any] = {"rejected": rejected[:50]}
+        if skipped:
+            details["skipped"] = skipped[:50]
+        raise EmptyBatch(details=details)
     queue.ping()  # BrokerUnavailable before anything is written
 
     batch = Batch(
@@ -263,7 +300,7 @@ def submit(
     )
     session.add(batch)
     session.commit()
-    result = BatchSubmission(batch=batch, rejected=rejected)
+    result = BatchSubmission(batch=batch, rejected=rejected, skipped=skipped)
     for item in good:
         try:
             submission = intake.submit(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import random
+import struct
 import uuid
 import zipfile
 from typing import Any
 
+import pytest
 import redis
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
@@ -16,6 +18,7 @@ from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 
 from api.domain import batches, jobs
+from api.domain.errors import LiverscanError
 from api.domain.models import Batch, Job, WebhookDelivery
 from api.domain.settings import Settings
 from api.domain.storage import Storage
@@ -306,3 +309,223 @@ def test_batches_are_in_the_openapi_document(client: FlaskClient) -> None:
     assert "post" in paths["/api/v1/batches"]
     assert "get" in paths["/api/v1/batches/{batch_id}"]
     assert "get" in paths["/api/v1/batches/{batch_id}/results.csv"]
+
+
+# --- hostile zips (audit): every archive ends as jobs, refusals, or one documented error ------
+
+
+def _random_payload(size: int = 64 * 1024) -> bytes:
+    return random.Random(7).randbytes(size // 4) * 4  # compresses, but far below the ratio limit
+
+
+def _corrupt_stream(compression: int) -> bytes:
+    """A zip whose headers are fine but whose compressed bytes are garbage."""
+    data = bytearray(make_zip({"a.png": _random_payload()}, compression))
+    start = 30 + len("a.png")  # the local header, then the entry's compressed bytes
+    if compression == zipfile.ZIP_DEFLATED:
+        data[start] = 0xFF  # a deflate block of the reserved type 3
+    else:
+        data[start + 12 : start + 40] = b"\xff" * 28
+    return bytes(data)
+
+
+def _needs_newer_unzip() -> bytes:
+    """A zip whose central directory asks for an unzip version that does not exist."""
+    data = bytearray(make_zip({"a.png": _random_payload()}))
+    data[data.find(b"PK\x01\x02") + 6] = 0xFF
+    return bytes(data)
+
+
+def _lying_directory_offset() -> bytes:
+    """A zip whose end record puts the central directory 256 MiB further than it is."""
+    data = bytearray(make_zip({"a.png": _random_payload()}))
+    end = data.rfind(b"PK\x05\x06")
+    (offset,) = struct.unpack_from("<L", data, end + 16)
+    struct.pack_into("<L", data, end + 16, offset + 0x1000_0000)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "archive",
+    [
+        pytest.param(lambda: _corrupt_stream(zipfile.ZIP_DEFLATED), id="corrupt-deflate"),
+        pytest.param(lambda: _corrupt_stream(zipfile.ZIP_LZMA), id="corrupt-lzma"),
+        pytest.param(_needs_newer_unzip, id="unknown-zip-version"),
+        pytest.param(_lying_directory_offset, id="lying-directory-offset"),
+    ],
+)
+def test_a_zip_that_cannot_be_inflated_is_invalid_zip_not_a_500(
+    client: FlaskClient,
+    user_headers: dict[str, str],
+    session: Session,
+    broker: redis.Redis,
+    archive: Any,
+) -> None:
+    r = post_batch(client, user_headers, [(archive(), "scans.zip"), (png_bytes(seed=1), "a.png")])
+    assert r.status_code == 422, r.get_data()[:300]
+    assert error_code(r) == "invalid_zip"
+    assert batch_count(session) == 0 and broker.llen("inference") == 0  # nothing half-stored
+
+
+def test_hostile_zips_end_in_files_or_a_documented_code() -> None:
+    """Mutated archives (deflate, LZMA, bzip2, stored): never an exception without a code."""
+    limits = batches.ZipLimits(
+        max_entries=50, max_entry_bytes=1 << 20, max_total_bytes=1 << 24, max_ratio=100
+    )
+    seeds = [
+        make_zip({"a.png": _random_payload(), "b/c.png": png_bytes(seed=2)}, compression)
+        for compression in (
+            zipfile.ZIP_DEFLATED,
+            zipfile.ZIP_LZMA,
+            zipfile.ZIP_BZIP2,
+            zipfile.ZIP_STORED,
+        )
+    ]
+    rng = random.Random(11)
+    outcomes: dict[str, int] = {}
+    for _ in range(600):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            batches.read_zip(bytes(data), limits)
+            outcome = "read"
+        except LiverscanError as exc:
+            outcome = exc.code
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    assert set(outcomes) <= {"read", "invalid_zip", "zip_bomb", "zip_unsafe_path"}, outcomes
+
+
+def test_junk_entries_are_skipped_and_listed(
+    client: FlaskClient, user_headers: dict[str, str], session: Session
+) -> None:
+    archive = make_zip(
+        {
+            "series/a.png": png_bytes(seed=1),
+            "__MACOSX/series/._a.png": b"junk",
+            "series/._b.png": b"junk",
+            ".DS_Store": b"junk",
+            "series/.notes.png": png_bytes(seed=2),
+        }
+    )
+    r = post_batch(client, user_headers, [(archive, "scans.zip")])
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    assert [j["filename"] for j in body["jobs"]] == ["series/a.png"]
+    assert body["rejected"] == []
+    assert sorted((s["filename"], s["reason"]) for s in body["skipped"]) == [
+        (".DS_Store", "macos_metadata"),
+        ("__MACOSX/series/._a.png", "macos_metadata"),
+        ("series/._b.png", "macos_metadata"),
+        ("series/.notes.png", "hidden_file"),
+    ]
+    r = post_batch(client, user_headers, [(png_bytes(seed=3), "c.png")])
+    assert r.get_json()["skipped"] == []
+
+
+def test_a_zip_of_junk_only_is_an_empty_batch_that_says_what_it_skipped(
+    client: FlaskClient, user_headers: dict[str, str], session: Session
+) -> None:
+    archive = make_zip({"__MACOSX/._a.png": b"junk", "scans/.DS_Store": b"junk", "scans/": b""})
+    r = post_batch(client, user_headers, [(archive, "mac.zip")])
+    assert r.status_code == 422 and error_code(r) == "empty_batch"
+    assert r.get_json()["error"]["details"]["skipped"] == [
+        {"filename": "__MACOSX/._a.png", "reason": "macos_metadata"},
+        {"filename": "scans/.DS_Store", "reason": "macos_metadata"},
+    ]
+    assert batch_count(session) == 0
+
+
+def test_folder_entries_written_with_backslashes_are_folders(
+    client: FlaskClient, user_headers: dict[str, str], session: Session
+) -> None:
+    # Some Windows tools write "series\\" for a folder: it is not an empty file to refuse.
+    archive = make_zip({"series\\": b"", "series\\a.png": png_bytes(seed=1)})
+    r = post_batch(client, user_headers, [(archive, "win.zip")])
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    assert [j["filename"] for j in body["jobs"]] == ["series/a.png"]
+    assert body["rejected"] == [] and body["skipped"] == []
+
+
+def _with_flag_bits(archive: bytes, bits: int) -> bytes:
+    """The archive with general-purpose flag bits set on its first entry (local and central)."""
+    data = bytearray(archive)
+    data[6] |= bits
+    data[data.find(b"PK\x01\x02") + 8] |= bits
+    return bytes(data)
+
+
+def _with_a_flipped_data_byte(archive: bytes) -> bytes:
+    data = bytearray(archive)
+    data[30 + len("a.png") + 40] ^= 0xFF  # inside the stored entry's bytes
+    return bytes(data)
+
+
+def _declaring_size(archive: bytes, size: int) -> bytes:
+    """The archive whose headers declare `size` uncompressed bytes for its first entry."""
+    data = bytearray(archive)
+    struct.pack_into("<L", data, 22, size)
+    struct.pack_into("<L", data, data.find(b"PK\x01\x02") + 24, size)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("archive", "status", "code"),
+    [
+        pytest.param(lambda: make_zip({"C:\\scans\\a.png": png_bytes()}), 422, "zip_unsafe_path",
+                     id="drive-letter"),
+        pytest.param(lambda: make_zip({"\\\\server\\share\\a.png": png_bytes()}), 422,
+                     "zip_unsafe_path", id="unc-path"),
+        pytest.param(lambda: _with_flag_bits(make_zip({"a.png": png_bytes()}), 0x1), 422,
+                     "invalid_zip", id="encrypted"),
+        pytest.param(lambda: _with_a_flipped_data_byte(
+            make_zip({"a.png": png_bytes()}, zipfile.ZIP_STORED)), 422, "invalid_zip", id="bad-crc"),
+        pytest.param(lambda: make_zip({"a.png": _random_payload()})[:-300], 422, "invalid_zip",
+                     id="truncated"),
+        pytest.param(lambda: _declaring_size(make_zip({"a.png": _random_payload()}), 100), 422,
+                     "invalid_zip", id="declares-less-than-it-inflates-to"),
+    ],
+)  # fmt: skip
+def test_documented_zip_refusals_refuse_the_whole_batch(
+    client: FlaskClient,
+    user_headers: dict[str, str],
+    session: Session,
+    archive: Any,
+    status: int,
+    code: str,
+) -> None:
+    r = post_batch(client, user_headers, [(archive(), "scans.zip"), (png_bytes(seed=1), "b.png")])
+    assert (r.status_code, error_code(r)) == (status, code)
+    assert batch_count(session) == 0
+
+
+def test_odd_but_harmless_entries_each_become_a_job(
+    client: FlaskClient, user_headers: dict[str, str], session: Session
+) -> None:
+    """Duplicate names, a zip in the zip, a symlink entry and a very long name: one job each
+    (the validator rejects what is not a scan), nothing dropped; ZIP64 reads like any zip."""
+    buf = io.BytesIO()
+    long_name = "n" * 300 + ".png"
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("a.png", "w", force_zip64=True) as fh:
+            fh.write(png_bytes(seed=1))
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            zf.writestr("a.png", png_bytes(seed=2))
+        zf.writestr("inner.zip", make_zip({"c.png": png_bytes(seed=3)}))
+        link = zipfile.ZipInfo("link.png")
+        link.external_attr = 0o120777 << 16  # a symlink: its content is the target's path
+        zf.writestr(link, "/etc/passwd")
+        zf.writestr(long_name, png_bytes(seed=4))
+    r = post_batch(client, user_headers, [(buf.getvalue(), "odd.zip")])
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    assert [j["filename"] for j in body["jobs"]] == [
+        "a.png",
+        "a.png",
+        "inner.zip",
+        "link.png",
+        long_name[-255:],
+    ]
+    assert body["rejected"] == [] and body["skipped"] == []
+    assert len(set(body["job_ids"])) == 5

@@ -216,3 +216,76 @@ def test_validate_runs_locally_without_uploading(account: Account, tmp_path: Pat
     assert len(lines) == 1
     assert lines[0]["passed"] is False
     assert lines[0]["reason_code"]
+
+
+def test_a_broken_nifti_volume_is_a_clear_error_not_a_traceback(
+    logged_in: Account, tmp_path: Path
+) -> None:
+    import nibabel as nib
+
+    garbage = tmp_path / "scan.nii.gz"
+    garbage.write_bytes(b"\x1f\x8b" + b"not a volume" * 20)
+    four_d = tmp_path / "perfusion.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2, 3), np.int16), np.eye(4)), str(four_d))
+    for path, message in (
+        (garbage, "scan.nii.gz: NIfTI volume could not be read"),
+        (four_d, "perfusion.nii.gz: NIfTI volume has 4 dimensions, expected 3"),
+    ):
+        done = cli(logged_in, "submit", str(path), "--batch")
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        assert f"error: undecodable: {message}" in done.stderr
+
+
+def test_an_unreadable_file_is_a_clear_error_not_a_traceback(logged_in: Account) -> None:
+    # /proc/self/mem is a regular file that fails to read at offset 0 (EIO), even for root.
+    done = cli(logged_in, "submit", "/proc/self/mem", "--batch")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "error: unreadable: Cannot read /proc/self/mem" in done.stderr
+
+
+def test_files_of_subfolders_are_named_by_their_path_in_the_folder(
+    server: Server, logged_in: Account, tmp_path: Path
+) -> None:
+    # A DICOM study exported by a PACS repeats file names in every series folder.
+    for series, seed in (("SE1", 1), ("SE2", 2)):
+        (tmp_path / "study" / series).mkdir(parents=True)
+        png(tmp_path / "study" / series / "IM0001", seed)
+    done = cli(logged_in, "submit", str(tmp_path / "study"), "--batch")
+    assert done.returncode == 0, done.stderr
+    with server.sessions() as session:
+        names = session.scalars(
+            select(Job.input_filename).where(Job.batch_id == uuid.UUID(done.stdout.strip()))
+        ).all()
+    assert sorted(names) == ["SE1/IM0001", "SE2/IM0001"]
+
+
+def test_single_jobs_stopped_by_a_refusal_keep_the_ids_submitted_so_far(
+    logged_in: Account, tmp_path: Path
+) -> None:
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    png(folder / "a.png", 1)
+    (folder / "b.png").write_bytes(b"")  # the API refuses an empty file: 422 missing_file
+    png(folder / "c.png", 3)
+    done = cli(logged_in, "submit", str(folder))
+    assert done.returncode == 1
+    assert "error: missing_file: b.png:" in done.stderr
+    assert "1 of 3 files were submitted before it" in done.stderr
+    (job_id,) = done.stdout.split()
+    assert uuid.UUID(job_id)
+    state = json.loads((logged_in.config_dir / "last_submission.json").read_text())
+    assert state["ids"] == [job_id]
+
+
+def test_zip_entries_skipped_as_junk_are_reported(logged_in: Account, tmp_path: Path) -> None:
+    archive = tmp_path / "mac.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(png(tmp_path / "a.png", 1), "scans/a.png")
+        zf.writestr("__MACOSX/scans/._a.png", b"junk")
+        zf.writestr("scans/.DS_Store", b"junk")
+    done = cli(logged_in, "submit", str(archive))
+    assert done.returncode == 0, done.stderr
+    assert "1 jobs queued" in done.stderr
+    assert "skipped 2 zip entries that are not scans (macos_metadata 2)" in done.stderr

@@ -124,3 +124,138 @@ def test_malformed_values_are_not_echoed_into_warnings_or_logs(
     assert _leaks(" ".join(str(w.message) for w in caught)) == []
     assert _leaks(caplog.text) == []
     assert _leaks(json.dumps(report.image.dicom if report.image else None)) == []
+
+
+# --- audit: the whole basic profile, and nothing of a header's free text in a check's detail ---
+
+QX = "Quixlebottom^Marguerite"
+
+
+def _real_ct(read) -> pydicom.Dataset:  # type: ignore[no-untyped-def]
+    return pydicom.dcmread(io.BytesIO(read("pydicom_abdomen/ct_upper_abdomen__explicit_VR-UN.dcm")))
+
+
+def _item(**values: object) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def make_bytes(ds: pydicom.Dataset) -> bytes:
+    """A dataset as a Part 10 file."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_every_attribute_the_basic_profile_names_is_removed(read) -> None:  # type: ignore[no-untyped-def]
+    """Attributes of PS3.15 table E.1-1 that the first list missed, at the top and nested."""
+    ds = _real_ct(read)
+    values = {
+        "ScheduledProcedureStepDescription": "SPS for Quixlebottom",
+        "ScheduledProcedureStepID": "QX-SPS-ID-1",
+        "AcquisitionProtocolDescription": "Quixlebottom protocol text",
+        "FillerOrderNumberImagingServiceRequest": "QX-FILLER-2",
+        "PlacerOrderNumberImagingServiceRequest": "QX-PLACER-3",
+        "DeviceDescription": "QX-DEVICE-DESC",
+        "ClinicalTrialSponsorName": "QX-SPONSOR-4",
+        "ClinicalTrialSubjectID": "QX-SUBJECT-5",
+        "ContrastBolusAgent": "QX-CONTRAST-6",
+        "PatientBirthDateInAlternativeCalendar": "QX-ALTCAL-7",
+        "ReasonForVisit": "Quixlebottom felt unwell",
+        "StationAETitle": "QXSTATIONAE",
+        "RetrieveAETitle": "QXRETRIEVEAE",
+        "ResultsID": "QX-RESULTS-8",
+        "SpecimenAccessionNumber": "QX-SPECIMEN-9",
+    }
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    ds.ContentSequence = [_item(ValueType="TEXT", TextValue="Quixlebottom said the pain")]
+    ds.AcquisitionContextSequence = [_item(TextValue="QX-CONTEXT-TEXT")]
+    ds.AdmittingDiagnosesCodeSequence = [_item(CodeMeaning="QX-ADMIT-DIAGNOSIS")]
+    ds.InstitutionalDepartmentTypeCodeSequence = [_item(CodeMeaning="QX-DEPARTMENT-TYPE")]
+    ds.ReferencedStudySequence = [_item(ReferencedSOPInstanceUID="1.2.826.0.1.3680043.8.498.1")]
+    ds.RequestAttributesSequence = [_item(ScheduledProcedureStepDescription="QX-NESTED-SPS")]
+    ds.ProcedureCodeSequence = [_item(CodeValue="X1", CodingSchemeDesignator="99QX")]
+    ds.ProcedureCodeSequence[0].ContentSequence = [_item(TextValue="QX-DEEP-CONTENT")]
+    ds.file_meta.SendingApplicationEntityTitle = "QXSENDINGAE"
+    ds.file_meta.ReceivingApplicationEntityTitle = "QXRECEIVINGAE"
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.826.0.1.3680043.8.498.2"
+    ds.file_meta.PrivateInformation = b"QX-PRIVATE-INFO!"
+    secrets = [
+        *values.values(),
+        "Quixlebottom",
+        "QX-CONTEXT-TEXT",
+        "QX-ADMIT-DIAGNOSIS",
+        "QX-DEPARTMENT-TYPE",
+        "QX-NESTED-SPS",
+        "QX-DEEP-CONTENT",
+        "QXSENDINGAE",
+        "QXRECEIVINGAE",
+        "QX-PRIVATE-INFO",
+    ]
+    clean = deidentify(ds)
+    buf = io.BytesIO()
+    clean.save_as(buf, enforce_file_format=True)
+    text = buf.getvalue().decode("latin-1") + str(clean)
+    assert [s for s in secrets if s in text] == []
+    for keyword in (*values, "ContentSequence", "ReferencedStudySequence"):
+        assert keyword not in clean, keyword
+    assert "ProcedureCodeSequence" in clean  # kept by the profile; its nested text is not
+    assert clean.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+    assert np.array_equal(decode(buf.getvalue()).pixels, decode(make_bytes(ds)).pixels)
+
+
+def test_an_element_that_does_not_parse_is_dropped_not_fatal(read) -> None:  # type: ignore[no-untyped-def]
+    """A corrupt VR that the validator never reads used to stop de-identification (no report)."""
+    raw = read("pydicom_abdomen/ct_upper_abdomen__explicit_VR-UN.dcm")
+    bad = raw.replace(b"\x28\x00\x02\x01US", b"\x28\x00\x02\x01U\xa1")  # HighBit's VR
+    assert bad != raw and validate(bad, gate=None).passed
+    header = pydicom.dcmread(io.BytesIO(bad), stop_before_pixels=True, force=True)
+    clean = deidentify(header)
+    assert "HighBit" not in clean and clean.PatientName == "" and clean.PatientID == ""
+    assert "PANCREAS_0001" not in str(clean)
+
+
+def test_every_listed_keyword_is_a_dicom_keyword() -> None:
+    """A misspelt keyword would be skipped silently and its attribute kept."""
+    from pydicom.datadict import tag_for_keyword
+
+    from ml_core.deid import EMPTIED, REMOVED
+
+    assert [k for k in (*REMOVED, *EMPTIED) if tag_for_keyword(k) is None] == []
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason_code", "check", "detail"),
+    [
+        ("Modality", "QUIXLEBOTTOM", "unsupported_modality", "dicom_modality",
+         "Modality is not a DICOM modality code; allowed CT, MR"),
+        ("Modality", "US", "unsupported_modality", "dicom_modality", "Modality US; allowed CT, MR"),
+        ("Modality", QX, "unsupported_modality", "dicom_modality",
+         "Modality is not a DICOM modality code; allowed CT, MR"),
+        ("BurnedInAnnotation", "QUIXLEBOTTOM MG", None, "dicom_burned_in_annotation",
+         "BurnedInAnnotation is neither YES nor NO"),
+        ("PhotometricInterpretation", "QUIXLEBOTTOM MG", "not_grayscale", "dicom_photometric",
+         "PhotometricInterpretation is not a DICOM defined term"),
+        ("PhotometricInterpretation", "RGB", "not_grayscale", "dicom_photometric",
+         "PhotometricInterpretation RGB"),
+    ],
+)  # fmt: skip
+def test_a_check_detail_never_repeats_a_header_value_that_is_not_a_dicom_term(
+    read,  # type: ignore[no-untyped-def]
+    keyword: str,
+    value: str,
+    reason_code: str | None,
+    check: str,
+    detail: str,
+) -> None:
+    """Code-like header values (CS, 16 characters) can hold a name: details repeat defined terms only."""
+    ds = _real_ct(read)
+    setattr(ds, keyword, value)
+    report = validate(make_bytes(ds), gate=None)
+    assert report.reason_code == reason_code
+    (found,) = [c for c in report.to_dict()["checks"] if c["name"] == check]
+    assert found["detail"] == detail
+    assert "QUIXLE" not in json.dumps(report.to_dict()).upper()
