@@ -156,12 +156,34 @@ def _is_folder(info: zipfile.ZipInfo) -> bool:
     return info.is_dir() or info.filename.endswith("\\")  # some Windows tools write "dir\\"
 
 
+#: Central-directory entries a zip may list beyond twice the file limit (folders; each file's
+#: macOS ``__MACOSX`` twin is the factor 2) before it is refused unread as too_many_files.
+DIRECTORY_SLACK = 1000
+
+
+def _directory_entries(data: bytes) -> int | None:
+    """The entry count the zip's end record declares (ZIP64's too), read without parsing the
+    central directory; None when no end record is found (zipfile then says why)."""
+    try:
+        end = zipfile._EndRecData(io.BytesIO(data))  # type: ignore[attr-defined]  # stdlib's reader
+    except Exception:  # noqa: BLE001 - a hostile end record: let ZipFile report invalid_zip
+        return None
+    if not end:
+        return None
+    return int(end[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
+
+
 def read_zip(data: bytes, limits: ZipLimits, *, inflated: int = 0) -> ZipContents:
     """The files of a zip, checked entry by entry (paths, count, sizes, ratio) while inflating,
     and the entries skipped as junk (macOS metadata, hidden files), each with its reason.
 
     `inflated`: bytes the batch's earlier zips already inflated (the total limit is per batch).
     """
+    listed = _directory_entries(data)
+    if listed is not None and listed > 2 * limits.max_entries + DIRECTORY_SLACK:
+        # Refused from the end record alone: parsing millions of tiny (junk, folder) entries
+        # would cost about 9x the zip's size in memory before any other limit applies.
+        raise TooManyFiles(details={"max_files": limits.max_entries, "directory_entries": listed})
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         infos = archive.infolist()

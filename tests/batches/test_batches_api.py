@@ -393,7 +393,8 @@ def test_hostile_zips_end_in_files_or_a_documented_code() -> None:
         except LiverscanError as exc:
             outcome = exc.code
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
-    assert set(outcomes) <= {"read", "invalid_zip", "zip_bomb", "zip_unsafe_path"}, outcomes
+    documented = {"read", "invalid_zip", "zip_bomb", "zip_unsafe_path", "too_many_files"}
+    assert set(outcomes) <= documented, outcomes
 
 
 def test_junk_entries_are_skipped_and_listed(
@@ -529,3 +530,35 @@ def test_odd_but_harmless_entries_each_become_a_job(
     ]
     assert body["rejected"] == [] and body["skipped"] == []
     assert len(set(body["job_ids"])) == 5
+
+
+def test_a_zip_directory_far_longer_than_the_file_limit_is_refused_before_it_is_parsed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Millions of tiny (junk or folder) entries would cost ~9x the zip in memory once parsed:
+    the end record's entry count is read first, and a directory listing more than twice the file
+    limit plus 1,000 entries is too_many_files without parsing it. A macOS zip (every file with
+    its __MACOSX twin, and folders) at the limit still reads."""
+    limits = batches.ZipLimits(
+        max_entries=3, max_entry_bytes=1 << 20, max_total_bytes=1 << 24, max_ratio=100
+    )
+    entries = {f"s{i}.png": png_bytes(seed=i) for i in range(3)}
+    entries.update({f"__MACOSX/._s{i}.png": b"junk" for i in range(3)})
+    entries.update({f"d{i}/": b"" for i in range(20)})
+    assert len(batches.read_zip(make_zip(entries), limits).files) == 3
+    flood = dict(entries)
+    flood.update({f"__MACOSX/._{i}": b"" for i in range(2 * 3 + 1000)})
+    flood_zip = make_zip(flood)
+    parsed: list[bool] = []
+    real = zipfile.ZipFile
+
+    def watching(*args: Any, **kwargs: Any) -> zipfile.ZipFile:
+        parsed.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batches.zipfile, "ZipFile", watching)
+    with pytest.raises(LiverscanError) as err:
+        batches.read_zip(flood_zip, limits)
+    assert err.value.code == "too_many_files"
+    assert err.value.details["directory_entries"] == len(flood)
+    assert parsed == []  # refused from the end record alone
