@@ -541,14 +541,12 @@ def write_untrained_artifact(
         "sha256": sha256_file(out / "localiser" / loc.WEIGHTS_NAME),
     }
     (out / "localiser" / loc.CARD_NAME).write_text(json.dumps(lcard))
-    gates = {"gate": gate_threshold}
-    if gate_threshold is not None and either_gate_threshold is not None:
-        gates["gate_either"] = either_gate_threshold
-    for sub, gate_thr in gates.items():
-        if gate_thr is None:
-            continue
-        from ml_core import gate as G
+    from ml_core import gate as G
 
+    gates = {} if gate_threshold is None else {"gate": gate_threshold}
+    if gates and either_gate_threshold is not None:
+        gates[G.EITHER_GATE_DIR] = either_gate_threshold
+    for sub, gate_thr in gates.items():
         (out / sub).mkdir(exist_ok=True)
         G.build_gate_cnn(32).save_weights(str(out / sub / G.WEIGHTS_NAME))
         gcard = {

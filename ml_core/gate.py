@@ -335,6 +335,10 @@ def _logit(p: np.ndarray | float) -> np.ndarray:
     return np.log(q / (1 - q))
 
 
+def _sigmoid(x: np.ndarray | float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
 class EitherGate:
     """Two content gates; a slice passes when either accepts it at its own threshold.
 
@@ -377,10 +381,16 @@ class EitherGate:
         ]
         return np.stack(cols, axis=1)
 
+    @staticmethod
+    def union(margins: np.ndarray) -> list[float]:
+        """The union's score in [0, 1] per row of margins (N, 2): sigmoid of the larger margin.
+        The one place that turns margins into the score (``score``, validation, the worker)."""
+        m = np.asarray(margins, np.float64).reshape(len(margins), -1)
+        return [float(v) for v in _sigmoid(m.max(axis=1))] if len(m) else []
+
     def score(self, slices_u8: Sequence[np.ndarray]) -> list[float]:
         """The union's score in [0, 1] per slice: sigmoid of the larger margin."""
-        m = self.margins(slices_u8)
-        return [float(v) for v in 1.0 / (1.0 + np.exp(-m.max(axis=1)))] if len(m) else []
+        return self.union(self.margins(slices_u8))
 
     def describe(self, margins: np.ndarray) -> str:
         """Both gates' scores and thresholds from one slice's margins (the content check's detail)."""
@@ -388,7 +398,7 @@ class EitherGate:
         for name, g, m in zip(
             ("gate", "second gate"), (self.first, self.other), margins, strict=True
         ):
-            s = float(1.0 / (1.0 + np.exp(-(float(m) + float(_logit(g.threshold))))))
+            s = float(_sigmoid(float(m) + float(_logit(g.threshold))))
             parts.append(f"{name} {s:.3f} (threshold {g.threshold:.3f})")
         return "; ".join(parts)
 
@@ -417,9 +427,9 @@ def load_gate(
     """
     folder = Path(folder)
     first = LiverGate.load(folder / "gate", localiser, runtime=runtime, artifact=artifact)
-    either = folder / EITHER_GATE_DIR
-    if not (either / CARD_NAME).is_file():
+    if not has_either_gate(folder):
         return first
+    either = folder / EITHER_GATE_DIR
     card = read_card(either, CARD_NAME, WEIGHTS_NAME)
     want = card.get("localiser_sha256")
     shared = [
@@ -1731,6 +1741,18 @@ def counts_second_localiser(gate_dir: Path) -> bool:
     one), i.e. whether an artifact holding it must ship ``SECOND_LOCALISER_DIR``."""
     card = gate_dir / CARD_NAME
     return card.is_file() and bool(json.loads(card.read_text()).get("second_localiser_sha256"))
+
+
+def has_either_gate(folder: Path) -> bool:
+    """Whether an artifact (or staging) ``folder`` holds a second gate (``EITHER_GATE_DIR``)."""
+    return (Path(folder) / EITHER_GATE_DIR / CARD_NAME).is_file()
+
+
+def optional_parts(folder: Path) -> list[str]:
+    """The folders beside ``localiser/`` and ``gate/`` that an artifact (or staging) ``folder``
+    serves: the gate's second localiser when its gate counts one, and a second gate."""
+    parts = [SECOND_LOCALISER_DIR] if counts_second_localiser(folder / "gate") else []
+    return parts + ([EITHER_GATE_DIR] if has_either_gate(folder) else [])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

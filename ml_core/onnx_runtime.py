@@ -495,12 +495,11 @@ def export(
 
 def _serves(folder: Path, part: str) -> bool:
     """Whether the artifact ``folder`` serves ``part`` (its folder exists; the second localiser
-    only when the gate's card names one)."""
+    and the second gate only as ``gate.optional_parts`` says, as the loader reads them)."""
     from ml_core import gate as G
 
-    if not (folder / part).is_dir():
-        return False
-    return part != "localiser_second" or G.counts_second_localiser(folder / "gate")
+    optional = part in (G.SECOND_LOCALISER_DIR, G.EITHER_GATE_DIR)
+    return (folder / part).is_dir() and (not optional or part in G.optional_parts(folder))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

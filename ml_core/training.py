@@ -814,12 +814,7 @@ def _staged_parts(staging: Path) -> list[str]:
     and a staged second gate (``gate.EITHER_GATE_DIR``)."""
     from ml_core import gate as G
 
-    parts = ["localiser", "gate"]
-    if G.counts_second_localiser(staging / "gate"):
-        parts.append(G.SECOND_LOCALISER_DIR)
-    if (staging / G.EITHER_GATE_DIR / G.CARD_NAME).is_file():
-        parts.append(G.EITHER_GATE_DIR)
-    return parts
+    return ["localiser", "gate", *G.optional_parts(staging)]
 
 
 def _check_loads(folder: Path) -> None:

@@ -441,9 +441,9 @@ def _content_check(
     threshold = float(gate.threshold)
     margins = getattr(gate, "margins", None)
     if margins is not None:  # an EitherGate: one call gives the score and both gates' parts
-        m = np.asarray(margins([slice_u8])[0], np.float64)
-        score = float(1.0 / (1.0 + np.exp(-float(m.max()))))
-        either = f"; passes when either gate accepts: {gate.describe(m)}"  # type: ignore[attr-defined]
+        m = np.asarray(margins([slice_u8]), np.float64)
+        score = gate.union(m)[0]  # type: ignore[attr-defined]
+        either = f"; passes when either gate accepts: {gate.describe(m[0])}"  # type: ignore[attr-defined]
     else:
         score, either = float(gate.score([slice_u8])[0]), ""
     passed = bool(np.isfinite(score)) and score >= threshold

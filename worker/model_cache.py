@@ -76,7 +76,8 @@ class BatchedGate:
     """The content gate seen by one job: its `score` joins the process's batched gate call.
 
     With an EitherGate the batched call returns each slice's two margins, and this object offers
-    `margins` and `describe` as the EitherGate does, so the job's content check names both gates.
+    `margins`, `union` and `describe` as the EitherGate does, so the job's content check names
+    both gates.
     """
 
     def __init__(self, runner: ModelRunner, reservation: Reservation[Any, Any]) -> None:
@@ -84,9 +85,10 @@ class BatchedGate:
         self._reservation = reservation
         self.seconds = 0.0  # time this job spent in (and waiting for) the gate
         gate = runner.gate()
-        if hasattr(gate, "margins"):
-            self.margins = self._margins
-            self.describe = gate.describe
+        #: the EitherGate behind the batched call (it returns margins then), else None
+        self._either = gate if hasattr(gate, "margins") else None
+        if self._either is not None:
+            self.margins, self.describe, self.union = self._margins, gate.describe, gate.union
 
     def _submit(self, slices_u8: list[np.ndarray]) -> list[Any]:
         start = time.perf_counter()
@@ -100,10 +102,9 @@ class BatchedGate:
 
     def score(self, slices_u8: list[np.ndarray]) -> list[float]:
         """P(liver slice) per slice (ml_core ContentGate), scored in a shared batch."""
-        values = self._submit(slices_u8)
-        if not hasattr(self, "margins"):
-            return [float(v) for v in values]
-        return [float(1.0 / (1.0 + np.exp(-float(np.max(v))))) for v in values]
+        if self._either is not None:
+            return self._either.union(self._margins(slices_u8))
+        return [float(v) for v in self._submit(slices_u8)]
 
 
 class ModelRunner:
