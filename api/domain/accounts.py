@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from api.domain import audit, secrets
+from api.domain.db import rows_deleted
 from api.domain.errors import EmailTaken, InvalidCredentials, InvalidInput, WeakPassword
 from api.domain.models import Base, Organization, RevokedToken, Role, User, UTCDateTime, utcnow
 from api.domain.settings import Settings
@@ -292,11 +293,6 @@ def remember_address(
     return row
 
 
-def _deleted(result: object) -> int:
-    """Rows a DELETE statement removed (0 where the driver does not say)."""
-    return int(getattr(result, "rowcount", 0) or 0)
-
-
 def throttle_forget_after(settings: Settings) -> timedelta:
     """How long an email's count of failed logins from unfamiliar addresses is kept after its last
     failure and the end of its last lock: LOGIN_FAMILIAR_DAYS, and never less than a day per
@@ -328,7 +324,7 @@ def forget_stale_throttles(session: Session, settings: Settings) -> int:
             or_(LoginThrottle.locked_until.is_(None), LoginThrottle.locked_until < cutoff),
         )
     )
-    return _deleted(result)
+    return rows_deleted(result)
 
 
 def forget_stale_addresses(session: Session, settings: Settings) -> int:
@@ -341,7 +337,7 @@ def forget_stale_addresses(session: Session, settings: Settings) -> int:
             or_(LoginAddress.locked_until.is_(None), LoginAddress.locked_until <= utcnow()),
         )
     )
-    return _deleted(result)
+    return rows_deleted(result)
 
 
 def authenticate(
@@ -416,4 +412,4 @@ def is_token_revoked(session: Session, jti: str) -> bool:
 def purge_expired_revocations(session: Session) -> int:
     """Delete revocations of tokens that have expired anyway; returns how many."""
     result = session.execute(delete(RevokedToken).where(RevokedToken.expires_at < utcnow()))
-    return _deleted(result)
+    return rows_deleted(result)

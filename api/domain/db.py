@@ -83,6 +83,11 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+def rows_deleted(result: object) -> int:
+    """Rows a DELETE statement removed (0 where the driver does not say)."""
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def ping(engine: Engine) -> None:
     """Raise DatabaseUnavailable unless a trivial query succeeds."""
     try:

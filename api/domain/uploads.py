@@ -23,6 +23,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from api.domain import jobs
+from api.domain.db import rows_deleted
 from api.domain.errors import (
     InvalidInput,
     PayloadTooLarge,
@@ -220,4 +221,4 @@ def prune_swept(session: Session, days: int) -> int:
             PendingUpload.expires_at < utcnow() - timedelta(days=days),
         )
     )
-    return int(getattr(result, "rowcount", 0) or 0)  # 0 where the driver does not say
+    return rows_deleted(result)
